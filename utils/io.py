@@ -1,0 +1,89 @@
+"""Atomic, standard-conforming file output: nothing half-written survives a killed run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def json_safe(value: Any) -> Any:
+    """Recursively replace non-finite floats by None so the output is standard JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write standard JSON atomically (no ``Infinity``/``NaN`` tokens: those become ``null``)."""
+    with atomic_open(path) as handle:
+        json.dump(json_safe(data), handle, indent=1, allow_nan=False)
+        handle.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """Return the parsed file, or None when it is missing or not valid JSON (e.g. truncated)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    """Write a data frame as CSV atomically."""
+    with atomic_open(path) as handle:
+        frame.to_csv(handle, index=False)
+
+
+def write_bytes_atomic(path: str | os.PathLike, write: Callable[[IO], None]) -> None:
+    """Call ``write(handle)`` on a binary temporary file, then rename it onto ``path``."""
+    with atomic_open(path, "wb") as handle:
+        write(handle)
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that files can be created in it.
+
+    Raises:
+        OSError: with a one-line message when the directory cannot be used.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to output directory '{path}': {error.strerror or error}") from None
+    return path
