@@ -1,0 +1,65 @@
+"""Magnitude pruning masks: per tensor, per output channel, and global across tensors.
+
+A mask is a boolean tensor shaped like the weight, ``True`` where the weight is kept.
+Counts are exact: of ``n`` candidates, ``num_pruned(n, sparsity) = floor(sparsity * n + 1/2)``
+with the smallest ``|w|`` are removed. Ties are broken deterministically by position: among
+equal magnitudes the element that comes first (flattened order; for global masks, the
+earlier tensor in the given order) is pruned first.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+
+def num_pruned(numel: int, sparsity: float) -> int:
+    """Number of elements removed from ``numel`` at ``sparsity`` (round half up)."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return min(numel, math.floor(sparsity * numel + 0.5))
+
+
+def _prune_smallest(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask for a 2-D ``(rows, n)`` tensor pruning each row's smallest entries."""
+    n_rows, n = magnitudes.shape
+    k = num_pruned(n, sparsity)
+    order = torch.sort(magnitudes, dim=1, stable=True).indices
+    keep = torch.ones_like(magnitudes, dtype=torch.bool)
+    keep.scatter_(1, order[:, :k], False)
+    return keep
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the ``numel - num_pruned(numel, sparsity)`` largest-magnitude entries of ``weight``."""
+    return _prune_smallest(weight.detach().abs().reshape(1, -1), sparsity).reshape(weight.shape)
+
+
+def per_channel_magnitude_mask(weight: torch.Tensor, sparsity: float, ch_axis: int = 0) -> torch.Tensor:
+    """Prune every slice along ``ch_axis`` (an output channel) to the same ``sparsity``."""
+    moved = weight.detach().abs().movedim(ch_axis, 0)
+    keep = _prune_smallest(moved.reshape(moved.shape[0], -1), sparsity)
+    return keep.reshape(moved.shape).movedim(0, ch_axis)
+
+
+def global_magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One threshold for all tensors: prune the ``sparsity`` share of all their entries by magnitude."""
+    names = list(weights)
+    flat = [weights[name].detach().abs().reshape(-1) for name in names]
+    keep = _prune_smallest(torch.cat(flat).reshape(1, -1), sparsity)[0]
+    masks, start = {}, 0
+    for name, values in zip(names, flat):
+        masks[name] = keep[start : start + values.numel()].reshape(weights[name].shape)
+        start += values.numel()
+    return masks
+
+
+def magnitude_pruning_sse(sorted_squares_prefix: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Squared error of magnitude pruning, from ``[0, cumsum(sort(w^2))]``.
+
+    Pruning the ``k`` smallest magnitudes removes exactly the ``k`` smallest squares, so the
+    error is the ``k``-th prefix sum: ``O(1)`` per sparsity once the squares are sorted.
+    """
+    numel = sorted_squares_prefix.shape[-1] - 1
+    return sorted_squares_prefix[..., num_pruned(numel, sparsity)]

@@ -1,0 +1,97 @@
+"""A fake-quantization module for training: learnable step size, pluggable range estimator.
+
+The module holds the quantizer's state (step size as an ``nn.Parameter``, zero point as a
+buffer) so that per-layer bit-widths, per-channel step sizes and LSQ-style learning fit one
+building block. Its forward pass is :func:`quantization.quantizers.fake_quantize`.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantization.quantizers import QuantScheme, channel_view, fake_quantize, integer_range, params_from_range
+from quantization.range_estimators import RunningMinMax, current_minmax, mse_range
+
+
+class RangeEstimator(str, enum.Enum):
+    CURRENT_MINMAX = "current_minmax"
+    RUNNING_MINMAX = "running_minmax"
+    MSE = "mse"
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """How one tensor is quantized."""
+
+    n_bits: int = 8
+    scheme: QuantScheme = QuantScheme.SYMMETRIC
+    per_channel: bool = False
+    ch_axis: int = 0
+    range_estimator: RangeEstimator = RangeEstimator.CURRENT_MINMAX
+    running_momentum: float = 0.9
+    learn_step_size: bool = True
+    grad_scaling: bool = False
+
+
+class FakeQuantizer(nn.Module):
+    """Quantize-dequantize ``x`` with straight-through gradients.
+
+    While ``estimating`` is True (the default until :meth:`freeze_range` is called), every
+    forward pass first sets the step size and zero point from the configured range
+    estimator; afterwards the step size is a trainable parameter (when ``learn_step_size``).
+    With ``grad_scaling`` the step-size gradient is scaled by ``1 / sqrt(numel * q_max)`` (LSQ).
+    """
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.q_min, self.q_max = integer_range(config.n_bits, config.scheme)
+        self.step_size = nn.Parameter(torch.ones(()), requires_grad=config.learn_step_size)
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.estimating = True
+        self._running = (
+            RunningMinMax(config.running_momentum, self._channel_axis())
+            if config.range_estimator is RangeEstimator.RUNNING_MINMAX
+            else None
+        )
+
+    def _channel_axis(self) -> int | None:
+        return self.config.ch_axis if self.config.per_channel else None
+
+    @torch.no_grad()
+    def estimate_range(self, x: torch.Tensor) -> None:
+        """Set step size and zero point from ``x`` with the configured estimator."""
+        ch_axis = self._channel_axis()
+        if self._running is not None:
+            min_val, max_val = self._running.update(x)
+        elif self.config.range_estimator is RangeEstimator.MSE:
+            min_val, max_val = mse_range(x, self.config.n_bits, self.config.scheme, ch_axis)
+        else:
+            min_val, max_val = current_minmax(x, ch_axis)
+        params = params_from_range(min_val, max_val, self.config.n_bits, self.config.scheme)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        self.step_size.data = params.step_size.to(dtype)
+        self.zero_point = params.zero_point.to(dtype)
+
+    def freeze_range(self) -> None:
+        """Stop re-estimating the range; the step size is learned from now on."""
+        self.estimating = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.estimating:
+            self.estimate_range(x)
+        step_size, zero_point = self.step_size, self.zero_point
+        if self.config.per_channel:
+            step_size = channel_view(step_size, x.dim(), self.config.ch_axis)
+            zero_point = channel_view(zero_point, x.dim(), self.config.ch_axis)
+        grad_scale = 1.0 / math.sqrt(x.numel() * self.q_max) if self.config.grad_scaling else 1.0
+        return fake_quantize(x, step_size, zero_point, self.q_min, self.q_max, grad_scale)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        granularity = f"per_channel(axis={c.ch_axis})" if c.per_channel else "per_tensor"
+        return f"n_bits={c.n_bits}, scheme={c.scheme.value}, {granularity}, range={c.range_estimator.value}"
