@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Pruning vs quantization toolkit: the model zoo and pretrained-model checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from utils.cli import DeviceType, default_device, setup_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Compare and combine quantization and pruning of neural networks."""
+    setup_logging()
+
+
+@cli.command("list-models")
+@click.option("--task", type=click.Choice(["classification", "detection", "segmentation", "video"]), default=None,
+              help="Only models of this task.")
+@click.option("--available", is_flag=True, help="Only models whose pretrained weights are at hand offline.")
+def list_models_command(task: str | None, available: bool) -> None:
+    """List the model zoo: name, task, and whether the pretrained weights are at hand."""
+    from models import is_weights_available, list_models, model_task
+
+    for name in list_models(task):
+        at_hand = is_weights_available(name)
+        if at_hand or not available:
+            click.echo(f"{name:40s} {model_task(name):15s} {'weights at hand' if at_hand else 'needs download'}")
+
+
+@cli.command()
+@click.option("--model-name", default="efficientnet_lite0", show_default=True, help="An ImageNet classifier of the zoo.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image file to classify (repeatable). Default: scikit-image's sample photos.")
+@click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--device", type=DeviceType(), default=default_device(), show_default=True)
+def predict(model_name: str, images: tuple[Path, ...], top_k: int, device: torch.device) -> None:
+    """Classify images with a pretrained ImageNet model (a check that its weights load correctly)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from models import UnknownModelError, WeightsUnavailableError, load_model, model_task
+    from utils.images import SAMPLE_PHOTOS, imagenet_class_names, imagenet_eval_transform, load_sample_photo
+
+    try:
+        if model_task(model_name) != "classification":
+            raise click.BadParameter(f"'{model_name}' is a {model_task(model_name)} model", param_hint="'--model-name'")
+        model = load_model(model_name).to(device)
+    except (UnknownModelError, WeightsUnavailableError) as error:
+        raise click.ClickException(str(error)) from None
+    transform = imagenet_eval_transform()
+    try:
+        photos = {str(path): Image.open(path).convert("RGB") for path in images} or {
+            name: load_sample_photo(name) for name in SAMPLE_PHOTOS
+        }
+    except (UnidentifiedImageError, OSError) as error:
+        raise click.ClickException(f"cannot read image: {error}") from None
+    batch = torch.stack([transform(photo) for photo in photos.values()]).to(device)
+    with torch.inference_mode():
+        probabilities = model(batch).float().softmax(dim=1).cpu()
+    names = imagenet_class_names()
+    for label, row in zip(photos, probabilities):
+        values, indices = row.topk(top_k)
+        ranked = ", ".join(f"{i} {names[i]} ({p:.1%})" for p, i in zip(values.tolist(), indices.tolist()))
+        click.echo(f"{label}: {ranked}")
+
+
+if __name__ == "__main__":
+    cli()

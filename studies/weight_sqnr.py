@@ -1,0 +1,264 @@
+"""Per-tensor SQNR of INT-b quantization against magnitude pruning at equal compression.
+
+For every weight tensor ``w`` (``n`` entries) of the Conv/ConvTranspose/Linear layers of a
+model and every bit-width ``b``:
+
+* quantization: symmetric signed INT-b, range from the MSE-optimal (or min-max) estimator,
+  ``quant_mse = mean((w - Q(w))^2)``, ``quant_sparsity`` = share of entries quantized to 0;
+* pruning: the ``round(s n)`` smallest magnitudes set to zero at ``s = 1 - b/16`` (a b-bit
+  integer against a 16-bit float keeps the same number of bits as a ``b/16`` share of
+  16-bit values); ``pruning_mse = mean of the pruned w^2``;
+* corrected pruning: quantization's own zeros are free storage, so pruning may keep only
+  ``(1 - quant_sparsity) * b / 16`` of the entries for the same bits;
+* ``SQNR = 10 log10(mean(w^2) / mse)`` dB and the biased excess sample kurtosis
+  ``m4 / m2^2 - 3``.
+
+All sums run in float64 (float32 on MPS) whatever the weights' dtype.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.layers import output_channel_axis, weight_layers
+from pruning.masks import magnitude_pruning_sse
+from quantization.quantizers import QuantScheme, params_from_range
+from quantization.range_estimators import (
+    SortedValues,
+    accumulation_dtype,
+    as_rows,
+    grid_sse,
+    mse_range_search,
+    zero_count,
+)
+from utils.io import read_json, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+RANGE_ESTIMATORS = ("mse", "minmax")
+METRICS = (
+    "sample_kurtosis", "quant_sqnr", "quant_mse", "quant_sparsity", "quant_step_size",
+    "pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected",
+)  # fmt: skip
+CSV_NAME = "weights_sqnr.csv"
+
+
+def pruning_sparsity(n_bits: int) -> float:
+    """Sparsity with the same compression as INT-b against 16-bit floats: ``1 - b/16``."""
+    return 1.0 - n_bits / 16.0
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """``10 log10(signal / noise)``; +inf for a zero error."""
+    if noise_power <= 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+def excess_kurtosis(values: torch.Tensor) -> float:
+    """Biased excess kurtosis ``m4 / m2^2 - 3`` (``scipy.stats.kurtosis`` defaults); NaN if constant."""
+    centered = values - values.mean()
+    m2 = (centered * centered).mean()
+    m4 = (centered**4).mean()
+    return float(m4 / (m2 * m2) - 3.0) if m2 > 0 else math.nan
+
+
+def study_tensor(
+    weight: torch.Tensor,
+    bits: Sequence[int],
+    range_estimator: str = "mse",
+    ch_axis: int | None = None,
+) -> dict[int, dict[str, float | list[float]]]:
+    """The study's metrics of one weight tensor for each bit-width in ``bits``.
+
+    Args:
+        weight: any shape and float dtype, on any device.
+        range_estimator: ``mse`` (MSE-optimal clipping) or ``minmax``.
+        ch_axis: quantize per channel along this axis; None for one quantizer per tensor.
+    """
+    if range_estimator not in RANGE_ESTIMATORS:
+        raise ValueError(f"range_estimator must be one of {RANGE_ESTIMATORS}, got {range_estimator!r}")
+    w = weight.detach().to(accumulation_dtype(weight.device))
+    flat = w.reshape(-1)
+    numel = flat.numel()
+    mean_square = float((flat * flat).mean())
+    kurtosis = excess_kurtosis(flat)
+    squares = torch.sort(flat * flat).values
+    squares_prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])
+    sorted_rows = SortedValues.from_rows(as_rows(w, ch_axis))
+    values = sorted_rows.values
+
+    results = {}
+    for n_bits in bits:
+        if range_estimator == "mse":
+            min_val, max_val = mse_range_search(sorted_rows, n_bits, QuantScheme.SYMMETRIC)
+        else:
+            min_val, max_val = values[:, 0], values[:, -1]
+        params = params_from_range(min_val, max_val, n_bits, QuantScheme.SYMMETRIC)
+        sse = grid_sse(sorted_rows, params.step_size[:, None], params.zero_point[:, None], params.q_min, params.q_max)
+        quant_mse = float(sse.sum()) / numel
+        quant_sparsity = float(zero_count(sorted_rows, params.step_size).sum()) / numel
+        sparsity = pruning_sparsity(n_bits)
+        corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * n_bits / 16.0
+        pruning_mse = float(magnitude_pruning_sse(squares_prefix, sparsity)) / numel
+        pruning_mse_corrected = float(magnitude_pruning_sse(squares_prefix, corrected_sparsity)) / numel
+        step_size = params.step_size.tolist()
+        results[n_bits] = {
+            "sample_kurtosis": kurtosis,
+            "quant_sqnr": sqnr_db(mean_square, quant_mse),
+            "quant_mse": quant_mse,
+            "quant_sparsity": quant_sparsity,
+            "quant_step_size": step_size[0] if ch_axis is None else step_size,
+            "pruning_sqnr": sqnr_db(mean_square, pruning_mse),
+            "pruning_mse": pruning_mse,
+            "pruning_sqnr_corrected": sqnr_db(mean_square, pruning_mse_corrected),
+            "pruning_mse_corrected": pruning_mse_corrected,
+        }
+    return results
+
+
+def study_model(
+    model: nn.Module,
+    bits: Sequence[int],
+    range_estimator: str = "mse",
+    per_channel: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[int, dict[str, dict]]:
+    """``{b: {module name: metrics + shape + numel}}`` for every studied weight tensor of ``model``."""
+    per_bits: dict[int, dict[str, dict]] = {n_bits: {} for n_bits in bits}
+    layers = list(weight_layers(model))
+    for name, module in tqdm(layers, desc="tensors", leave=False, disable=not progress):
+        weight = module.weight.detach().to(device)
+        ch_axis = output_channel_axis(module) if per_channel else None
+        for n_bits, metrics in study_tensor(weight, bits, range_estimator, ch_axis).items():
+            per_bits[n_bits][name] = {"shape": list(weight.shape), "numel": weight.numel(), **metrics}
+    return per_bits
+
+
+def result_path(output_dir: Path, model_name: str, n_bits: int, range_estimator: str, per_channel: bool) -> Path:
+    """``<output_dir>/<model>_<b>_bits_<estimator>[_per_channel].json``."""
+    suffix = "_per_channel" if per_channel else ""
+    return output_dir / f"{model_name}_{n_bits}_bits_{range_estimator}{suffix}.json"
+
+
+def load_complete_result(path: Path, config: dict) -> dict | None:
+    """The result file at ``path`` if it is complete and was made with ``config``, else None."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("complete") is not True or not isinstance(data.get("layers"), dict):
+        return None
+    if any(data.get(key) != value for key, value in config.items()):
+        return None
+    return data
+
+
+def results_frame(results: Sequence[dict]) -> pd.DataFrame:
+    """Tidy table: one row per model, bit-width and layer."""
+    rows = []
+    for result in results:
+        for layer, metrics in result["layers"].items():
+            step_size = metrics["quant_step_size"]
+            rows.append(
+                {
+                    "model": result["model"],
+                    "layer": layer,
+                    "n_bits": result["n_bits"],
+                    "sparsity": result["sparsity"],
+                    "shape": "x".join(str(d) for d in metrics["shape"]),
+                    "numel": metrics["numel"],
+                    **{key: metrics[key] for key in METRICS if key != "quant_step_size"},
+                    "quant_step_size": step_size if not isinstance(step_size, list) else None,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_results_csv(output_dir: Path, results: Sequence[dict]) -> Path:
+    path = output_dir / CSV_NAME
+    write_csv(path, results_frame(results))
+    return path
+
+
+def result_config(n_bits: int, range_estimator: str, per_channel: bool, weights: str) -> dict:
+    """The fields that identify how a result file was made (checked on resume)."""
+    return {
+        "n_bits": n_bits,
+        "sparsity": pruning_sparsity(n_bits),
+        "range_estimator": range_estimator,
+        "per_channel": per_channel,
+        "weights": weights,
+    }
+
+
+def write_model_results(
+    output_dir: Path, model_name: str, per_bits: dict[int, dict[str, dict]], range_estimator: str, per_channel: bool, weights: str
+) -> list[dict]:
+    """Write one JSON file per bit-width (atomically) and return their contents."""
+    written = []
+    for n_bits, layers in per_bits.items():
+        data = {
+            "model": model_name,
+            **result_config(n_bits, range_estimator, per_channel, weights),
+            "complete": True,
+            "layers": layers,
+        }
+        write_json(result_path(output_dir, model_name, n_bits, range_estimator, per_channel), data)
+        written.append(data)
+    return written
+
+
+def run_study(
+    model_names: Sequence[str],
+    bits: Sequence[int],
+    output_dir: Path,
+    range_estimator: str = "mse",
+    per_channel: bool = False,
+    device: torch.device | str = "cpu",
+    pretrained: bool = True,
+    progress: bool = True,
+) -> tuple[list[dict], list[str]]:
+    """Study every model, reusing complete result files, and write the tidy CSV of all results.
+
+    A model whose result files all exist, are complete and were made with the same settings
+    is not loaded again; incomplete or unreadable files (a killed run) are recomputed.
+    Models whose pretrained weights cannot be had are skipped with one logged line.
+
+    Returns:
+        The results (one dict per model and bit-width) and the names of the skipped models.
+    """
+    from models.registry import WeightsUnavailableError, load_model
+
+    weights = "pretrained" if pretrained else "random"
+    results, skipped = [], []
+    for model_name in tqdm(model_names, desc="models", disable=not progress):
+        found = {
+            n_bits: load_complete_result(
+                result_path(output_dir, model_name, n_bits, range_estimator, per_channel),
+                {"model": model_name, **result_config(n_bits, range_estimator, per_channel, weights)},
+            )
+            for n_bits in bits
+        }
+        missing = [n_bits for n_bits, result in found.items() if result is None]
+        if missing:
+            try:
+                model = load_model(model_name, pretrained=pretrained)
+            except WeightsUnavailableError as error:
+                log.warning("skipped %s", error)
+                skipped.append(model_name)
+                continue
+            per_bits = study_model(model, missing, range_estimator, per_channel, device, progress)
+            written = write_model_results(output_dir, model_name, per_bits, range_estimator, per_channel, weights)
+            found.update(zip(missing, written))
+            del model
+        else:
+            log.info("%s: complete results found, skipped", model_name)
+        results.extend(found[n_bits] for n_bits in bits)
+    write_results_csv(output_dir, results)
+    return results, skipped
