@@ -67,13 +67,12 @@ def main(models, bits, output_dir, range_estimator, per_channel, device, random_
         model_names, bits, output_dir, range_estimator.lower(), per_channel, device, not random_init, progress
     )
     studied = sorted({result["model"] for result in results})
-    click.echo(f"studied {len(studied)} model(s) at bits {','.join(map(str, bits))}: {', '.join(studied) or 'none'}")
     if skipped:
         click.echo(f"skipped {len(skipped)} model(s) without weights: {', '.join(skipped)}")
-    click.echo(f"results in {output_dir}/ (table: {output_dir / 'weights_sqnr.csv'})")
     if not studied:
         raise click.ClickException("no model could be studied")
-
+    click.echo(f"studied {len(studied)} model(s) at bits {','.join(map(str, bits))}: {', '.join(studied)}")
+    click.echo(f"results in {output_dir}/ (table: {output_dir / 'weights_sqnr.csv'})")
 
 if __name__ == "__main__":
     main()

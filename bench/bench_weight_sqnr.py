@@ -7,8 +7,9 @@ magnitude pruning by ``topk`` for the plain and the corrected sparsity. Ours:
 :func:`studies.weight_sqnr.study_model` (sorted values, prefix sums, binned grid errors).
 
 Prints the seconds of each, their ratio, seconds per million parameters, and the worst
-difference ``ours - reference`` in quantization SQNR over all tensors and bit-widths
-(it must never be negative: ours searches a superset of finer thresholds).
+difference ``ours - reference`` in quantization SQNR over all tensors and bit-widths. It
+must not be negative beyond float32 noise (1e-4 dB): the reference sums in float32 as the
+paper did, ours in float64.
 
     python bench/bench_weight_sqnr.py --models efficientnet_lite0 --device cpu
 """
@@ -91,7 +92,7 @@ def main(models: list[str], bits: list[int], device: torch.device) -> None:
             f"  ours      {ours_seconds:8.3f} s  ({ours_seconds / n_params:.3f} s per M weights)\n"
             f"  reference {reference_seconds:8.3f} s  ({reference_seconds / n_params:.3f} s per M weights)\n"
             f"  speed-up  {reference_seconds / ours_seconds:8.1f}x\n"
-            f"  min quant SQNR gain over reference (dB): {worst:+.4f} ({'ok' if worst >= -1e-9 else 'WORSE'})"
+            f"  min quant SQNR gain over reference (dB): {worst:+.4f} ({'ok' if worst >= -1e-4 else 'WORSE'})"
         )
 
 

@@ -32,10 +32,10 @@ from pruning.masks import magnitude_pruning_sse
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import (
     SortedValues,
-    accumulation_dtype,
     as_rows,
     grid_sse,
     mse_range_search,
+    sort_rows,
     zero_count,
 )
 from utils.io import read_json, write_csv, write_json
@@ -85,22 +85,21 @@ def study_tensor(
     """
     if range_estimator not in RANGE_ESTIMATORS:
         raise ValueError(f"range_estimator must be one of {RANGE_ESTIMATORS}, got {range_estimator!r}")
-    w = weight.detach().to(accumulation_dtype(weight.device))
-    flat = w.reshape(-1)
+    weight = weight.detach()
+    sorted_rows = SortedValues.from_rows(as_rows(weight, ch_axis))
+    flat = sorted_rows.values.reshape(-1)  # the same values, in another order
     numel = flat.numel()
-    mean_square = float((flat * flat).mean())
+    mean_square = float(sorted_rows.prefix_sum_sq[:, -1].sum()) / numel
     kurtosis = excess_kurtosis(flat)
-    squares = torch.sort(flat * flat).values
+    squares = sort_rows(weight.abs().reshape(1, -1))[0] ** 2
     squares_prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])
-    sorted_rows = SortedValues.from_rows(as_rows(w, ch_axis))
-    values = sorted_rows.values
 
     results = {}
     for n_bits in bits:
         if range_estimator == "mse":
             min_val, max_val = mse_range_search(sorted_rows, n_bits, QuantScheme.SYMMETRIC)
         else:
-            min_val, max_val = values[:, 0], values[:, -1]
+            min_val, max_val = sorted_rows.values[:, 0], sorted_rows.values[:, -1]
         params = params_from_range(min_val, max_val, n_bits, QuantScheme.SYMMETRIC)
         sse = grid_sse(sorted_rows, params.step_size[:, None], params.zero_point[:, None], params.q_min, params.q_max)
         quant_mse = float(sse.sum()) / numel
@@ -260,5 +259,6 @@ def run_study(
         else:
             log.info("%s: complete results found, skipped", model_name)
         results.extend(found[n_bits] for n_bits in bits)
-    write_results_csv(output_dir, results)
+    if results:
+        write_results_csv(output_dir, results)
     return results, skipped

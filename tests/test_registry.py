@@ -43,28 +43,6 @@ class _Payload:
 
 
 @pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point TORCH_HOME at an empty tmp dir (and clear any torch.hub.set_dir override)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    assert Path(torch.hub.get_dir()) == tmp_path / "torch_home" / "hub"
-    return tmp_path / "torch_home"
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Make every download attempt fail like an offline machine; return the URLs tried."""
-    attempts: list[str] = []
-
-    def offline(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
-        attempts.append(url)
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return attempts
-
-
-@pytest.fixture
 def torch_load_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Record the keyword arguments of every torch.load call."""
     calls: list[dict[str, Any]] = []

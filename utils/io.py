@@ -23,6 +23,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -32,6 +33,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def json_safe(value: Any) -> Any:
