@@ -1,6 +1,6 @@
 """Draw the paper's Fig. 3 from the weight study's results: per-tensor SQNR of quantization vs pruning.
 
-Reads the ``<model>_<b>_bits_mse.json`` files of the weight study and writes the scatter
+Reads the ``<model>_<b>_bits_<estimator>[_per_channel].json`` files of the weight study and writes the scatter
 plots, the gap-vs-kurtosis plot and a per-bit-width summary (CSV and markdown).
 
 Example::
@@ -17,8 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from studies.weight_sqnr_plots import (  # noqa: E402  (after choosing the headless backend)
-    RESULT_GLOB,
+from studies.result_files import result_glob  # noqa: E402  (after choosing the headless backend)
+from studies.weight_sqnr_plots import (  # noqa: E402
     load_results,
     select_models,
     summary_markdown,
@@ -45,7 +45,7 @@ def parse_models(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.Path(path_type=Path),
     default=Path("plots_data/weights_sqnr"),
     show_default=True,
-    help=f"Directory holding the weight study's {RESULT_GLOB} files.",
+    help="Directory holding the weight study's result files.",
 )
 @click.option(
     "--output-dir",
@@ -55,15 +55,20 @@ def parse_models(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Where the figures (PNG and PDF) and the summary (CSV and markdown) go.",
 )
 @click.option("--models", callback=parse_models, help="Comma-separated models to include (default: all).")
-def main(input_dir: Path, output_dir: Path, models: list[str] | None) -> None:
+@click.option("--range-estimator", type=click.Choice(["mse", "minmax"], case_sensitive=False), default="mse",
+              show_default=True, help="Which study setting to plot (as given to the study).")
+@click.option("--per-channel/--per-tensor", default=False, show_default=True,
+              help="Which study setting to plot (as given to the study).")
+def main(input_dir: Path, output_dir: Path, models: list[str] | None, range_estimator: str, per_channel: bool) -> None:
     """Plot quantization vs pruning SQNR of every weight tensor (Kuzmin et al. 2023, Fig. 3)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    pattern = result_glob(range_estimator.lower(), per_channel)
     try:
-        frame = load_results(input_dir)
+        frame = load_results(input_dir, pattern)
     except NotADirectoryError as error:
         raise click.ClickException(f"{error} (run the weight study first)") from None
     if frame.empty:
-        raise click.ClickException(f"no complete result files ({RESULT_GLOB}) in '{input_dir}'")
+        raise click.ClickException(f"no complete result files ({pattern}) in '{input_dir}'")
     try:
         frame = select_models(frame, models)
     except ValueError as error:

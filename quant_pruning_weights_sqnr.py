@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from studies.result_files import table_file_name
 from utils.cli import DeviceType, IntListType, NameListType, default_device, setup_logging
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -52,7 +53,8 @@ def main(models, bits, output_dir, range_estimator, per_channel, device, random_
     """Compare INT-b quantization with magnitude pruning on every weight tensor of each model.
 
     Writes OUTPUT_DIR/<model>_<b>_bits_<estimator>.json per model and bit-width and the tidy
-    table OUTPUT_DIR/weights_sqnr.csv. Complete files from an earlier run are reused.
+    table OUTPUT_DIR/weights_sqnr_<estimator>.csv of every result in OUTPUT_DIR. Complete
+    files from an earlier run are reused.
     """
     from studies.weight_sqnr import run_study
     from utils.io import ensure_writable_dir
@@ -72,7 +74,8 @@ def main(models, bits, output_dir, range_estimator, per_channel, device, random_
     if not studied:
         raise click.ClickException("no model could be studied")
     click.echo(f"studied {len(studied)} model(s) at bits {','.join(map(str, bits))}: {', '.join(studied)}")
-    click.echo(f"results in {output_dir}/ (table: {output_dir / 'weights_sqnr.csv'})")
+    table = output_dir / table_file_name(range_estimator.lower(), per_channel)
+    click.echo(f"results in {output_dir}/ (table: {table})")
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from models.layers import output_channel_axis, weight_layers
 from pruning.masks import magnitude_pruning_sse
 from quantization.quantizers import QuantScheme, params_from_range
+from studies.result_files import result_file_name, result_glob, table_file_name
 from quantization.range_estimators import (
     SortedValues,
     as_rows,
@@ -47,7 +48,6 @@ METRICS = (
     "sample_kurtosis", "quant_sqnr", "quant_mse", "quant_sparsity", "quant_step_size",
     "pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected",
 )  # fmt: skip
-CSV_NAME = "weights_sqnr.csv"
 
 
 def pruning_sparsity(n_bits: int) -> float:
@@ -143,9 +143,7 @@ def study_model(
 
 
 def result_path(output_dir: Path, model_name: str, n_bits: int, range_estimator: str, per_channel: bool) -> Path:
-    """``<output_dir>/<model>_<b>_bits_<estimator>[_per_channel].json``."""
-    suffix = "_per_channel" if per_channel else ""
-    return output_dir / f"{model_name}_{n_bits}_bits_{range_estimator}{suffix}.json"
+    return output_dir / result_file_name(model_name, n_bits, range_estimator, per_channel)
 
 
 def load_complete_result(path: Path, config: dict) -> dict | None:
@@ -179,8 +177,15 @@ def results_frame(results: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_results_csv(output_dir: Path, results: Sequence[dict]) -> Path:
-    path = output_dir / CSV_NAME
+def write_results_table(output_dir: Path, range_estimator: str, per_channel: bool, weights: str) -> Path:
+    """Gather every complete result file of this setting in ``output_dir`` into one tidy CSV."""
+    config = {"range_estimator": range_estimator, "per_channel": per_channel, "weights": weights}
+    results = [
+        result
+        for path in sorted(output_dir.glob(result_glob(range_estimator, per_channel)))
+        if (result := load_complete_result(path, config)) is not None
+    ]
+    path = output_dir / table_file_name(range_estimator, per_channel)
     write_csv(path, results_frame(results))
     return path
 
@@ -223,7 +228,10 @@ def run_study(
     pretrained: bool = True,
     progress: bool = True,
 ) -> tuple[list[dict], list[str]]:
-    """Study every model, reusing complete result files, and write the tidy CSV of all results.
+    """Study every model, reusing complete result files, and write the tidy CSV.
+
+    The CSV (:func:`write_results_table`) holds every complete result of the same setting in
+    ``output_dir``, also those of models studied by earlier runs.
 
     A model whose result files all exist, are complete and were made with the same settings
     is not loaded again; incomplete or unreadable files (a killed run) are recomputed.
@@ -260,5 +268,5 @@ def run_study(
             log.info("%s: complete results found, skipped", model_name)
         results.extend(found[n_bits] for n_bits in bits)
     if results:
-        write_results_csv(output_dir, results)
+        write_results_table(output_dir, range_estimator, per_channel, weights)
     return results, skipped

@@ -28,11 +28,12 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from studies.result_files import result_glob
 from utils.io import atomic_open, read_json, write_bytes_atomic, write_csv
 
 log = logging.getLogger(__name__)
 
-RESULT_GLOB = "*_bits_mse.json"
+RESULT_GLOB = result_glob()  # the study's default setting: MSE range, per tensor
 # SQNR columns and the MSE columns they were computed from (a null SQNR with a zero MSE is +inf).
 SQNR_FROM_MSE = {
     "quant_sqnr": "quant_mse",

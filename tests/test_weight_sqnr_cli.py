@@ -86,7 +86,7 @@ def test_efficientnet_lite0_files_and_table(lite0_results: Path) -> None:
         for name, metrics in data["layers"].items():
             assert set(metrics) == METRIC_KEYS
             assert metrics["shape"] == list(weights[f"{name}.weight"].shape)
-    table = pd.read_csv(lite0_results / "weights_sqnr.csv")
+    table = pd.read_csv(lite0_results / "weights_sqnr_mse.csv")
     assert len(table) == 50 * len(BITS)
     assert table.groupby("n_bits").size().to_dict() == {b: 50 for b in BITS}
 
@@ -104,7 +104,7 @@ def test_efficientnet_lite0_numbers_match_independent_computation(lite0_results:
 
 def test_quantization_beats_pruning_on_real_weights_at_moderate_compression(lite0_results: Path) -> None:
     """The paper's finding (Fig. 3) on the bundled model: at 4+ bits quantization wins on most tensors."""
-    table = pd.read_csv(lite0_results / "weights_sqnr.csv")
+    table = pd.read_csv(lite0_results / "weights_sqnr_mse.csv")
     wins = (table.quant_sqnr > table.pruning_sqnr).groupby(table.n_bits).mean()
     assert (wins[wins.index >= 4] > 0.9).all(), wins.to_dict()
 
@@ -263,3 +263,12 @@ def test_read_only_output_dir(tmp_path: Path) -> None:
     finally:
         tmp_path.chmod(0o700)
     assert result.exit_code == 1 and "cannot write to output directory" in result.output
+
+
+def test_table_gathers_every_result_of_the_setting(tiny_model: TinyNet, tmp_path: Path) -> None:
+    """Models studied by separate runs into one directory all land in its table; other settings do not."""
+    for args in (["--models", "tiny"], ["--models", "efficientnet_lite0"], ["--models", "tiny", "--per-channel"]):
+        assert run(*args, "--bits", "3", "--output-dir", str(tmp_path)).exit_code == 0
+    table = pd.read_csv(tmp_path / "weights_sqnr_mse.csv")
+    assert table.groupby("model").size().to_dict() == {"efficientnet_lite0": 50, "tiny": 6}
+    assert len(pd.read_csv(tmp_path / "weights_sqnr_mse_per_channel.csv")) == 6
