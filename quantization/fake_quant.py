@@ -74,7 +74,8 @@ class FakeQuantizer(nn.Module):
             min_val, max_val = current_minmax(x, ch_axis)
         params = params_from_range(min_val, max_val, self.config.n_bits, self.config.scheme)
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        self.step_size.data = params.step_size.to(dtype)
+        # The range is computed in float64: keep the step positive after the cast (all-zero input).
+        self.step_size.data = params.step_size.to(dtype).clamp_min(torch.finfo(dtype).tiny)
         self.zero_point = params.zero_point.to(dtype)
 
     def freeze_range(self) -> None:

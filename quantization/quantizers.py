@@ -119,11 +119,12 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Differentiable quantize-dequantize (LSQ, Esser et al. 2020).
 
-    ``x_hat = s * (clamp(round_ste(x / s) + z, q_min, q_max) - z)``: the gradient w.r.t. ``x`` is
-    1 inside the clipping range and 0 outside (straight-through estimator), and ``s`` receives
-    the LSQ gradient ``round(x/s) - x/s`` inside the range and ``q_min - z`` or ``q_max - z``
-    outside, multiplied by ``grad_scale``.
+    ``x_hat = s * (round_ste(clamp(x / s + z, q_min, q_max)) - z)``, equal to
+    :func:`quantize_dequantize` for an integer ``z``. Clamping before rounding gives exactly
+    LSQ's gradients: w.r.t. ``x``, 1 where ``q_min <= x/s + z <= q_max`` and 0 outside
+    (straight-through estimator); w.r.t. ``s``, ``round(x/s) - x/s`` inside and ``q_min - z``
+    or ``q_max - z`` outside, multiplied by ``grad_scale``.
     """
     step_size = scale_gradient(step_size, grad_scale) if grad_scale != 1.0 else step_size
-    q = torch.clamp(round_ste(x / step_size) + zero_point, q_min, q_max)
+    q = round_ste(torch.clamp(x / step_size + zero_point, q_min, q_max))
     return (q - zero_point) * step_size

@@ -85,8 +85,8 @@ def sort_rows(rows: torch.Tensor) -> torch.Tensor:
     dtype = accumulation_dtype(rows.device)
     if rows.device.type == "cpu":
         values = rows.detach().to(torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype)
-        return torch.from_numpy(np.sort(values.numpy(), axis=1)).to(dtype)
-    return torch.sort(rows.detach(), dim=1).values.to(dtype)
+        return torch.from_numpy(np.sort(values.numpy(), axis=1)).to(dtype).contiguous()
+    return torch.sort(rows.detach(), dim=1).values.to(dtype).contiguous()
 
 
 @dataclass(frozen=True)
