@@ -1,6 +1,6 @@
 """Models for the weight study: the model-zoo registry and our own model definitions."""
 
-from .registry import (
+from .registry import (  # noqa: F401  (the package's public API)
     TASKS,
     UnknownModelError,
     UnsafeCheckpointError,
@@ -12,16 +12,3 @@ from .registry import (
     model_weights,
     register_model,
 )
-
-__all__ = [
-    "TASKS",
-    "UnknownModelError",
-    "UnsafeCheckpointError",
-    "WeightsUnavailableError",
-    "is_weights_available",
-    "list_models",
-    "load_model",
-    "model_task",
-    "model_weights",
-    "register_model",
-]
