@@ -19,7 +19,7 @@ def resolve_models(requested: list[str] | None) -> list[str]:
     known = list_models()
     if requested is None:
         return [DEFAULT_MODEL] + [name for name in known if name != DEFAULT_MODEL and is_weights_available(name)]
-    if requested == ["all"]:
+    if "all" in requested:
         return known
     unknown = [name for name in requested if name not in known]
     if unknown:

@@ -215,7 +215,7 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
         path = bundled_weights_path()
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state_dict, strict=True)
-        logger.info("loaded EfficientNet-Lite0 ImageNet weights from %s", path)
+        logger.debug("loaded EfficientNet-Lite0 ImageNet weights from %s", path)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_INIT_SEED)
