@@ -203,8 +203,8 @@ def mse_range_search(
     sorted_values: SortedValues,
     n_bits: int,
     scheme: QuantScheme | str = QuantScheme.SYMMETRIC,
-    grid_size: int = 64,
-    basin_tolerance: float = 0.02,
+    grid_size: int = 100,
+    basin_tolerance: float = 0.25,
     refine_rounds: int = 3,
     refine_size: int = 9,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,10 +214,11 @@ def mse_range_search(
     the clipping threshold ``T``; for unsigned it is ``[0, f * max]``. The search is relative
     to the tensor's own extremes, hence scale invariant. Three stages:
 
-    1. a coarse grid of ``grid_size`` fractions over ``(0, 1]``;
+    1. a coarse grid of ``grid_size`` fractions ``i / grid_size`` over ``(0, 1]`` (by default
+       the paper's 100 candidates, so the result is never worse than the paper's search);
     2. the basin: a dense grid (:func:`basin_grid_size` points) over the span of the coarse
-       points whose error is within ``1 + basin_tolerance`` of the best one, widened by one
-       coarse interval on each side. The error as a function of ``f`` is a sum of ``n``
+       points whose error is within ``1 + basin_tolerance`` of the best one (about 1 dB),
+       widened by two coarse intervals on each side. The error as a function of ``f`` is a sum of ``n``
        piecewise quadratics, smooth for large tensors but jagged with many local minima for
        small ones, where a candidate is cheap: the basin grid is densest there;
     3. ``refine_rounds`` rounds of ``refine_size`` points spanning the two intervals around
@@ -257,7 +258,7 @@ def mse_range_search(
         best_error = torch.where(improved, round_error, best_error)
 
     in_basin = errors <= best_error[:, None] * (1.0 + basin_tolerance)
-    spacing = 1.0 / grid_size
+    spacing = 2.0 / grid_size
     basin_low = torch.where(in_basin, fractions, 2.0).amin(dim=1, keepdim=True) - spacing
     basin_high = torch.where(in_basin, fractions, -1.0).amax(dim=1, keepdim=True) + spacing
     basin_size = basin_grid_size(rows, sorted_values.n_values, q_max - q_min + 1)
