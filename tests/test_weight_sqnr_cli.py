@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import models.registry as registry
+from models.layers import weight_layers
 from plot_weights_sqnr import main as plot_main
 from quant_pruning_weights_sqnr import main
 
@@ -100,6 +101,16 @@ def test_efficientnet_lite0_numbers_match_independent_computation(lite0_results:
         for key, value in expected.items():
             assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
         assert metrics["quant_sqnr"] >= best_dense_sqnr(weight, n_bits, 1000 if weight.size < 10**5 else 100) - 0.01
+
+
+def test_never_below_the_papers_100_candidate_search(lite0_results: Path) -> None:
+    """The coarse grid holds the paper's candidates T = i/100 max|w|: no tensor may come out worse."""
+    weights = {name: module.weight.detach().numpy() for name, module in weight_layers(registry.load_model("efficientnet_lite0"))}
+    for n_bits in BITS:
+        layers = strict_json(lite0_results / f"efficientnet_lite0_{n_bits}_bits_mse.json")["layers"]
+        for name, weight in weights.items():
+            if weight.size <= 50_000:
+                assert layers[name]["quant_sqnr"] >= best_dense_sqnr(weight, n_bits, 100) - 1e-9, (name, n_bits)
 
 
 def test_quantization_beats_pruning_on_real_weights_at_moderate_compression(lite0_results: Path) -> None:
