@@ -44,6 +44,8 @@ import numpy as np
 import pandas as pd
 from scipy import integrate, optimize, special
 
+from studies.compression import pruning_sparsity, sqnr_db
+
 TailMoments = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 MIN_BITS, MAX_BITS = 2, 16
@@ -438,11 +440,6 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits}")
 
 
-def pruning_sparsity(bits: int) -> float:
-    """Sparsity with the same compression as INT-b against 16-bit floats: ``1 - b/16``."""
-    return 1.0 - bits / 16.0
-
-
 def pruning_threshold(dist: Distribution, bits: int) -> float:
     """The magnitude ``t`` with ``P(|w| < t) = 1 - b/16``, i.e. ``P(|w| >= t) = b/16``."""
     check_bits(bits)
@@ -527,11 +524,6 @@ def optimal_threshold(dist: Distribution, bits: int) -> tuple[float, float]:
     return float(grid[best]), float(errors[best])
 
 
-def to_db(signal_power: float, noise_power: float) -> float:
-    """``10 log10(signal / noise)``; ``+inf`` for a zero error."""
-    return math.inf if noise_power <= 0.0 else 10.0 * math.log10(signal_power / noise_power)
-
-
 # ----------------------------------------------------------------------------- comparisons
 
 
@@ -562,8 +554,8 @@ def compare(dist: Distribution, bits: int) -> SqnrComparison:
     return SqnrComparison(
         bits=bits,
         sparsity=pruning_sparsity(bits),
-        quant_sqnr_db=to_db(power, quant_mse),
-        pruning_sqnr_db=to_db(power, pruning_mse(dist, bits)),
+        quant_sqnr_db=sqnr_db(power, quant_mse),
+        pruning_sqnr_db=sqnr_db(power, pruning_mse(dist, bits)),
         quant_threshold=threshold / math.sqrt(power),
     )
 

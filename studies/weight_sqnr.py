@@ -30,6 +30,7 @@ from tqdm import tqdm
 from models.layers import output_channel_axis, weight_layers
 from pruning.masks import magnitude_pruning_sse
 from quantization.quantizers import QuantScheme, params_from_range
+from studies.compression import pruning_sparsity, sqnr_db
 from studies.result_files import result_file_name, result_glob, table_file_name
 from quantization.range_estimators import (
     SortedValues,
@@ -48,18 +49,6 @@ METRICS = (
     "sample_kurtosis", "quant_sqnr", "quant_mse", "quant_sparsity", "quant_step_size",
     "pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected",
 )  # fmt: skip
-
-
-def pruning_sparsity(n_bits: int) -> float:
-    """Sparsity with the same compression as INT-b against 16-bit floats: ``1 - b/16``."""
-    return 1.0 - n_bits / 16.0
-
-
-def sqnr_db(signal_power: float, noise_power: float) -> float:
-    """``10 log10(signal / noise)``; +inf for a zero error."""
-    if noise_power <= 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal_power / noise_power)
 
 
 def excess_kurtosis(values: torch.Tensor) -> float:

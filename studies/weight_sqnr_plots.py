@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from studies.compression import pruning_sparsity
 from studies.result_files import result_glob
 from utils.io import atomic_open, read_json, write_bytes_atomic, write_csv
 
@@ -80,11 +81,6 @@ SUMMARY_MD = "weights_sqnr_summary.md"
 # ----------------------------------------------------------------------------- loading
 
 
-def sparsity_for_bits(n_bits: int | np.ndarray | pd.Series) -> float | np.ndarray | pd.Series:
-    """Pruning sparsity with the same compression as INT-b against 16-bit floats: ``1 - b/16``."""
-    return 1.0 - n_bits / 16.0
-
-
 def complete_results(input_dir: str | os.PathLike, pattern: str = RESULT_GLOB) -> Iterator[dict]:
     """Parsed result files under ``input_dir`` that are valid and complete; others are logged and skipped."""
     for path in sorted(Path(input_dir).glob(pattern)):
@@ -133,7 +129,7 @@ def load_results(input_dir: str | os.PathLike, pattern: str = RESULT_GLOB) -> pd
     frame.insert(0, "model", np.repeat(np.array([data["model"] for data in results], dtype=object), counts))
     frame.insert(1, "layer", [name for data in results for name in data["layers"]])
     frame.insert(2, "n_bits", np.repeat(n_bits, counts))
-    frame.insert(3, "sparsity", sparsity_for_bits(frame["n_bits"]))
+    frame.insert(3, "sparsity", pruning_sparsity(frame["n_bits"]))
     return frame.sort_values(["model", "n_bits"], kind="stable", ignore_index=True)
 
 
@@ -180,7 +176,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
         median_gap=("gap", "median"),
     )
     table = table.reset_index()
-    table.insert(1, "sparsity", sparsity_for_bits(table["n_bits"]))
+    table.insert(1, "sparsity", pruning_sparsity(table["n_bits"]))
     return table[list(SUMMARY_COLUMNS)]
 
 
@@ -223,7 +219,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
 
 def bits_label(n_bits: int) -> str:
     """Legend text of a bit-width, e.g. ``INT4 vs 75% sparsity``."""
-    return f"INT{n_bits} vs {100 * sparsity_for_bits(n_bits):g}% sparsity"
+    return f"INT{n_bits} vs {100 * pruning_sparsity(n_bits):g}% sparsity"
 
 
 def models_label(models: Sequence[str], max_names: int = 3) -> str:

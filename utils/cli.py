@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import click
-import torch
 
 
 class IntListType(click.ParamType):
@@ -52,7 +51,9 @@ class DeviceType(click.ParamType):
 
     name = "device"
 
-    def convert(self, value, param, ctx) -> torch.device:
+    def convert(self, value, param, ctx) -> "torch.device":
+        import torch  # here, so that CLIs without torch work start fast
+
         if isinstance(value, torch.device):
             return value
         try:
@@ -70,6 +71,8 @@ class DeviceType(click.ParamType):
 
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
