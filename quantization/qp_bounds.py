@@ -780,7 +780,7 @@ def solve_dual(
         _require_box(problems)
         if bool((problems.hi - problems.lo < 2).any()):
             raise ValueError("the solver needs boxes with hi - lo >= 2")
-    batch, n = problems.batch_size, problems.n
+    batch = problems.batch_size
     origin = default_origin(problems, clamp_to_box=use_box)
     normalised, scale = _normalised_problems(problems, origin)
     decoupled = decoupled_coordinates(normalised)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -30,16 +30,9 @@ from tqdm import tqdm
 from models.layers import output_channel_axis, weight_layers
 from pruning.masks import magnitude_pruning_sse
 from quantization.quantizers import QuantScheme, params_from_range
+from quantization.range_estimators import SortedValues, as_rows, grid_sse, mse_range_search, sort_rows, zero_count
 from studies.compression import pruning_sparsity, sqnr_db
 from studies.result_files import result_file_name, result_glob, table_file_name
-from quantization.range_estimators import (
-    SortedValues,
-    as_rows,
-    grid_sse,
-    mse_range_search,
-    sort_rows,
-    zero_count,
-)
 from utils.io import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -132,6 +125,7 @@ def study_model(
 
 
 def result_path(output_dir: Path, model_name: str, n_bits: int, range_estimator: str, per_channel: bool) -> Path:
+    """Where the result of one model, bit-width and setting is written."""
     return output_dir / result_file_name(model_name, n_bits, range_estimator, per_channel)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    import torch
 
 
 class IntListType(click.ParamType):
@@ -51,7 +55,7 @@ class DeviceType(click.ParamType):
 
     name = "device"
 
-    def convert(self, value, param, ctx) -> "torch.device":
+    def convert(self, value, param, ctx) -> torch.device:
         import torch  # here, so that CLIs without torch work start fast
 
         if isinstance(value, torch.device):
