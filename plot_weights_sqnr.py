@@ -26,17 +26,8 @@ from studies.weight_sqnr_plots import (  # noqa: E402
     write_figures,
     write_summary,
 )
+from utils.cli import NameListType  # noqa: E402
 from utils.io import ensure_writable_dir  # noqa: E402
-
-
-def parse_models(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    """``a,b`` -> ``["a", "b"]``; None when the option is not given."""
-    if value is None:
-        return None
-    names = [name.strip() for name in value.split(",")]
-    if not all(names):
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of model names")
-    return list(dict.fromkeys(names))
 
 
 @click.command()
@@ -54,7 +45,7 @@ def parse_models(ctx: click.Context, param: click.Parameter, value: str | None) 
     show_default=True,
     help="Where the figures (PNG and PDF) and the summary (CSV and markdown) go.",
 )
-@click.option("--models", callback=parse_models, help="Comma-separated models to include (default: all).")
+@click.option("--models", type=NameListType(), default=None, help="Comma-separated models to include (default: all).")
 @click.option("--range-estimator", type=click.Choice(["mse", "minmax"], case_sensitive=False), default="mse",
               show_default=True, help="Which study setting to plot (as given to the study).")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True,

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from quantization.qp_bounds import qp_objective
+
 __all__ = [
     "adaround",
     "adaround_gradient",
@@ -62,14 +64,6 @@ _MAX_SAMPLE_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def qp_objective(P: torch.Tensor, q: torch.Tensor, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``f(z) = z'Pz + 2 q'z + r`` per problem: ``z`` ``(B, n)`` gives ``(B,)``, ``(B, K, n)`` gives ``(B, K)``."""
-    candidates = z if z.dim() == 3 else z.unsqueeze(1)
-    values = (torch.bmm(candidates, P) * candidates).sum(-1) + 2.0 * (candidates * q.unsqueeze(1)).sum(-1)
-    values = values + r.unsqueeze(-1)
-    return values if z.dim() == 3 else values.squeeze(1)
 
 
 def box_bounds(lo: Bound, hi: Bound, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,14 @@ _BACKOFF_FRACTIONS = (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)
 # --------------------------------------------------------------------------- problems
 
 
+def qp_objective(P: torch.Tensor, q: torch.Tensor, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``f(z) = z'Pz + 2 q'z + r`` per problem: ``z`` ``(B, n)`` gives ``(B,)``, ``(B, K, n)`` gives ``(B, K)``."""
+    candidates = z if z.dim() == 3 else z.unsqueeze(1)
+    values = (torch.bmm(candidates, P) * candidates).sum(-1) + 2.0 * (candidates * q.unsqueeze(1)).sum(-1)
+    values = values + r.unsqueeze(-1)
+    return values if z.dim() == 3 else values.squeeze(1)
+
+
 @dataclass(frozen=True)
 class QuadraticProblems:
     """``B`` integer quadratic problems ``min f(z) = z'Pz + 2q'z + r`` over integer ``z`` (in ``[lo, hi]``).
@@ -178,12 +186,7 @@ class QuadraticProblems:
 
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         """``z'Pz + 2q'z + r`` for ``z`` of shape ``(B, n)`` (returns ``(B,)``) or ``(B, K, n)`` (``(B, K)``)."""
-        z = z.to(_DTYPE)
-        single = z.dim() == 2
-        z = z[:, None] if single else z
-        value = torch.einsum("bki,bij,bkj->bk", z, self.P, z) + 2 * torch.einsum("bki,bi->bk", z, self.q)
-        value = value + self.r[:, None]
-        return value[:, 0] if single else value
+        return qp_objective(self.P, self.q, self.r, z.to(_DTYPE))
 
     def select(self, index: int | Sequence[int] | torch.Tensor) -> QuadraticProblems:
         """The problems at ``index`` (an int keeps a batch of one)."""
