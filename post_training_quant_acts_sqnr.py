@@ -1,10 +1,16 @@
 #!/usr/bin/env python
-"""Post-training, per-layer analysis of quantization and pruning with real layer inputs."""
+"""Post-training, per-layer analysis of quantization and pruning with real layer inputs (paper Sec. 4)."""
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
-from utils.cli import setup_logging
+from utils.cli import DeviceType, default_device, setup_logging
+
+DEFAULT_MODEL = "efficientnet_lite0"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,19 +19,163 @@ def cli() -> None:
     setup_logging()
 
 
-@cli.command("list-layers")
-@click.option("--model-name", default="efficientnet_lite0", show_default=True)
-def list_layers(model_name: str) -> None:
-    """Print the name, type and weight shape of every Conv/Linear layer of a model."""
+def _load_model(model_name: str):
     from models import UnknownModelError, WeightsUnavailableError, load_model
-    from models.layers import weight_layers
 
     try:
-        model = load_model(model_name)
+        return load_model(model_name)
     except (UnknownModelError, WeightsUnavailableError) as error:
         raise click.ClickException(str(error)) from None
+
+
+def _echo_layers(model) -> None:
+    from models.layers import weight_layers
+
     for name, module in weight_layers(model):
         click.echo(f"{name:50s} {type(module).__name__:16s} {tuple(module.weight.shape)}")
+
+
+@cli.command("list-layers")
+@click.option("--model-name", default=DEFAULT_MODEL, show_default=True)
+def list_layers(model_name: str) -> None:
+    """Print the name, type and weight shape of every Conv/Linear layer of a model."""
+    _echo_layers(_load_model(model_name))
+
+
+def layer_data_options(command: Callable) -> Callable:
+    """The options shared by the bounds commands: model, layers, calibration data, device, outputs."""
+    options = [
+        click.option("--model-name", default=DEFAULT_MODEL, show_default=True, help="A model of the zoo."),
+        click.option("--layer-name", "layer_names", multiple=True,
+                     help="A Conv/Linear layer (repeatable; default: every one; see --list-layers)."),
+        click.option("--list-layers", "list_only", is_flag=True,
+                     help="Print name, type and weight shape of every layer, then exit."),
+        click.option("--opt-dim", type=click.IntRange(0), default=32, show_default=True,
+                     help="Inputs per chunk problem (whole input channels: opt-dim // kernel size of them); "
+                     "0: one chunk per channel."),
+        click.option("--num-output-channels", type=click.IntRange(-1), default=-1, show_default=True,
+                     help="Output channels per layer (the first ones; -1: all)."),
+        click.option("--num-samples", type=click.IntRange(1), default=None,
+                     help="Calibration images [default: 64 from --images-dir, else all 5 sample photos]."),
+        click.option("--images-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="ImageNet-style folder of class folders; images drawn with --seed across classes. "
+                     "Default: scikit-image's sample photos."),
+        click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+                     help="Seconds per problem for the exact solver."),
+        click.option("--device", type=DeviceType(), default=default_device(), show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--save-problems", is_flag=True, help="Also write every problem and its solutions to an .npz."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir):
+    """Model, calibration images and the layers' data, with one-line errors for bad input."""
+    import torch
+
+    from models.layer_inputs import PatchMismatchError, resolve_layers
+    from models.layers import weight_layers
+    from studies.layer_problems import collect_layer_data
+    from utils.calibration import load_calibration_images
+    from utils.io import ensure_writable_dir
+
+    torch.manual_seed(seed)
+    model = _load_model(model_name).to(device)
+    names = list(layer_names) or [name for name, _ in weight_layers(model)]
+    try:
+        resolve_layers(model, names)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--layer-name'") from None
+    try:
+        ensure_writable_dir(output_dir)
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    count = num_samples or (64 if images_dir is not None else 5)
+    try:
+        images = load_calibration_images(images_dir, count, seed)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--images-dir'") from None
+    try:
+        layers = collect_layer_data(model, names, images)
+    except (ValueError, PatchMismatchError) as error:
+        raise click.ClickException(str(error)) from None
+    calibration = {"images_dir": None if images_dir is None else str(images_dir), "images": len(images), "seed": seed}
+    return layers, calibration
+
+
+@cli.command("quant-bounds-data-opt")
+@layer_data_options
+@click.option("--n-bits", type=click.IntRange(2, 8), default=4, show_default=True, help="Weight bit-width b.")
+@click.option("--range-search-method", type=click.Choice(["mse", "minmax"], case_sensitive=False), default="mse",
+              show_default=True, help="Range of the layer's weight quantizer (gives the step s).")
+@click.option("--per-channel/--per-tensor", default=False, show_default=True, help="One step per output channel.")
+@click.option("--box/--no-box", default=False, show_default=True,
+              help="Tighten the relaxation with the b-bit box (the paper's has none).")
+@click.option("--solver", type=click.Choice(["ours", "clarabel", "scs"], case_sensitive=False), default="ours",
+              show_default=True, help="SDP backend: our batched torch solver, or cvxpy per problem (the reference).")
+@click.option("--exact", is_flag=True, help="Also prove the true minimum of every chunk by branch and bound.")
+@click.option("--max-whole-dim", type=click.IntRange(0), default=128, show_default=True,
+              help="Also solve whole channels (one problem each) when the fan-in is at most this.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("plots_data/quant_bounds"), show_default=True)
+def quant_bounds_data_opt(
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, time_limit, device,
+    seed, save_problems, progress, n_bits, range_search_method, per_channel, box, solver, exact, max_whole_dim,
+    output_dir,
+) -> None:
+    """Certified bounds on the post-training quantization error of each layer, beside real PTQ methods.
+
+    Per output channel and chunk of inputs, the error ||A w - s A z||^2 of integer weights z is an
+    integer QP; its SDP relaxation gives a certified lower bound (an upper bound on any method's
+    SQNR), and round-to-nearest, the paper's SDP rounding, GPTQ and AdaRound give feasible points.
+    Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
+    """
+    if num_output_channels == 0:
+        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
+    if list_only:
+        _echo_layers(_load_model(model_name))
+        return
+    from tqdm import tqdm
+
+    from studies.bounds_run import run_layers
+    from studies.layer_problems import input_chunks
+    from studies.quant_bounds import QuantBoundsConfig, config_record, problem_arrays, quant_bounds_layer
+
+    config = QuantBoundsConfig(
+        n_bits=n_bits, opt_dim=opt_dim, range_method=range_search_method.lower(), per_channel=per_channel, box=box,
+        solver=solver.lower(), exact=exact, time_limit=time_limit, max_whole_dim=max_whole_dim,
+        num_output_channels=num_output_channels, seed=seed,
+    )
+    layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
+    name = "_".join(
+        [f"quant_bounds_{model_name}_{n_bits}bits_opt{opt_dim}_{config.range_method}"]
+        + (["per_channel"] if per_channel else []) + (["box"] if box else [])
+        + ([config.solver] if config.solver != "ours" else []) + (["exact"] if exact else [])
+    )
+    chunk_counts = [len(input_chunks(d.fan_in, d.kernel_elements, opt_dim)) for d in layers.values()]
+    total = sum(k + (k > 1 and d.fan_in <= max_whole_dim) for k, d in zip(chunk_counts, layers.values()))
+    header = {"kind": "quantization", "model": model_name, "config": config_record(config),
+              "calibration": calibration, "device": str(device)}
+    with tqdm(total=total, desc="problem sets", unit="set", disable=not progress) as bar:
+        record = run_layers(
+            layers, lambda data: quant_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
+            header, output_dir, name, f"INT{n_bits}",
+        )
+    for layer in record["layers"]:
+        scope = layer["scopes"]["chunk"]
+        upper, best = scope["sqnr_upper_bound_db"], scope["sqnr_db"]["best"]
+        click.echo(
+            f"{layer['layer']}: SQNR best method {_db(best)}, certified bound {_db(upper)} "
+            f"({scope['problems']} problems, {layer['dead_channels']} dead channels)"
+        )
+    for failed in record["failed_layers"]:
+        click.echo(f"{failed['layer']}: FAILED ({failed['error']})")
+    click.echo(f"results in {output_dir}/{name}.json, .csv, .png" + (", .npz" if save_problems else ""))
+
+
+def _db(value: float | None) -> str:
+    return "inf dB" if value is None else f"{value:.2f} dB"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ __all__ = [
     "layer_output_from_patches",
     "padding_amounts",
     "patch_matrix",
+    "resolve_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _supported_names(model: nn.Module) -> list[str]:
     return [name for name, module in weight_layers(model) if isinstance(module, SUPPORTED_LAYERS)]
 
 
-def _resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
+def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn.Module]:
     """Map each requested name to its module, with one-line errors for unknown or unsupported ones."""
     modules = dict(model.named_modules())
     resolved: dict[str, nn.Module] = {}
@@ -116,7 +117,7 @@ def capture_layer_inputs(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if images.dim() < 1 or images.shape[0] < 1:
         raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
-    layers = _resolve_layers(model, layer_names)
+    layers = resolve_layers(model, layer_names)
     parameter = next(model.parameters())
     recorded: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
 

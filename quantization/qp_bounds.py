@@ -472,6 +472,11 @@ class DualSolution:
             dual matrix lost positive definiteness in floating point; the last point is kept),
             ``"infeasible"`` (no strictly dual-feasible point: ``P`` singular without the box) or
             ``"numerical"`` (the final point could not be certified).
+        x: ``(B, n)`` the solver's primal point of the relaxation in the original coordinates
+            (``origin + x`` of the lifted ``[[X, x], [x', 1]]``), where the paper's randomized
+            rounding centres its samples.
+        covariance: ``(B, n, n)`` ``X - x x'`` of that primal point (positive semidefinite up to
+            rounding), the paper's sampling covariance.
     """
 
     bound: torch.Tensor
@@ -482,6 +487,8 @@ class DualSolution:
     iterations: torch.Tensor
     sdp_gap: torch.Tensor
     status: tuple[str, ...]
+    x: torch.Tensor
+    covariance: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -861,7 +868,9 @@ def _dual_solution(
         "infeasible" if not f else "numerical" if not c else "optimal" if k else "stalled" if st else "max_iters"
         for f, c, k, st in zip(feasible.tolist(), certified.tolist(), converged.tolist(), stalled.tolist())
     )
-    return DualSolution(bound, certified, lam, mu, origin, iterations, sdp_gap, status)
+    shifted_x = Y[:, :n, n]
+    covariance = Y[:, :n, :n] - shifted_x[:, :, None] * shifted_x[:, None, :]
+    return DualSolution(bound, certified, lam, mu, origin, iterations, sdp_gap, status, origin + shifted_x, covariance)
 
 
 # --------------------------------------------------------------------------- cvxpy reference

@@ -1,0 +1,124 @@
+"""Result files of the post-training bounds runs (quantization and pruning): JSON, CSV, npz, figure.
+
+A run's JSON holds its options and one summary per layer (:func:`studies.quant_bounds.quant_bounds_layer`):
+per scope (``chunk``: the chunked problems summed; ``whole_channel``) and per chunk the summed
+energy, certified lower bound, each method's error and the SQNRs in dB. The CSV flattens that to
+one row per layer and scope and one per chunk. The npz (``--save-problems``) stacks every problem
+of a scope, zero-padded to the largest size ``n`` of the run: ``P[i, :n[i], :n[i]]`` is problem
+``i``; keys of whole-channel problems start with ``whole_channel_``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from utils.io import write_bytes_atomic, write_csv, write_json
+
+__all__ = ["csv_rows", "padded_stack", "plot_layer_bounds", "write_npz", "write_run"]
+
+
+def _row(layer: str, scope: str, record: dict, chunk: dict | None = None) -> dict:
+    row = {
+        "layer": layer,
+        "scope": scope,
+        "chunk": "" if chunk is None else chunk["chunk"],
+        "inputs": "" if chunk is None else f"{chunk['inputs'][0]}-{chunk['inputs'][1]}",
+        "n": "" if chunk is None else chunk["n"],
+        "problems": record["problems"],
+        "energy": record["energy"],
+        "lower_bound": record["lower_bound"],
+        "relaxation_lower_bound": record["relaxation_lower_bound"],
+    }
+    row.update({f"error_{method}": value for method, value in record["errors"].items()})
+    row["sqnr_upper_bound_db"] = record["sqnr_upper_bound_db"]
+    row["sqnr_relaxation_bound_db"] = record["sqnr_relaxation_bound_db"]
+    row.update({f"sqnr_{method}_db": value for method, value in record["sqnr_db"].items()})
+    row["status"] = ";".join(f"{status}:{count}" for status, count in sorted(record["status"].items()))
+    if "exact_status" in record:
+        row["exact_status"] = ";".join(f"{status}:{count}" for status, count in sorted(record["exact_status"].items()))
+    row["seconds"] = sum(record["seconds"].values())
+    return row
+
+
+def csv_rows(layers: Iterable[dict]) -> pd.DataFrame:
+    """One row per layer and scope (``chunk`` = the chunks summed, ``whole_channel``) and one per chunk."""
+    rows = []
+    for layer in layers:
+        for scope, record in layer["scopes"].items():
+            rows.append(_row(layer["layer"], f"layer_{scope}", record))
+        rows.extend(_row(layer["layer"], "chunk", chunk, chunk) for chunk in layer["chunks"])
+    return pd.DataFrame(rows)
+
+
+def padded_stack(tensors: Sequence[torch.Tensor], size: int) -> np.ndarray:
+    """Stack ``(B_k, n_k[, n_k])`` tensors into ``(sum B_k, size[, size])`` float64, zero-padded."""
+    blocks = []
+    for tensor in tensors:
+        pad = [0, size - tensor.shape[-1]] * (tensor.dim() - 1)
+        blocks.append(torch.nn.functional.pad(tensor.to(torch.float64), pad).numpy())
+    return np.concatenate(blocks) if blocks else np.zeros((0,) + (size,) * 1)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed`` atomically (plain arrays only: strings as fixed-width unicode, no pickle)."""
+    for key, value in arrays.items():
+        if value.dtype == object:
+            raise ValueError(f"array {key!r} holds Python objects; npz files here never need pickle")
+    write_bytes_atomic(path, lambda handle: np.savez_compressed(handle, **arrays))
+
+
+def write_run(output_dir: Path, name: str, record: dict) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (the whole record) and ``<name>.csv`` (:func:`csv_rows` of its layers)."""
+    json_path, csv_path = output_dir / f"{name}.json", output_dir / f"{name}.csv"
+    write_json(json_path, record)
+    write_csv(csv_path, csv_rows(record["layers"]))
+    return json_path, csv_path
+
+
+def plot_layer_bounds(series: Sequence[dict], path: Path, title: str) -> None:
+    """Per layer: each series' open range ``[best found, certified bound]`` as a bar, its methods as markers.
+
+    ``series``: dicts with ``label`` (e.g. ``"INT4"`` or ``"pruning 75%"``) and ``layers``: a list
+    of ``(layer name, sqnr_upper_bound_db or None, best sqnr_db, {method: sqnr_db})``. Series are drawn side by
+    side at every layer, so quantization and pruning bounds can share one figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(entry[0] for s in series for entry in s["layers"]))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(1, len(series))), 4.5))
+    markers = ["o", "s", "^", "v", "D", "P", "X", "*"]
+    method_marker: dict[str, str] = {}
+    for k, s in enumerate(series):
+        color = f"C{k}"
+        for layer, upper, best, methods in s["layers"]:
+            x = names.index(layer) + (k - (len(series) - 1) / 2) * width
+            if upper is not None and best is not None and math.isfinite(best):
+                ax.bar(x, upper - best, bottom=best, width=width * 0.9, color=color, alpha=0.25)
+                ax.hlines(upper, x - width * 0.45, x + width * 0.45, color=color, linewidth=2)
+            for method, value in methods.items():
+                if value is None:
+                    continue
+                marker = method_marker.setdefault(method, markers[len(method_marker) % len(markers)])
+                ax.plot(x, value, marker=marker, color=color, linestyle="none", markersize=5)
+        ax.bar(0, 0, color=color, alpha=0.25, label=f"{s['label']}: [best found, certified bound]")
+    for method, marker in method_marker.items():
+        ax.plot([], [], marker=marker, color="gray", linestyle="none", label=method)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("SQNR of the layer output (dB)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=150)
+    fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)

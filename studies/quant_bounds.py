@@ -1,0 +1,448 @@
+"""Post-training quantization bounds per layer (paper Sec. 4): certified lower bounds, rounding methods, exact optima.
+
+For every output channel ``c`` and input chunk ``J`` (:func:`studies.layer_problems.input_chunks`)
+of a layer, with the step ``s_c`` of the layer's quantizer, the integer weights ``z`` cost
+
+    f(z) = ||A_J w_J - s_c A_J z||^2 = z'Pz + 2q'z + r,   P = s_c^2 G_JJ,  q = -s_c G_JJ w_J,  r = w_J' G_JJ w_J,
+
+(:meth:`quantization.qp_bounds.QuadraticProblems.from_gram`) over integers ``z`` in
+``[-2^(b-1), 2^(b-1) - 1]``. Per problem this module computes
+
+* a certified lower bound ``lb`` on ``min f`` (the Park-Boyd SDP relaxation's dual, by our batched
+  solver or cvxpy; never below the trivial bound 0, since ``f`` is a squared norm),
+* the error of each post-training method: ``rtn`` (round to nearest), ``sdp_rounding`` (the
+  paper's: ``3n`` Gaussian samples around the relaxation's primal point with covariance
+  ``X - xx'``, rounded, then 1-opt), ``gptq`` (sequential rounding with error feedback, from
+  ``w / s``), ``adaround`` (then 1-opt),
+* optionally (``exact``) the true minimum by branch and bound (:mod:`quantization.qp_exact`),
+  whose certified bound replaces the relaxation's where it is larger (``exact_lb``).
+
+Results are aggregated per chunk (over channels) and per layer as the summed error relative to
+the summed energy: ``SQNR = 10 log10(sum r / sum error)``. The sum of the lower bounds bounds the
+summed minimum, so ``10 log10(sum r / sum lb)`` bounds from above the SQNR any method can reach on
+the chunked problems (``sqnr_upper_bound_db``, from the best certified bounds;
+``sqnr_relaxation_bound_db`` from the relaxation's alone, the paper's bound). Where the layer's fan-in is at most ``max_whole_dim``, the same is done for
+whole channels (one problem per channel: the layer's true output error).
+
+Channels whose output energy ``w' G w`` is 0 (dead: zero weights or inputs that never fire) are
+skipped and counted; chunk problems with ``r = 0`` get ``lb = 0`` and the methods' own values.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from quantization.ptq_rounding import adaround, one_opt, randomized_rounding, sequential_rounding
+from quantization.qp_bounds import (
+    QuadraticProblems,
+    certify_multipliers,
+    default_origin,
+    solve_dual,
+    solve_sdp_cvxpy,
+)
+from quantization.qp_exact import solve_exact_batch
+from quantization.quantizers import QuantScheme, params_from_range
+from quantization.range_estimators import current_minmax, mse_range
+from studies.bounds_files import padded_stack
+from studies.layer_problems import LayerData, input_chunks
+
+__all__ = [
+    "METHODS",
+    "SOLVERS",
+    "ProblemSet",
+    "QuantBoundsConfig",
+    "config_record",
+    "layer_step_sizes",
+    "problem_arrays",
+    "quant_bounds_layer",
+    "solve_problems",
+    "sqnr_db",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rtn", "sdp_rounding", "gptq", "adaround")
+SOLVERS = ("ours", "clarabel", "scs")
+
+
+@dataclass(frozen=True)
+class QuantBoundsConfig:
+    """Options of a quantization-bounds run (the CLI's, minus I/O)."""
+
+    n_bits: int = 4
+    opt_dim: int = 32
+    range_method: str = "mse"
+    per_channel: bool = False
+    box: bool = False
+    solver: str = "ours"
+    tol: float = 1e-4
+    exact: bool = False
+    time_limit: float = 10.0
+    max_whole_dim: int = 256
+    num_output_channels: int = -1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.range_method not in ("mse", "minmax"):
+            raise ValueError(f"range_method must be 'mse' or 'minmax', got {self.range_method!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if not 2 <= self.n_bits <= 16:
+            raise ValueError(f"n_bits must be in 2..16, got {self.n_bits}")
+        if self.box and self.n_bits < 2:
+            raise ValueError("the box needs at least 2 bits")
+
+
+def sqnr_db(energy: float, error: float) -> float | None:
+    """``10 log10(energy / error)``; None (JSON null) when undefined or infinite (``error <= 0``)."""
+    if not (error > 0 and energy > 0 and math.isfinite(error)):
+        return None
+    return 10.0 * math.log10(energy / error)
+
+
+def layer_step_sizes(weights: torch.Tensor, n_bits: int, range_method: str, per_channel: bool) -> torch.Tensor:
+    """``(out_channels,)`` step sizes of the layer's symmetric ``n_bits`` weight quantizer.
+
+    The range is the MSE-optimal one (as in the weight study) or the min-max range of the whole
+    layer's weights (``per_channel=False``: one step for all channels) or of each channel.
+    """
+    ch_axis = 0 if per_channel else None
+    if range_method == "mse":
+        low, high = mse_range(weights, n_bits, QuantScheme.SYMMETRIC, ch_axis)
+    else:
+        low, high = current_minmax(weights, ch_axis)
+    step = params_from_range(low, high, n_bits, QuantScheme.SYMMETRIC).step_size.to(torch.float64)
+    return step.expand(weights.shape[0]).to(weights.device)
+
+
+@dataclass
+class ProblemSet:
+    """A batch of problems of one size and everything computed for them (numpy-ready tensors on CPU)."""
+
+    scope: str  # "chunk" or "whole_channel"
+    chunk: int  # chunk index (-1 for whole channels)
+    inputs: tuple[int, int]  # first and last input index of the chunk
+    channels: torch.Tensor  # (B,) output channels
+    step_size: torch.Tensor  # (B,)
+    problems: QuadraticProblems  # with the b-bit box
+    lb: torch.Tensor  # (B,) certified lower bounds (>= 0)
+    lam: torch.Tensor  # (B, n) dual multipliers of lb
+    mu: torch.Tensor  # (B, n) box multipliers (zeros without the box)
+    origin: torch.Tensor  # (B, n)
+    status: list[str]
+    errors: dict[str, torch.Tensor]  # method -> (B,)
+    z: torch.Tensor  # (B, n) best integer point over all methods
+    ub: torch.Tensor  # (B,) f(z)
+    exact_status: list[str] = field(default_factory=list)
+    exact_lb: torch.Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.problems.batch_size
+
+    @property
+    def best_lb(self) -> torch.Tensor:
+        """The best certified lower bound: the relaxation's, or the branch and bound's when larger."""
+        return self.lb if self.exact_lb is None else torch.maximum(self.lb, self.exact_lb)
+
+
+def _cvxpy_bounds(problems: QuadraticProblems, solver: str, box: bool) -> tuple:
+    """The cvxpy reference per problem: certified bounds from its duals, its primal for the rounding."""
+    import cvxpy
+
+    batch, n = problems.batch_size, problems.n
+    lb = torch.full((batch,), -math.inf, dtype=torch.float64)
+    lam, mu = torch.zeros(batch, n, dtype=torch.float64), torch.zeros(batch, n, dtype=torch.float64)
+    origin = default_origin(problems, clamp_to_box=box).cpu()
+    centers = origin + 0.5
+    covariances = torch.zeros(batch, n, n, dtype=torch.float64)
+    status = []
+    for index in range(batch):
+        try:
+            solution = solve_sdp_cvxpy(problems, index, solver=solver.upper(), box=box)
+        except cvxpy.error.SolverError as error:
+            logger.warning("cvxpy/%s failed on problem %d: %s", solver, index, error)
+            status.append("solver_error")
+            continue
+        status.append(solution.status)
+        if solution.lam is None:
+            continue
+        single = problems.select(index)
+        as_batch = lambda values: torch.as_tensor(values, dtype=torch.float64, device=single.P.device)[None]  # noqa: E731
+        bound, _, lam_c, mu_c = certify_multipliers(
+            single, as_batch(solution.lam), None if solution.mu is None else as_batch(solution.mu), as_batch(solution.origin)
+        )
+        lb[index], lam[index] = bound.cpu()[0], lam_c.cpu()[0]
+        origin[index] = torch.as_tensor(solution.origin)
+        if mu_c is not None:
+            mu[index] = mu_c.cpu()[0]
+        if solution.x is not None and solution.X is not None:
+            x = torch.as_tensor(solution.x, dtype=torch.float64)
+            centers[index] = origin[index] + x
+            covariances[index] = torch.as_tensor(solution.X, dtype=torch.float64) - torch.outer(x, x)
+    device = problems.P.device
+    return lb.to(device), lam.to(device), mu.to(device), origin.to(device), status, centers.to(device), covariances.to(device)
+
+
+def solve_problems(
+    problems: QuadraticProblems,
+    w_over_s: torch.Tensor,
+    config: QuantBoundsConfig,
+    generator: torch.Generator,
+) -> dict:
+    """Lower bound, every method and (optionally) the exact optimum for a batch of boxed problems.
+
+    ``problems`` must carry the ``n_bits`` box (the methods' feasible set); the relaxation uses it
+    only with ``config.box``. Returns a dict with ``lb, lam, mu, origin, status, errors, z, ub``,
+    the exact solver's ``exact_status`` and ``exact_lb`` (when run) and ``seconds`` per stage.
+    """
+    seconds: dict[str, float] = {}
+    relaxed = problems if config.box else problems.without_box()
+    n = problems.n
+    start = time.perf_counter()
+    if config.solver == "ours":
+        solution = solve_dual(relaxed, tol=config.tol)
+        lb, lam, origin, status = solution.bound, solution.lam, solution.origin, list(solution.status)
+        mu = solution.mu if solution.mu is not None else torch.zeros_like(lam)
+        center, covariance = solution.x, solution.covariance
+    else:
+        lb, lam, mu, origin, status, center, covariance = _cvxpy_bounds(relaxed, config.solver, config.box)
+    center = torch.clamp(center, problems.lo, problems.hi)
+    lb = lb.clamp_min(0.0)  # f is a squared norm: 0 is always a certified bound (also for -inf)
+    seconds["bound"] = time.perf_counter() - start
+
+    lo, hi, P, q, r = problems.lo, problems.hi, problems.P, problems.q, problems.r
+    points: dict[str, torch.Tensor] = {}
+    start = time.perf_counter()
+    points["rtn"] = torch.clamp(torch.round(w_over_s), lo, hi)
+    seconds["rtn"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sampled = randomized_rounding(P, q, r, lo, hi, 3 * n, generator, center=center, spread=covariance)
+    points["sdp_rounding"] = one_opt(P, q, r, sampled, lo, hi)
+    seconds["sdp_rounding"] = time.perf_counter() - start
+    start = time.perf_counter()
+    points["gptq"] = sequential_rounding(P, q, lo, hi, start=w_over_s)
+    seconds["gptq"] = time.perf_counter() - start
+    start = time.perf_counter()
+    points["adaround"] = adaround(P, q, r, w_over_s, lo, hi)
+    seconds["adaround"] = time.perf_counter() - start
+    errors = {method: problems.objective(z) for method, z in points.items()}
+    stacked = torch.stack([errors[m] for m in METHODS])
+    best_method = stacked.argmin(0)
+    z = torch.stack([points[m] for m in METHODS])[best_method, torch.arange(problems.batch_size, device=P.device)]
+    ub = stacked.min(0).values
+    result = {"lb": lb, "lam": lam, "mu": mu, "origin": origin, "status": status, "errors": errors, "z": z, "ub": ub}
+    if config.exact:
+        start = time.perf_counter()
+        exact = solve_exact_batch(problems, time_limit=config.time_limit, z0=z)
+        seconds["exact"] = time.perf_counter() - start
+        exact_z = torch.as_tensor(np.stack([e.z for e in exact]), dtype=torch.float64, device=P.device)
+        exact_value = problems.objective(exact_z)
+        errors["exact"] = exact_value
+        better = exact_value < ub
+        result["z"] = torch.where(better[:, None], exact_z, z)
+        result["ub"] = torch.minimum(exact_value, ub)
+        exact_lb = torch.as_tensor([e.lb for e in exact], dtype=torch.float64, device=P.device).clamp_min(0.0)
+        result["exact_lb"] = exact_lb
+        result["exact_status"] = [e.status for e in exact]
+    result["seconds"] = seconds
+    return result
+
+
+def _problem_sets(data: LayerData, channels: torch.Tensor, step: torch.Tensor, config: QuantBoundsConfig):
+    """Yield ``(scope, chunk, inputs, problems, w_over_s)`` for the chunks (and whole channels) of the layer."""
+    weights = data.weights[channels]
+    chunks = input_chunks(data.fan_in, data.kernel_elements, config.opt_dim)
+    scopes = [("chunk", index, chunk) for index, chunk in enumerate(chunks)]
+    if 0 < data.fan_in <= config.max_whole_dim and len(chunks) > 1:
+        scopes.append(("whole_channel", -1, torch.arange(data.fan_in)))
+    elif len(chunks) == 1:
+        logger.debug("%s: one chunk holds the whole channel", data.name)
+    for scope, index, inputs in scopes:
+        inputs = inputs.to(weights.device)
+        grams = data.channel_grams(channels, inputs)
+        problems = QuadraticProblems.from_gram(grams, weights[:, inputs], step, config.n_bits)
+        yield scope, index, (int(inputs[0]), int(inputs[-1])), problems, weights[:, inputs] / step[:, None]
+
+
+def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None) -> dict:
+    """All problem sets of one layer, solved: ``{"summary": ..., "sets": [ProblemSet, ...]}``.
+
+    ``progress`` (e.g. a tqdm bar) is advanced by one per problem set.
+    """
+    generator = torch.Generator(device=data.weights.device).manual_seed(config.seed)
+    out_channels = data.out_channels
+    count = out_channels if config.num_output_channels < 0 else min(config.num_output_channels, out_channels)
+    channels = torch.arange(count, device=data.weights.device)
+    step_all = layer_step_sizes(data.weights, config.n_bits, config.range_method, config.per_channel)
+    energy = data.output_energy()[channels]
+    dead = energy <= 0
+    live = channels[~dead]
+    sets: list[ProblemSet] = []
+    if len(live):
+        step = step_all[live]
+        for scope, index, inputs, problems, w_over_s in _problem_sets(data, live, step, config):
+            solvable = problems.r > 0
+            result = _solve_with_zero_energy(problems, w_over_s, solvable, config, generator)
+            sets.append(
+                ProblemSet(
+                    scope=scope, chunk=index, inputs=inputs, channels=live.cpu(), step_size=step.cpu(),
+                    problems=problems.to("cpu"), **{k: _cpu(v) for k, v in result.items()},
+                )
+            )
+            if progress is not None:
+                progress.update(1)
+    summary = {
+        "layer": data.name,
+        "type": data.module_type,
+        "weight_shape": list(data.weight_shape),
+        "positions": data.positions,
+        "channels": count,
+        "dead_channels": int(dead.sum()),
+        "step_size": {"min": float(step_all.min()), "max": float(step_all.max())},
+        "scopes": {scope: _aggregate([s for s in sets if s.scope == scope]) for scope in ("chunk", "whole_channel")},
+        "chunks": [_chunk_record(s) for s in sets if s.scope == "chunk"],
+    }
+    summary["scopes"] = {k: v for k, v in summary["scopes"].items() if v is not None}
+    return {"summary": summary, "sets": sets}
+
+
+def _cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    return value
+
+
+def _solve_with_zero_energy(
+    problems: QuadraticProblems,
+    w_over_s: torch.Tensor,
+    solvable: torch.Tensor,
+    config: QuantBoundsConfig,
+    generator: torch.Generator,
+) -> dict:
+    """:func:`solve_problems` on the problems with ``r > 0``; the others get ``lb = 0`` and RTN for every method."""
+    batch, n = problems.batch_size, problems.n
+    rtn = torch.clamp(torch.round(w_over_s), problems.lo, problems.hi)
+    rtn_value = problems.objective(rtn)
+    zeros = torch.zeros(batch, n, dtype=torch.float64, device=w_over_s.device)
+    methods = METHODS + (("exact",) if config.exact else ())
+    result = {
+        "lb": torch.zeros(batch, dtype=torch.float64, device=w_over_s.device),
+        "lam": zeros.clone(), "mu": zeros.clone(), "origin": zeros.clone(),
+        "status": ["zero_energy"] * batch,
+        "errors": {m: rtn_value.clone() for m in methods},
+        "z": rtn, "ub": rtn_value.clone(), "seconds": {},
+    }
+    if config.exact:
+        result["exact_lb"], result["exact_status"] = torch.zeros_like(rtn_value), ["zero_energy"] * batch
+    index = solvable.nonzero()[:, 0]
+    if len(index) == 0:
+        return result
+    solved = solve_problems(problems.select(index), w_over_s[index], config, generator)
+    for key in ("lb", "lam", "mu", "origin", "z", "ub") + (("exact_lb",) if config.exact else ()):
+        result[key][index] = solved[key]
+    for method in methods:
+        result["errors"][method][index] = solved["errors"][method]
+    for position, value in zip(index.tolist(), solved["status"]):
+        result["status"][position] = value
+    if config.exact:
+        for position, value in zip(index.tolist(), solved["exact_status"]):
+            result["exact_status"][position] = value
+    result["seconds"] = solved["seconds"]
+    return result
+
+
+def _totals(sets: list[ProblemSet]) -> dict:
+    energy = sum(float(s.problems.r.sum()) for s in sets)
+    relaxation = sum(float(s.lb.sum()) for s in sets)
+    lower = sum(float(s.best_lb.sum()) for s in sets)
+    methods = list(sets[0].errors)
+    errors = {m: sum(float(s.errors[m].sum()) for s in sets) for m in methods}
+    best = sum(float(s.ub.sum()) for s in sets)
+    record = {
+        "problems": sum(s.batch_size for s in sets),
+        "energy": energy,
+        "lower_bound": lower,
+        "relaxation_lower_bound": relaxation,
+        "errors": {**errors, "best": best},
+        "sqnr_upper_bound_db": sqnr_db(energy, lower),
+        "sqnr_relaxation_bound_db": sqnr_db(energy, relaxation),
+        "sqnr_db": {**{m: sqnr_db(energy, e) for m, e in errors.items()}, "best": sqnr_db(energy, best)},
+        "status": dict(Counter(status for s in sets for status in s.status)),
+        "seconds": {},
+    }
+    if sets[0].exact_status:
+        record["exact_status"] = dict(Counter(status for s in sets for status in s.exact_status))
+    for s in sets:
+        for stage, value in s.seconds.items():
+            record["seconds"][stage] = record["seconds"].get(stage, 0.0) + value
+    return record
+
+
+def _aggregate(sets: list[ProblemSet]) -> dict | None:
+    return _totals(sets) if sets else None
+
+
+def _chunk_record(problem_set: ProblemSet) -> dict:
+    return {"chunk": problem_set.chunk, "inputs": list(problem_set.inputs), "n": problem_set.problems.n,
+            **_totals([problem_set])}
+
+
+def config_record(config: QuantBoundsConfig) -> dict:
+    """The config as a JSON-ready dict."""
+    return asdict(config)
+
+
+def problem_arrays(layer_sets: list[tuple[int, ProblemSet]], layer_names: list[str]) -> dict[str, np.ndarray]:
+    """Every problem of a run as stacked arrays for the npz (see :mod:`studies.bounds_files`).
+
+    Per scope (keys of whole-channel problems start with ``whole_channel_``): ``P, q, r, lo, hi``
+    (zero-padded to the largest ``n``; ``n`` gives each problem's size), ``layer`` (index into
+    ``layer_names``), ``channel``, ``chunk``, ``step_size``, the certified lower bound ``lb`` with
+    its multipliers ``lam``, ``mu`` and shift ``origin`` (:func:`quantization.qp_bounds.dual_bound`
+    of them reproduces ``lb``, which is clamped at 0), the relaxation's ``status``, with ``--exact``
+    the branch and bound's ``exact_lb`` and ``exact_status``, the best integer point ``z``
+    with its value ``ub``, and ``error_<method>`` for every method.
+    """
+    arrays: dict[str, np.ndarray] = {"layer_names": np.array(layer_names, dtype=str)}
+    for scope, prefix in (("chunk", ""), ("whole_channel", "whole_channel_")):
+        chosen = [(index, s) for index, s in layer_sets if s.scope == scope]
+        if not chosen:
+            continue
+        sets = [s for _, s in chosen]
+        size = max(s.problems.n for s in sets)
+        stacked = {
+            "P": padded_stack([s.problems.P for s in sets], size),
+            "q": padded_stack([s.problems.q for s in sets], size),
+            "lo": padded_stack([s.problems.lo for s in sets], size),
+            "hi": padded_stack([s.problems.hi for s in sets], size),
+            "lam": padded_stack([s.lam for s in sets], size),
+            "mu": padded_stack([s.mu for s in sets], size),
+            "origin": padded_stack([s.origin for s in sets], size),
+            "z": padded_stack([s.z for s in sets], size),
+            "r": np.concatenate([s.problems.r.numpy() for s in sets]),
+            "n": np.concatenate([np.full(s.batch_size, s.problems.n) for s in sets]),
+            "layer": np.concatenate([np.full(s.batch_size, index) for index, s in chosen]),
+            "channel": np.concatenate([s.channels.numpy() for s in sets]),
+            "chunk": np.concatenate([np.full(s.batch_size, s.chunk) for s in sets]),
+            "step_size": np.concatenate([s.step_size.numpy() for s in sets]),
+            "lb": np.concatenate([s.lb.numpy() for s in sets]),
+            "ub": np.concatenate([s.ub.numpy() for s in sets]),
+            "status": np.array([status for s in sets for status in s.status], dtype=str),
+        }
+        for method in sets[0].errors:
+            stacked[f"error_{method}"] = np.concatenate([s.errors[method].numpy() for s in sets])
+        if sets[0].exact_status:
+            stacked["exact_status"] = np.array([status for s in sets for status in s.exact_status], dtype=str)
+            stacked["exact_lb"] = np.concatenate([s.exact_lb.numpy() for s in sets])
+        arrays.update({prefix + key: value for key, value in stacked.items()})
+    return arrays
