@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from quantization.qp_bounds import qp_objective
+from quantization.qp_bounds import continuous_minimiser, qp_objective
 
 __all__ = [
     "adaround",
@@ -79,21 +79,6 @@ def box_bounds(lo: Bound, hi: Bound, like: torch.Tensor) -> tuple[torch.Tensor, 
     if (lo_t > hi_t).any():
         raise ValueError("empty box: lo > hi for some coordinate")
     return lo_t, hi_t
-
-
-def continuous_minimiser(P: torch.Tensor, q: torch.Tensor, rcond: float = 1e-12) -> torch.Tensor:
-    """The minimiser ``x = -P^+ q`` of ``x'Px + 2q'x`` over real ``x`` (no box), ``(B, n)``.
-
-    ``P^+`` is the pseudo-inverse from the eigendecomposition ``P = V diag(l) V'``, eigenvalues
-    ``l <= rcond * max(l)`` counted as zero. For a singular ``P`` (fewer positions than inputs)
-    this is the minimiser of least norm; for ``q = -s A'A w`` it is ``w / s`` projected onto the
-    row space of ``A``, which gives the same ``f``.
-    """
-    eigenvalues, eigenvectors = torch.linalg.eigh(P)
-    threshold = rcond * eigenvalues[:, -1:].clamp_min(0.0)
-    inverse = torch.where(eigenvalues > threshold, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
-    coefficients = torch.bmm(eigenvectors.transpose(1, 2), q.unsqueeze(-1)).squeeze(-1)
-    return -torch.bmm(eigenvectors, (inverse * coefficients).unsqueeze(-1)).squeeze(-1)
 
 
 def _check_problems(P: torch.Tensor, q: torch.Tensor, r: torch.Tensor | None = None) -> None:

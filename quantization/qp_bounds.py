@@ -203,8 +203,8 @@ class QuadraticProblems:
         return QuadraticProblems(self.P.to(device), self.q.to(device), self.r.to(device), *box)
 
 
-def continuous_minimiser(problems: QuadraticProblems) -> torch.Tensor:
-    """``z* = -P^+ q``, a minimiser of ``f`` over real ``z`` (``(B, n)``).
+def continuous_minimiser(P: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``z* = -P^+ q``, a minimiser of ``z'Pz + 2q'z`` over real ``z`` (``P``: ``(B, n, n)``, returns ``(B, n)``).
 
     Solved by Cholesky where ``P`` is positive definite; problems where the factorisation fails
     (rank-deficient ``P``: fewer positions than inputs, dead or duplicated input channels) use the
@@ -213,21 +213,21 @@ def continuous_minimiser(problems: QuadraticProblems) -> torch.Tensor:
     :meth:`QuadraticProblems.from_gram` (``q`` in the range of ``P``) ``f(z*)`` is the continuous
     minimum, and ``z* = w / s`` is another minimiser.
     """
-    factor, info = torch.linalg.cholesky_ex(problems.P)
+    factor, info = torch.linalg.cholesky_ex(P)
     singular = info != 0
-    eye = torch.eye(problems.n, dtype=_DTYPE, device=problems.P.device)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
     factor = torch.where(singular[:, None, None], eye, factor)
-    minimiser = -torch.cholesky_solve(problems.q[..., None], factor)[..., 0]
+    minimiser = -torch.cholesky_solve(q[..., None], factor)[..., 0]
     if bool(singular.any()):
         logger.debug("%d singular P: continuous minimiser by pseudo-inverse", int(singular.sum()))
-        pseudo = torch.linalg.pinv(problems.P[singular], hermitian=True)
-        minimiser[singular] = -torch.einsum("bij,bj->bi", pseudo, problems.q[singular])
+        pseudo = torch.linalg.pinv(P[singular], hermitian=True)
+        minimiser[singular] = -torch.einsum("bij,bj->bi", pseudo, q[singular])
     return minimiser
 
 
 def default_origin(problems: QuadraticProblems, clamp_to_box: bool = False) -> torch.Tensor:
     """The integer origin ``c = floor(z*)``, optionally clamped into ``[lo, max(lo, hi - 1)]``."""
-    origin = torch.floor(continuous_minimiser(problems))
+    origin = torch.floor(continuous_minimiser(problems.P, problems.q))
     if clamp_to_box:
         _require_box(problems)
         origin = torch.minimum(torch.maximum(origin, problems.lo), torch.maximum(problems.lo, problems.hi - 1))

@@ -159,7 +159,7 @@ def test_continuous_minimiser_and_the_trivial_bound() -> None:
     P = torch.as_tensor(np.einsum("bpi,bpj->bij", A, A))
     q, r = torch.as_tensor(rng.standard_normal((4, 6))), torch.full((4,), 50.0, dtype=torch.float64)
     problems = QuadraticProblems(P, q, r)
-    z_star = continuous_minimiser(problems)
+    z_star = continuous_minimiser(problems.P, problems.q)
     expected = np.linalg.solve(P.numpy(), -q.numpy()[..., None])[..., 0]
     np.testing.assert_allclose(z_star.numpy(), expected, rtol=1e-10)
     bound, certified = dual_bound(problems, torch.zeros(4, 6))
@@ -169,7 +169,7 @@ def test_continuous_minimiser_and_the_trivial_bound() -> None:
     assert (bound <= continuous).all()
     A_real, W, step = random_instances(3, n=6, positions=20, batch=2, n_bits=4)
     gram = gram_problems(A_real, W, step, n_bits=None)
-    np.testing.assert_allclose(continuous_minimiser(gram).numpy(), W / step[:, None], rtol=1e-9)
+    np.testing.assert_allclose(continuous_minimiser(gram.P, gram.q).numpy(), W / step[:, None], rtol=1e-9)
 
 
 # --------------------------------------------------------------------------- against brute force
@@ -270,7 +270,7 @@ def test_all_lite0_bounds_are_dual_feasible(lite0_problems: dict[int, QuadraticP
             assert_dual_feasible(selected, solution)
             assert (solution.sdp_gap <= 1e-4 * solution.bound.abs() + 1e-10).all()
             # Rounding to nearest gives an integer point of the box: no bound may exceed its error.
-            rounded = torch.clamp(torch.round(continuous_minimiser(problems)), problems.lo, problems.hi)
+            rounded = torch.clamp(torch.round(continuous_minimiser(problems.P, problems.q)), problems.lo, problems.hi)
             assert (solution.bound <= problems.objective(rounded)).all()
 
 
@@ -288,7 +288,7 @@ def test_rank_deficient_gram(kind: str) -> None:
     else:
         A[:, 2] = 0.0
     problems = gram_problems(A, W, step, n_bits)
-    z_star = continuous_minimiser(problems)
+    z_star = continuous_minimiser(problems.P, problems.q)
     assert torch.isfinite(z_star).all()
     # A z* reproduces A w / s: the continuous minimum of ||A (w - s z)||^2 is zero.
     np.testing.assert_allclose(A @ (W - step[:, None] * z_star.numpy()).T, 0.0, atol=1e-9 * np.abs(A @ W.T).max())
