@@ -58,6 +58,7 @@ __all__ = [
     "ProblemSet",
     "QuantBoundsConfig",
     "config_record",
+    "layer_problem_sets",
     "layer_step_sizes",
     "problem_arrays",
     "quant_bounds_layer",
@@ -256,7 +257,7 @@ def solve_problems(
     return result
 
 
-def _problem_sets(data: LayerData, channels: torch.Tensor, step: torch.Tensor, config: QuantBoundsConfig):
+def layer_problem_sets(data: LayerData, channels: torch.Tensor, step: torch.Tensor, config: QuantBoundsConfig):
     """Yield ``(scope, chunk, inputs, problems, w_over_s)`` for the chunks (and whole channels) of the layer."""
     weights = data.weights[channels]
     chunks = input_chunks(data.fan_in, data.kernel_elements, config.opt_dim)
@@ -288,7 +289,7 @@ def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None
     sets: list[ProblemSet] = []
     if len(live):
         step = step_all[live]
-        for scope, index, inputs, problems, w_over_s in _problem_sets(data, live, step, config):
+        for scope, index, inputs, problems, w_over_s in layer_problem_sets(data, live, step, config):
             solvable = problems.r > 0
             result = _solve_with_zero_energy(problems, w_over_s, solvable, config, generator)
             sets.append(
