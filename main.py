@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pruning vs quantization toolkit: the model zoo and pretrained-model checks."""
+"""Pruning vs quantization toolkit: the model zoo, pretrained-model checks, compressed fine-tuning and evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import torch
 
+from training.cli_options import compression_options, model_data_options, runtime_options, training_options
 from utils.cli import DeviceType, default_device, setup_logging
 
 
@@ -64,6 +65,70 @@ def predict(model_name: str, images: tuple[Path, ...], top_k: int, device: torch
         values, indices = row.topk(top_k)
         ranked = ", ".join(f"{i} {names[i]} ({p:.1%})" for p, i in zip(values.tolist(), indices.tolist()))
         click.echo(f"{label}: {ranked}")
+
+
+def _compression_errors():
+    """The one-line errors of the training package, for ``click.ClickException``."""
+    from models import UnknownModelError, WeightsUnavailableError
+    from training.builders import SetupError
+    from training.checkpoint import CheckpointError
+    from training.data import ImageFolderError
+    from training.run import TrainingError
+
+    return (UnknownModelError, WeightsUnavailableError, SetupError, CheckpointError, ImageFolderError, TrainingError,
+            OSError)  # fmt: skip
+
+
+@cli.command("train-compressed")
+@model_data_options
+@compression_options
+@training_options
+@runtime_options
+def train_compressed(**options) -> None:
+    """Fine-tune a pretrained classifier with quantization-aware training and/or gradual magnitude pruning.
+
+    The same command runs distributed under `torchrun --nproc_per_node N main.py train-compressed ...`.
+    """
+    from training.cli_options import config_from_options
+    from training.distributed import is_main_process
+    from training.run import train
+
+    try:
+        summary = train(config_from_options(**options))
+    except _compression_errors() as error:
+        raise click.ClickException(str(error)) from None
+    final = summary["final"]
+    if final and is_main_process():
+        click.echo(f"val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%  loss {final['val_loss']:.4f}  "
+                   f"sparsity {final['sparsity']:.4f}  (best top-1 {summary['best_val_top1']:.2f}%)")  # fmt: skip
+
+
+@cli.command()
+@model_data_options
+@compression_options
+@runtime_options
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A train-compressed checkpoint (file, or folder with last.pt); its options define the model. "
+                   "Without it: the pretrained model compressed without training.")  # fmt: skip
+@click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write top-1, top-5, loss, per-layer sparsity and bits here.")  # fmt: skip
+def evaluate(checkpoint: Path | None, output_json: Path | None, **options) -> None:
+    """Score a checkpoint, or the post-training compressed pretrained model, on --images-dir/val."""
+    from training.cli_options import config_from_options
+    from training.distributed import is_main_process
+    from training.run import evaluate_run
+    from utils.io import write_json
+
+    try:
+        result = evaluate_run(config_from_options(**options), checkpoint)
+        if output_json is not None and is_main_process():
+            write_json(output_json, result)
+    except _compression_errors() as error:
+        raise click.ClickException(str(error)) from None
+    if not is_main_process():
+        return
+    click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+               f"sparsity {result['sparsity']:.4f}  ({result['images']} images)")  # fmt: skip
 
 
 if __name__ == "__main__":

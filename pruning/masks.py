@@ -63,3 +63,38 @@ def magnitude_pruning_sse(sorted_squares_prefix: torch.Tensor, sparsity: float) 
     """
     numel = sorted_squares_prefix.shape[-1] - 1
     return sorted_squares_prefix[..., num_pruned(numel, sparsity)]
+
+
+def _prune_smallest_by_selection(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of a 1-D tensor: the same mask as ``_prune_smallest`` (ties pruned in order of position).
+
+    Selection instead of sorting, ``O(n)``: with ``t`` the ``k``-th smallest magnitude, all
+    entries below ``t`` are pruned, and of those equal to ``t`` the first ``k - #below``.
+    """
+    k = num_pruned(magnitudes.numel(), sparsity)
+    keep = torch.ones_like(magnitudes, dtype=torch.bool)
+    if k == 0:
+        return keep
+    threshold = torch.kthvalue(magnitudes, k).values
+    below = magnitudes < threshold
+    at_threshold = (magnitudes == threshold).nonzero()[:, 0]
+    keep &= ~below
+    keep[at_threshold[: k - int(below.sum())]] = False
+    return keep
+
+
+def magnitude_mask_by_selection(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """:func:`magnitude_mask` (identical result) by selection instead of sorting: several times faster on large tensors."""
+    return _prune_smallest_by_selection(weight.detach().abs().reshape(-1), sparsity).reshape(weight.shape)
+
+
+def global_magnitude_masks_by_selection(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """:func:`global_magnitude_masks` (identical result) by selection instead of sorting."""
+    names = list(weights)
+    flat = [weights[name].detach().abs().reshape(-1) for name in names]
+    keep = _prune_smallest_by_selection(torch.cat(flat), sparsity)
+    masks, start = {}, 0
+    for name, values in zip(names, flat):
+        masks[name] = keep[start : start + values.numel()].reshape(weights[name].shape)
+        start += values.numel()
+    return masks

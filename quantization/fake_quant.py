@@ -78,6 +78,12 @@ class FakeQuantizer(nn.Module):
         self.step_size.data = params.step_size.to(dtype).clamp_min(torch.finfo(dtype).tiny)
         self.zero_point = params.zero_point.to(dtype)
 
+    def start_estimating(self) -> None:
+        """Estimate the range afresh from the next forward passes on (running statistics forgotten)."""
+        self.estimating = True
+        if self._running is not None:
+            self._running = RunningMinMax(self.config.running_momentum, self._channel_axis())
+
     def freeze_range(self) -> None:
         """Stop re-estimating the range; the step size is learned from now on."""
         self.estimating = False

@@ -1,0 +1,282 @@
+"""`main.py train-compressed` and `main.py evaluate` on real images (scikit-learn's digits) on CPU.
+
+ResNet-18 from random init at 16x16 pixels learns the digits well above chance (10%) in two
+epochs, with 4-bit weights or with gradual pruning.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torchvision.datasets import ImageFolder
+from train_helpers import write_digits_dataset
+
+from main import cli
+from models.quantized import compressed_layers
+from pruning.masks import num_pruned
+from training import engine, run
+from training.data import eval_transform
+
+FAST = ["--architecture", "resnet18", "--no-pretrained", "--image-size", "16", "--num-workers", "0",
+        "--no-progress-bar", "--bn-est-batches", "2", "--learning-rate", "0.05"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a shared 2-core machine this is both faster and reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digits_dataset(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 training and 80 validation digits, plus one unreadable file in each split."""
+    root = write_digits_dataset(tmp_path_factory.mktemp("small_digits"), per_class_train=24, per_class_val=8)
+    (root / "train" / "3" / "broken.png").write_bytes(b"not an image")
+    (root / "val" / "5" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def _invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _plain_evaluation(model: torch.nn.Module, images_dir: Path, image_size: int) -> tuple[float, float, float]:
+    """Top-1, top-5 (percent) and mean loss with torchvision's ImageFolder, one image at a time."""
+    dataset = ImageFolder(str(images_dir / "val"), transform=eval_transform(image_size),
+                          is_valid_file=lambda p: not p.endswith("broken.png"))  # fmt: skip
+    top1 = top5 = 0
+    loss = 0.0
+    model.eval()
+    with torch.no_grad():
+        for images, labels in torch.utils.data.DataLoader(dataset, batch_size=128):
+            logits = model(images).double()
+            for row, label in zip(logits, labels.tolist()):
+                ranked = row.argsort(descending=True).tolist()
+                top1 += ranked[0] == label
+                top5 += label in ranked[:5]
+                loss += float(-F.log_softmax(row, 0)[label])
+    n = len(dataset)
+    return 100 * top1 / n, 100 * top5 / n, loss / n
+
+
+def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "qat"
+    _invoke(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
+             "--n-bits", "4", "--quant-setup", "LSQ_paper", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1]
+    assert metrics["val_top1"].iloc[-1] > 40.0  # chance is 10%
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["val_top1"] == pytest.approx(metrics["val_top1"].iloc[-1])
+
+    model, config = run.restore_model(out / "last.pt")
+    assert config.n_bits == 4
+    checked = 0
+    with torch.no_grad():
+        for name, layer in compressed_layers(model).items():
+            quantizer = layer.weight_quantizer
+            integers = layer.effective_weight().double() / quantizer.step_size.double()
+            assert torch.allclose(integers, integers.round(), atol=1e-3), name
+            assert quantizer.q_min <= integers.round().min() and integers.round().max() <= quantizer.q_max
+            assert len(integers.round().unique()) <= 2 ** quantizer.config.n_bits
+            checked += 1
+    assert checked == 21 and quantizer.config.n_bits == 8  # the last layer (fc) is at 8 bits
+
+    # evaluate the checkpoint: same numbers as the training run's last evaluation and as a plain loop
+    report = tmp_path / "eval.json"
+    output = _invoke(["evaluate", "--images-dir", str(digits), "--checkpoint", str(out / "last.pt"), "--num-workers",
+                      "0", "--batch-size", "50", "--no-progress-bar", "--output-json", str(report)])  # fmt: skip
+    assert output.startswith("top-1 ")
+    result = json.loads(report.read_text())
+    assert result["top1"] == pytest.approx(metrics["val_top1"].iloc[-1], abs=1e-9)
+    top1, top5, loss = _plain_evaluation(model, digits, 16)
+    assert result["top1"] == pytest.approx(top1, abs=1e-9) and result["top5"] == pytest.approx(top5, abs=1e-9)
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    assert result["layers"]["layer1.0.conv1"]["weight_bits"] == 4 and result["layers"]["conv1"]["weight_bits"] == 8
+
+
+def test_gradual_pruning_learns_digits_at_exact_sparsity(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prune"
+    s_f = 0.6
+    _invoke(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
+             "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", str(s_f), "--prune-last-epoch", "0",
+             "--delta-t", "4", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["val_top1"].iloc[-1] > 40.0
+    state = _checkpoint(out / "last.pt")["model"]
+    masks = {key[: -len(".weight_mask")]: value for key, value in state.items() if key.endswith("weight_mask")}
+    assert len(masks) == 21
+    for name, mask in masks.items():
+        weight = state[f"{name}.weight"]
+        assert mask.dtype == torch.bool and mask.shape == weight.shape
+        assert int((~mask).sum()) == num_pruned(weight.numel(), s_f), name
+        assert (weight[~mask] == 0).all() and int((weight == 0).sum()) == num_pruned(weight.numel(), s_f)
+    assert metrics["sparsity"].iloc[-1] == pytest.approx(
+        sum(num_pruned(m.numel(), s_f) for m in masks.values()) / sum(m.numel() for m in masks.values()), abs=1e-12)
+
+
+def test_global_pruning_with_quantization(small_digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "both"
+    _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
+             "--prune-method", "zhu_gupta", "--prune-scope", "global", "--s-f", "0.7", "--delta-t", "2",
+             "--n-bits", "3", "--per-channel", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    model, _ = run.restore_model(out / "last.pt")
+    layers = compressed_layers(model)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    assert sum(int((~layer.weight_mask).sum()) for layer in layers.values()) == num_pruned(total, 0.7)
+    sparsities = [float((~layer.weight_mask).float().mean()) for layer in layers.values()]
+    assert max(sparsities) - min(sparsities) > 0.1  # one global threshold, not the same share per layer
+    with torch.no_grad():
+        for layer in layers.values():
+            q = layer.weight_quantizer
+            integers = layer.effective_weight() / q.step_size.reshape(-1, *[1] * (layer.weight.dim() - 1))
+            assert torch.allclose(integers, integers.round(), atol=1e-3)
+            assert (integers[~layer.weight_mask] == 0).all()  # pruned weights quantize to exactly zero
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["skipped_images"].iloc[0] in (1, 2)  # the broken validation file (and maybe the training one)
+
+
+def _resume_args(images_dir: Path, out: Path) -> list[str]:
+    return ["train-compressed", *FAST, "--images-dir", str(images_dir), "--batch-size", "32", "--max-epochs", "2",
+            "--deterministic", "--act-quant", "--weight-quant-method", "current_minmax", "--prune-method", "zhu_gupta", "--s-f", "0.5", "--prune-last-epoch", "1",
+            "--delta-t", "3", "--save-checkpoint-dir", str(out)]  # fmt: skip
+
+
+def test_resume_is_bitwise_identical(small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _invoke(_resume_args(small_digits, tmp_path / "full"))
+
+    calls = []
+    evaluate = run.evaluate
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "evaluate", crash_in_second_epoch)
+        interrupted = CliRunner().invoke(cli, _resume_args(small_digits, tmp_path / "part"))
+    assert interrupted.exit_code != 0 and _checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
+    _invoke(_resume_args(small_digits, tmp_path / "part") + ["--resume", str(tmp_path / "part" / "last.pt")])
+
+    full, resumed = _checkpoint(tmp_path / "full" / "last.pt"), _checkpoint(tmp_path / "part" / "last.pt")
+    assert full["model"].keys() == resumed["model"].keys()
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for name in full["optimizers"]:
+        for index, param_state in full["optimizers"][name]["state"].items():
+            for key, value in param_state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizers"][name]["state"][index][key]))
+    columns = ["train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "sparsity"]
+    a, b = pd.read_csv(tmp_path / "full" / "metrics.csv"), pd.read_csv(tmp_path / "part" / "metrics.csv")
+    assert len(a) == len(b) == 2 and a[columns].equals(b[columns])
+    assert full["step"] == resumed["step"] == 14
+
+
+def test_resume_with_other_options_says_which(small_digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
+            "--save-checkpoint-dir", str(out), "--no-reestimate-bn-stats"]  # fmt: skip
+    _invoke(args[:-1] + ["--no-reestimate-bn-stats", "--max-epochs", "1"])
+    result = CliRunner().invoke(cli, args + ["--n-bits", "3", "--resume", str(out / "last.pt")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--n-bits: 4 (checkpoint) vs 3 (now)" in result.output and "--max-epochs: 1 (checkpoint) vs 2" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_digits: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
+            "--save-checkpoint-dir", str(out)]  # fmt: skip
+    calls = []
+    evaluate = run.evaluate
+
+    def crash_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "evaluate", crash_in_second_epoch)
+        CliRunner().invoke(cli, args)
+    good = (out / "last.pt").read_bytes()
+
+    cross_entropy = F.cross_entropy
+    with monkeypatch.context() as patch:  # the loss turns NaN three steps into the resumed epoch
+        steps = []
+        patch.setattr(engine.F, "cross_entropy",
+                      lambda *a, **k: cross_entropy(*a, **k) * (math.nan if steps.append(1) or len(steps) > 3 else 1))
+        result = CliRunner().invoke(cli, args + ["--resume", str(out / "last.pt")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the loss is nan at training step 10" in result.output
+    assert f"the last good checkpoint is {out / 'last.pt'}" in result.output
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_evaluate_post_training_starting_point(small_digits: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    output = _invoke(["evaluate", "--images-dir", str(small_digits), "--architecture", "mobilenet_v2",
+                      "--no-pretrained", "--image-size", "16", "--num-workers", "0", "--no-progress-bar",
+                      "--batch-size", "16", "--bn-est-batches", "2", "--n-bits", "5", "--quant-setup", "all",
+                      "--prune-method", "zhu_gupta", "--s-f", "0.3", "--output-json", str(report)])  # fmt: skip
+    assert "(80 images)" in output
+    result = json.loads(report.read_text())
+    assert result["images"] == 80 and result["skipped_images"] == 1
+    assert set(result) >= {"top1", "top5", "loss", "layers", "sparsity"}
+    assert 0 <= result["top1"] <= result["top5"] <= 100 and result["loss"] > 0
+    for name, layer in result["layers"].items():
+        assert layer["weight_bits"] == 5 and layer["act_bits"] is None
+        assert layer["sparsity"] == num_pruned(layer["numel"], 0.3) / layer["numel"], name
+
+
+def test_bad_inputs_are_one_line_errors(small_digits: Path, tmp_path: Path) -> None:
+    no_val = tmp_path / "no_val"
+    (no_val / "train" / "a").mkdir(parents=True)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    base = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--save-checkpoint-dir", str(tmp_path / "o"),
+            "--batch-size", "32"]  # fmt: skip
+    cases = [
+        (["train-compressed", "--images-dir", str(no_val)], 1, "has no val/ folder"),
+        (["train-compressed", "--images-dir", str(tmp_path / "nowhere")], 1, "is not a folder"),
+        (["train-compressed"], 2, "Missing option '--images-dir'"),
+        (base + ["--s-f", "1.0"], 2, "--s-f"),
+        (base + ["--s-f", "-0.1"], 2, "--s-f"),
+        (base + ["--learning-rate-schedule", "cosine:fast"], 2, "eta_min 'fast' is not a number"),
+        (base + ["--learning-rate-schedule", "step:3"], 2, "--learning-rate-schedule"),
+        (base + ["--quant-learning-rate-schedule", "multistep:5:2"], 2, "increasing epochs"),
+        (base + ["--architecture", "resnet19"], 1, "unknown --architecture 'resnet19'"),
+        (base + ["--prune-method", "zhu_gupta", "--s-i", "0.5", "--s-f", "0.2"], 1, "--s-i 0.5"),
+        (base + ["--batch-size", "1000"], 1, "too few for one batch"),
+        (["evaluate", "--images-dir", str(small_digits), "--checkpoint", str(garbage)], 1, "cannot read checkpoint"),
+    ]
+    if not run.tensorboard_available():
+        cases.append((base + ["--tb-logging-dir", str(tmp_path / "tb")], 1, "needs the tensorboard package"))
+    for args, code, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 or code == 2, result.output

@@ -1,0 +1,205 @@
+"""Compressed model wrappers of the four paper architectures: BN folding, weight grids, BN re-estimation, one step."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from train_helpers import write_digits_dataset
+
+from models import load_model
+from models.quantized import (
+    CompressionSpec,
+    QuantSetup,
+    calibrate_input_quantizers,
+    compress_model,
+    compressed_layers,
+    find_conv_bn_pairs,
+    layer_bit_widths,
+    reestimate_bn_stats,
+)
+from quantization.fake_quant import QuantizerConfig, RangeEstimator
+from quantization.quantizers import QuantScheme
+from training.config import TrainConfig
+from training.run import train
+from utils.images import sample_photo_batch
+
+ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomise_batch_norms(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator))
+            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(shape, generator=generator))
+            module.bias.data.copy_(torch.randn(shape, generator=generator))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_folding_batch_norm_keeps_the_function(name: str) -> None:
+    model = load_model(name, pretrained=False)
+    _randomise_batch_norms(model)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        reference = model(x).double()
+    compress_model(model, CompressionSpec(fold_bn=True), x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # every BN follows a conv
+    with torch.no_grad():
+        folded = model(x).double()
+    error = (folded - reference).norm() / reference.norm()
+    assert error < 1e-5, (name, error.item())
+    assert n_bn > 15
+
+
+def test_conv_bn_pairs_of_resnet18() -> None:
+    pairs = dict(find_conv_bn_pairs(load_model("resnet18", pretrained=False), torch.zeros(1, 3, 32, 32)))
+    assert pairs["conv1"] == "bn1" and pairs["layer2.0.downsample.0"] == "layer2.0.downsample.1"
+    assert pairs["layer4.1.conv2"] == "layer4.1.bn2" and len(pairs) == 20
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("scheme", [QuantScheme.SYMMETRIC, QuantScheme.ASYMMETRIC])
+def test_quantized_weights_lie_on_their_grid(per_channel: bool, scheme: QuantScheme) -> None:
+    model = load_model("mobilenet_v2", pretrained=False)
+    config = QuantizerConfig(n_bits=3, scheme=scheme, per_channel=per_channel, range_estimator=RangeEstimator.MSE)
+    layers = compress_model(model, CompressionSpec(weight_quant=config, quant_setup=QuantSetup.LSQ_PAPER))
+    bits = layer_bit_widths(list(layers), 3, QuantSetup.LSQ_PAPER)
+    assert bits["features.0.0"] == bits["classifier.1"] == 8 and bits["features.1.conv.0.0"] == 3
+    with torch.no_grad():
+        for name, layer in layers.items():
+            quantizer = layer.weight_quantizer
+            step = quantizer.step_size.reshape(-1, *[1] * (layer.weight.dim() - 1)) if per_channel else quantizer.step_size
+            zero = quantizer.zero_point.reshape(step.shape) if per_channel else quantizer.zero_point
+            integers = layer.effective_weight() / step + zero
+            assert torch.allclose(integers, integers.round(), atol=1e-3), name
+            assert integers.min() >= quantizer.q_min - 1e-3 and integers.max() <= quantizer.q_max + 1e-3
+            rows = integers.round().reshape(integers.shape[0], -1) if per_channel else integers.round().reshape(1, -1)
+            assert max(len(row.unique()) for row in rows) <= 2 ** bits[name]
+
+
+def test_bn_reestimation_is_the_average_of_batch_statistics() -> None:
+    model = load_model("resnet18", pretrained=False)
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * (1 + i) for i in range(3)]
+    seen: list[torch.Tensor] = []
+    handle = model.bn1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double()))
+    momentum = model.bn1.momentum
+    assert reestimate_bn_stats(model.eval(), batches) == 3
+    handle.remove()
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen])
+    variances = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen])
+    assert torch.allclose(model.bn1.running_mean.double(), means.mean(0), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(model.bn1.running_var.double(), variances.mean(0), rtol=1e-4, atol=1e-5)
+    assert not model.training and model.bn1.momentum == momentum
+
+
+def test_activation_calibration_resets_running_ranges() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    act = QuantizerConfig(n_bits=8, scheme=QuantScheme.ASYMMETRIC, range_estimator=RangeEstimator.RUNNING_MINMAX)
+    layers = compress_model(model, CompressionSpec(act_quant=act, quant_setup=QuantSetup.ALL))
+    model(torch.zeros(1, 3, 8, 8))  # a stray forward pass before calibration must not count
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 4 - 1
+    assert calibrate_input_quantizers(model, [x]) == 1
+    first = layers["0"].input_quantizer
+    lo, hi = float(x.min()), float(x.max())
+    assert first.step_size.item() == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert first.zero_point.item() == round(-lo / ((hi - lo) / 255))
+    assert not first.estimating
+
+
+@pytest.mark.parametrize("per_channel, estimator", [(True, RangeEstimator.CURRENT_MINMAX), (False, RangeEstimator.MSE)])
+def test_efficientnet_lite0_at_8_bits_agrees_with_float(per_channel: bool, estimator: RangeEstimator) -> None:
+    """Per-channel INT8 (deployment style) keeps every top-1; per-tensor MSE keeps those with a clear margin.
+
+    (The float model's top-1 for the astronaut has 3% probability, 0.8 points above the runner-up.)
+    """
+    model = load_model("efficientnet_lite0")
+    photos = sample_photo_batch()
+    with torch.no_grad():
+        float_probs = model(photos).softmax(1)
+    spec = CompressionSpec(weight_quant=QuantizerConfig(n_bits=8, per_channel=per_channel, range_estimator=estimator),
+                           quant_setup=QuantSetup.ALL)  # fmt: skip
+    compress_model(model, spec)
+    assert all(layer.weight_quantizer is not None for layer in compressed_layers(model).values())
+    with torch.no_grad():
+        quant_probs = model(photos).softmax(1)
+    top2 = float_probs.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.05 if not per_channel else torch.ones(len(photos), dtype=torch.bool)
+    assert clear.sum() >= 4
+    assert torch.equal(float_probs.argmax(1)[clear], quant_probs.argmax(1)[clear])
+    assert float_probs.argmax(1)[1].item() == 967  # coffee -> espresso: a real pretrained model
+    assert 0 < (quant_probs - float_probs).abs().max() < 0.25
+
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digits_dataset(tmp_path_factory.mktemp("tiny_digits"), per_class_train=1, per_class_val=1)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_paper_architecture_trains_a_step(name: str, tiny_digits: Path, tmp_path: Path) -> None:
+    config = TrainConfig(
+        architecture=f"{name}_quantized", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=8,
+        num_workers=0, max_epochs=1, weight_quant_method="current_minmax", act_quant=True, prune_method="zhu_gupta",
+        s_f=0.5, delta_t=1, bn_est_batches=1, progress_bar=False, save_checkpoint_dir=str(tmp_path),
+    )  # fmt: skip
+    summary = train(config)
+    assert summary["steps"] == 1 and summary["final"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    layers = summary["layers"]
+    first, last = next(iter(layers.values())), list(layers.values())[-1]
+    assert first["weight_bits"] == last["weight_bits"] == 8 and first["act_bits"] == 8
+    assert {layer["weight_bits"] for layer in list(layers.values())[1:-1]} == {4}
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.csv").is_file()
+
+
+def test_less_common_options_run(tiny_digits: Path, tmp_path: Path) -> None:
+    config = TrainConfig(
+        architecture="resnet18", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=4,
+        num_workers=1, max_epochs=2, optimizer="Adam", learning_rate=1e-3, learning_rate_schedule="multistep:1",
+        sep_quant_optimizer=False, per_channel=True, qmethod="asymmetric_uniform", grad_scaling=True, fold_bn=True,
+        act_quant=True, act_quant_method="mse", n_bits_act=6, quant_setup="FP_logits", amp=True, channels_last=True,
+        prune_method="zhu_gupta", prune_scope="global", s_i=0.2, s_f=0.4, delta_t=1, deterministic=True,
+        progress_bar=False, save_checkpoint_dir=str(tmp_path),
+    )  # fmt: skip
+    summary = train(config)
+    assert summary["steps"] == 4 and summary["final"]["lr"] == pytest.approx(1e-4)
+    layers = summary["layers"]
+    assert layers["fc"]["weight_bits"] is None and layers["fc"]["act_bits"] is None  # FP_logits
+    assert layers["conv1"]["weight_bits"] == 4 and layers["conv1"]["act_bits"] == 6
+    assert not torch.are_deterministic_algorithms_enabled()  # the global flag is restored after the run
+
+
+def test_model_dir_weights_are_used(tiny_digits: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from main import cli
+
+    state = load_model("resnet18", pretrained=False).state_dict()
+    state["fc.bias"][3] = 1e4  # every image is classified as a 3
+    torch.save(state, tmp_path / "resnet18-f37072fd.pth")
+    args = ["evaluate", "--images-dir", str(tiny_digits), "--architecture", "resnet18", "--image-size", "16",
+            "--num-workers", "0", "--no-progress-bar", "--no-weight-quant", "--no-reestimate-bn-stats"]  # fmt: skip
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, args + ["--model-dir", str(tmp_path), "--output-json", str(report)])
+    assert result.exit_code == 0, result.output
+    n_val = len(list((tiny_digits / "val").rglob("*.png")))
+    n_three = len(list((tiny_digits / "val" / "3").glob("*.png")))
+    assert json.loads(report.read_text())["top1"] == pytest.approx(100 * n_three / n_val)
+    missing = CliRunner().invoke(cli, args + ["--model-dir", str(tmp_path / "digits_dir_missing")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(cli, args + ["--model-dir", str(tmp_path / "empty")])
+    assert empty.exit_code == 1 and "has no resnet18-f37072fd.pth" in empty.output

@@ -1,0 +1,34 @@
+"""Shared helpers of the train-compressed tests: scikit-learn's digits as a class-folder image dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_digits_dataset(root: Path, per_class_train: int | None = None, per_class_val: int | None = None,
+                         image_size: int = 32) -> Path:  # fmt: skip
+    """Write the 1797 8x8 digits as RGB PNGs (upsampled to ``image_size``) into ``root/{train,val}/<digit>/``.
+
+    A seeded quarter of the images is the validation split; ``per_class_*`` keep only the first
+    images of each class (smaller, faster datasets).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.images))
+    counts: dict[tuple[str, int], int] = {}
+    for rank, index in enumerate(order):
+        split = "val" if rank % 4 == 0 else "train"
+        label = int(digits.target[index])
+        limit = per_class_val if split == "val" else per_class_train
+        if limit is not None and counts.get((split, label), 0) >= limit:
+            continue
+        counts[(split, label)] = counts.get((split, label), 0) + 1
+        pixels = (digits.images[index] / 16.0 * 255.0).round().astype(np.uint8)
+        image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+        folder = root / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:04d}.png")
+    return root

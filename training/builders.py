@@ -1,0 +1,164 @@
+"""From a :class:`training.config.TrainConfig` to the objects of a run: model, optimizers, schedulers, pruner."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import list_models, load_model, model_weights
+from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers
+from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
+from training.config import PAPER_ARCHITECTURES, TrainConfig
+from training.lr_schedule import lr_factor, parse_lr_schedule
+
+logger = logging.getLogger(__name__)
+
+
+class SetupError(ValueError):
+    """Options that cannot be turned into a run (one-line message)."""
+
+
+def configure_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed python, numpy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def check_architecture(config: TrainConfig) -> None:
+    """Raise :class:`SetupError` unless ``--architecture`` names a classifier of the model zoo."""
+    if config.base_architecture not in list_models("classification"):
+        paper = ", ".join(f"{name}[_quantized]" for name in PAPER_ARCHITECTURES)
+        raise SetupError(f"unknown --architecture '{config.architecture}'; use {paper} or another "
+                         "classifier of `main.py list-models --task classification`")  # fmt: skip
+
+
+def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.Module:
+    """The float classifier, pretrained from the torch hub cache / bundled weights, or from ``--model-dir``."""
+    check_architecture(config)
+    name = config.base_architecture
+    pretrained = config.pretrained if pretrained is None else pretrained
+    if not pretrained or config.model_dir is None:
+        return load_model(name, pretrained=pretrained)
+    weights = model_weights(name)
+    file_name = os.path.basename(urlparse(weights.url).path) if weights is not None else f"{name}.pth"
+    path = Path(config.model_dir) / file_name
+    if not path.is_file():
+        raise SetupError(f"--model-dir {config.model_dir} has no {file_name} (the pretrained weights of {name})")
+    model = load_model(name, pretrained=False)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:  # noqa: BLE001 - any unreadable or mismatching file is one message
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise SetupError(f"cannot load {path}: {first_line}") from None
+    return model
+
+
+def compression_spec(config: TrainConfig) -> CompressionSpec:
+    return CompressionSpec(
+        weight_quant=config.weight_quantizer(),
+        act_quant=config.act_quantizer(),
+        quant_setup=QuantSetup(config.quant_setup),
+        prune=config.prune,
+        fold_bn=config.fold_bn,
+    )
+
+
+def build_compressed_model(config: TrainConfig, pretrained: bool | None = None, for_state_dict: bool = False) -> nn.Module:
+    """The base model with its Conv2d/Linear layers replaced by compressed ones (on CPU, eval mode).
+
+    ``for_state_dict``: the model only receives a saved state next (resume, evaluation of a
+    checkpoint), so the weights are random and the weight ranges are initialised by cheap
+    min/max instead of the configured (possibly MSE) search.
+    """
+    if for_state_dict:
+        pretrained = False
+        config = dataclasses.replace(config, weight_quant_method="current_minmax")
+    model = load_base_model(config, pretrained)
+    example = torch.zeros(2, 3, config.image_size, config.image_size)
+    compress_model(model, compression_spec(config), example)
+    return model
+
+
+def output_classes(model: nn.Module, image_size: int) -> int:
+    """Number of logits the classifier produces."""
+    with torch.no_grad():
+        return model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[1]
+
+
+def step_size_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable step sizes of all fake quantizers."""
+    params = []
+    for layer in compressed_layers(model).values():
+        for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+            if quantizer is not None and quantizer.step_size.requires_grad:
+                params.append(quantizer.step_size)
+    return params
+
+
+def _optimizer(name: str, groups: list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "SGD":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def build_optimizers(model: nn.Module, config: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """``{"model": ...}`` and, with ``--sep-quant-optimizer``, ``{"quant": ...}`` for the step sizes.
+
+    Without a separate optimizer the step sizes join the model optimizer in their own group
+    (``--quant-learning-rate``, ``--quant-weight-decay``).
+    """
+    step_sizes = step_size_parameters(model)
+    step_ids = {id(p) for p in step_sizes}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in step_ids]
+    model_groups = [{"params": weights, "weight_decay": config.weight_decay}]
+    optimizers = {}
+    if step_sizes and not config.sep_quant_optimizer:
+        model_groups.append({"params": step_sizes, "weight_decay": config.quant_weight_decay, "lr": config.quant_learning_rate})
+    optimizers["model"] = _optimizer(config.optimizer, model_groups, config.learning_rate, config.momentum)
+    if step_sizes and config.sep_quant_optimizer:
+        quant_groups = [{"params": step_sizes, "weight_decay": config.quant_weight_decay}]
+        optimizers["quant"] = _optimizer(config.quant_optimizer, quant_groups, config.quant_learning_rate, config.momentum)
+    return optimizers
+
+
+def build_schedulers(
+    optimizers: dict[str, torch.optim.Optimizer], config: TrainConfig, steps_per_epoch: int
+) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One per-step scheduler per optimizer (the quantizer optimizer follows ``--quant-learning-rate-schedule``)."""
+    total = steps_per_epoch * config.max_epochs
+    schedulers = {}
+    for name, optimizer in optimizers.items():
+        text = config.quant_learning_rate_schedule if name == "quant" else config.learning_rate_schedule
+        schedule = parse_lr_schedule(text)
+        factors = []
+        for group in optimizer.param_groups:
+            base_lr = group["lr"]
+            factors.append(lambda step, s=schedule, lr=base_lr: lr_factor(s, step, total, steps_per_epoch, lr))
+        schedulers[name] = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    return schedulers
+
+
+def build_pruner(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> GradualMagnitudePruner | None:
+    if not config.prune:
+        return None
+    schedule = PruningSchedule.from_epochs(
+        config.s_i, config.s_f, config.prune_epoch_start, config.prune_last_epoch, config.delta_t, steps_per_epoch,
+        config.max_epochs,
+    )  # fmt: skip
+    logger.info("pruning: %s, %d mask updates every %d steps from step %d to %d",
+                config.prune_scope, schedule.n + 1, schedule.delta_t, schedule.t0, schedule.last_update_step)  # fmt: skip
+    return GradualMagnitudePruner(compressed_layers(model), schedule, PruningScope(config.prune_scope))

@@ -1,0 +1,158 @@
+"""Click options of ``main.py train-compressed`` and ``main.py evaluate`` (names as in the paper's code)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import click
+
+from models.quantized import QuantSetup
+from pruning.schedule import PruningScope
+from training.config import OPTIMIZERS, PRUNE_METHODS, QMETHODS, TrainConfig
+from training.lr_schedule import parse_lr_schedule
+from utils.cli import DeviceType, default_device
+
+DEFAULTS = TrainConfig()
+UNIT_INTERVAL = click.FloatRange(0.0, 1.0, max_open=True)  # sparsities: [0, 1)
+POSITIVE = click.FloatRange(0.0, min_open=True)
+NON_NEGATIVE = click.FloatRange(0.0)
+
+
+class LrScheduleType(click.ParamType):
+    """``cosine``, ``cosine:<eta_min>``, ``multistep:<e1>:<e2>...`` or ``constant`` (kept as the normalised string)."""
+
+    name = "schedule"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            return str(parse_lr_schedule(str(value)))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _choice(values) -> click.Choice:
+    return click.Choice(list(values), case_sensitive=False)
+
+
+def _options(*decorators: Callable) -> Callable:
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+model_data_options = _options(
+    click.option("--architecture", default=DEFAULTS.architecture, show_default=True,
+                 help="resnet18, resnet50, mobilenet_v2, efficientnet_lite0 (or the paper's <name>_quantized), "
+                      "or any other classifier of `main.py list-models`."),
+    click.option("--images-dir", required=True, type=click.Path(file_okay=False, path_type=str),
+                 help="Dataset root with train/ and val/, each holding one folder of images per class (ImageNet layout)."),
+    click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+                 help="Folder with the pretrained checkpoint under its torchvision file name (e.g. "
+                      "resnet18-f37072fd.pth). Default: the torch hub cache / bundled weights."),
+    click.option("--pretrained/--no-pretrained", default=DEFAULTS.pretrained, show_default=True,
+                 help="Start from ImageNet weights (--no-pretrained: seeded random init)."),
+    click.option("--image-size", type=click.IntRange(8, 1024), default=DEFAULTS.image_size, show_default=True,
+                 help="Crop size (validation resizes to size*256/224 first)."),
+    click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
+                 help="Global batch size (split over the processes of a torchrun run)."),
+    click.option("--num-workers", type=click.IntRange(0), default=min(DEFAULTS.num_workers, os.cpu_count() or 1),
+                 show_default=True, help="Data-loading worker processes per process."),
+)  # fmt: skip
+
+compression_options = _options(
+    click.option("--weight-quant/--no-weight-quant", default=DEFAULTS.weight_quant, show_default=True),
+    click.option("--act-quant/--no-act-quant", default=DEFAULTS.act_quant, show_default=True,
+                 help="Fake-quantize every quantized layer's input (the paper keeps activations in float)."),
+    click.option("--n-bits", type=click.IntRange(2, 16), default=DEFAULTS.n_bits, show_default=True,
+                 help="Weight bit-width (first/last layer: see --quant-setup)."),
+    click.option("--n-bits-act", type=click.IntRange(2, 16), default=DEFAULTS.n_bits_act, show_default=True),
+    click.option("--weight-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE"]),
+                 default=DEFAULTS.weight_quant_method, show_default=True, help="Weight range initialisation."),
+    click.option("--act-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE"]),
+                 default=DEFAULTS.act_quant_method, show_default=True, help="Activation range estimation."),
+    click.option("--per-channel/--no-per-channel", default=DEFAULTS.per_channel, show_default=True,
+                 help="One weight step size per output channel."),
+    click.option("--qmethod", type=_choice(QMETHODS), default=DEFAULTS.qmethod, show_default=True, help="Weight grid."),
+    click.option("--qmethod-act", type=_choice(QMETHODS), default=DEFAULTS.qmethod_act, show_default=True,
+                 help="Activation grid."),
+    click.option("--quant-setup", type=click.Choice([s.value for s in QuantSetup]), default=DEFAULTS.quant_setup,
+                 show_default=True, help="all: every layer at --n-bits; LSQ_paper: first and last layer at 8 bits; "
+                                         "FP_logits: last layer in float; FP_first_last: first and last in float."),
+    click.option("--num-est-batches", type=click.IntRange(1), default=DEFAULTS.num_est_batches, show_default=True,
+                 help="Training batches for the activation range estimation."),
+    click.option("--grad-scaling/--no-grad-scaling", default=DEFAULTS.grad_scaling, show_default=True,
+                 help="LSQ gradient scaling of the step sizes (1/sqrt(numel * q_max))."),
+    click.option("--learn-step-size/--no-learn-step-size", default=DEFAULTS.learn_step_size, show_default=True),
+    click.option("--fold-bn/--no-fold-bn", default=DEFAULTS.fold_bn, show_default=True,
+                 help="Fold batch norm into the convolutions before quantizing (deployment style); "
+                      "default: keep it separate (the paper)."),
+    click.option("--reestimate-bn-stats/--no-reestimate-bn-stats", default=DEFAULTS.reestimate_bn_stats,
+                 show_default=True, help="Re-estimate batch-norm statistics on training batches before evaluating."),
+    click.option("--bn-est-batches", type=click.IntRange(1), default=DEFAULTS.bn_est_batches, show_default=True,
+                 help="Batches for the batch-norm re-estimation."),
+    click.option("--prune-method", type=_choice(PRUNE_METHODS), default=DEFAULTS.prune_method, show_default=True,
+                 help="zhu_gupta: gradual magnitude pruning with the cubic schedule."),
+    click.option("--s-i", type=UNIT_INTERVAL, default=DEFAULTS.s_i, show_default=True, help="Initial sparsity."),
+    click.option("--s-f", type=UNIT_INTERVAL, default=DEFAULTS.s_f, show_default=True,
+                 help="Final sparsity, in [0, 1) (the paper compares b bits with 1 - b/16)."),
+    click.option("--prune-scope", type=_choice([s.value for s in PruningScope]), default=DEFAULTS.prune_scope,
+                 show_default=True, help="layer: every layer at the same sparsity (the paper); global: one threshold."),
+)  # fmt: skip
+
+training_options = _options(
+    click.option("--max-epochs", type=click.IntRange(1), default=DEFAULTS.max_epochs, show_default=True),
+    click.option("--optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optimizer, show_default=True),
+    click.option("--learning-rate", type=POSITIVE, default=DEFAULTS.learning_rate, show_default=True),
+    click.option("--momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=DEFAULTS.momentum,
+                 show_default=True, help="SGD momentum."),
+    click.option("--weight-decay", type=NON_NEGATIVE, default=DEFAULTS.weight_decay, show_default=True),
+    click.option("--learning-rate-schedule", type=LrScheduleType(), default=DEFAULTS.learning_rate_schedule,
+                 show_default=True, help="cosine (to 0.01*LR), cosine:<eta_min>, multistep:<e1>:<e2>... or constant; "
+                                         "stepped every iteration."),
+    click.option("--sep-quant-optimizer/--no-sep-quant-optimizer", default=DEFAULTS.sep_quant_optimizer,
+                 show_default=True, help="Own optimizer for the quantizer step sizes."),
+    click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.quant_optimizer, show_default=True),
+    click.option("--quant-learning-rate", type=POSITIVE, default=DEFAULTS.quant_learning_rate, show_default=True),
+    click.option("--quant-weight-decay", type=NON_NEGATIVE, default=DEFAULTS.quant_weight_decay, show_default=True),
+    click.option("--quant-learning-rate-schedule", type=LrScheduleType(),
+                 default=DEFAULTS.quant_learning_rate_schedule, show_default=True),
+    click.option("--freeze-bn/--no-freeze-bn", default=DEFAULTS.freeze_bn, show_default=True,
+                 help="Keep batch norms in eval mode while training (running statistics)."),
+    click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.sync_bn, show_default=True,
+                 help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
+    click.option("--prune-epoch-start", type=click.IntRange(0), default=DEFAULTS.prune_epoch_start, show_default=True),
+    click.option("--prune-last-epoch", type=click.IntRange(0), default=DEFAULTS.prune_last_epoch, show_default=True,
+                 help="s_f is reached at the last step of this (0-based) epoch."),
+    click.option("--delta-t", type=click.IntRange(1), default=DEFAULTS.delta_t, show_default=True,
+                 help="Steps between mask updates."),
+    click.option("--save-checkpoint-dir", type=click.Path(file_okay=False, path_type=str),
+                 default=DEFAULTS.save_checkpoint_dir, show_default=True,
+                 help="Checkpoints (last.pt, best.pt), metrics.csv and summary.json."),
+    click.option("--resume", type=click.Path(exists=True, path_type=str), default=None,
+                 help="Continue from a checkpoint file (or a folder holding last.pt)."),
+    click.option("--tb-logging-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+                 help="Write TensorBoard scalars here (needs the tensorboard package)."),
+)  # fmt: skip
+
+runtime_options = _options(
+    click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
+    click.option("--deterministic/--no-deterministic", default=DEFAULTS.deterministic, show_default=True,
+                 help="Deterministic kernels (bitwise reproducible runs and resumptions)."),
+    click.option("--progress-bar/--no-progress-bar", default=DEFAULTS.progress_bar, show_default=True),
+    click.option("--amp/--no-amp", default=DEFAULTS.amp, show_default=True,
+                 help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    click.option("--channels-last/--no-channels-last", default=DEFAULTS.channels_last, show_default=True),
+    click.option("--device", type=DeviceType(), default=default_device(), show_default=True),
+)  # fmt: skip
+
+
+def config_from_options(**options) -> TrainConfig:
+    """A :class:`TrainConfig` from the parsed options (range methods lower-case, device as a string)."""
+    for key in ("weight_quant_method", "act_quant_method"):
+        if key in options:
+            options[key] = options[key].lower()
+    options["device"] = str(options["device"])
+    return TrainConfig(**options)

@@ -1,0 +1,347 @@
+"""The ``train-compressed`` and ``evaluate`` runs: set-up, epoch loop, checkpoints, metrics files.
+
+Outputs of a training run (in ``--save-checkpoint-dir``, written by rank 0, atomically):
+
+* ``last.pt`` after every epoch and ``best.pt`` whenever the validation top-1 improves
+  (see :mod:`training.checkpoint`);
+* ``metrics.csv``: one row per epoch (train loss/top-1, validation loss/top-1/top-5, the
+  learning rate, the mean sparsity, skipped images, epoch time);
+* ``summary.json`` at the end: final and best metrics, per-layer sparsity and bit-widths, options;
+* TensorBoard scalars in ``--tb-logging-dir`` when asked.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models.quantized import calibrate_input_quantizers, compressed_layers, layer_report, reestimate_bn_stats
+from pruning.schedule import PruningScope, set_magnitude_masks
+from training.builders import (
+    build_compressed_model,
+    build_optimizers,
+    build_pruner,
+    build_schedulers,
+    check_architecture,
+    configure_determinism,
+    output_classes,
+)
+from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import TrainConfig, differing_options
+from training.data import DataLoaders, TrainUse, build_loaders
+from training.distributed import (
+    DistributedContext,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
+from training.engine import Metrics, NonFiniteLossError, StepOptions, evaluate, image_batches, train_one_epoch
+from utils.io import ensure_writable_dir, write_csv, write_json
+
+logger = logging.getLogger(__name__)
+
+METRICS_CSV = "metrics.csv"
+SUMMARY_JSON = "summary.json"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (one-line message for the command line)."""
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _step_options(config: TrainConfig, context: DistributedContext) -> StepOptions:
+    return StepOptions(context.device, config.amp, config.channels_last, config.progress_bar and context.is_main)
+
+
+def _loaders(config: TrainConfig, context: DistributedContext, train_use: TrainUse) -> DataLoaders:
+    if config.batch_size % context.world_size:
+        raise TrainingError(f"--batch-size {config.batch_size} is not divisible by the {context.world_size} processes")
+    return build_loaders(
+        Path(config.images_dir), config.image_size, config.batch_size // context.world_size, config.num_workers,
+        config.seed, context.rank, context.world_size, train_use, pin_memory=context.device.type == "cuda",
+    )  # fmt: skip
+
+
+def _check_classes(model: nn.Module, config: TrainConfig, num_classes: int) -> None:
+    outputs = output_classes(model, config.image_size)
+    if num_classes > outputs:
+        raise TrainingError(f"the dataset has {num_classes} classes but {config.architecture} predicts {outputs}")
+
+
+def _reestimate_bn(model: nn.Module, loaders: DataLoaders, config: TrainConfig, options: StepOptions) -> None:
+    if config.reestimate_bn_stats and loaders.estimation is not None:
+        reestimate_bn_stats(model, image_batches(loaders.estimation, config.bn_est_batches, options))
+
+
+def _mean_sparsity(model: nn.Module) -> float:
+    report = layer_report(model)
+    total = sum(layer["numel"] for layer in report.values())
+    return sum(layer["sparsity"] * layer["numel"] for layer in report.values()) / max(total, 1)
+
+
+@dataclass
+class RunState:
+    """What the epoch loop carries from one epoch to the next (and through a checkpoint)."""
+
+    epoch: int = 0  # next epoch to run
+    step: int = 0
+    best_top1: float = -math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Fine-tune ``config.architecture`` with QAT and/or gradual pruning; returns the summary dict."""
+    try:
+        config.validate()
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if config.tb_logging_dir and not tensorboard_available():
+        raise TrainingError("--tb-logging-dir needs the tensorboard package (pip install tensorboard)")
+    check_architecture(config)
+    context = init_distributed(torch.device(config.device))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(config, context)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        shutdown_distributed(context)
+
+
+def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
+    configure_determinism(config.seed, config.deterministic, context.device)
+    out_dir = Path(config.save_checkpoint_dir)
+    if context.is_main:
+        ensure_writable_dir(out_dir)
+    checkpoint = _load_resume_checkpoint(config) if config.resume else None
+    options = _step_options(config, context)
+    loaders = _loaders(config, context, TrainUse.TRAINING)
+    steps_per_epoch = len(loaders.train)
+    model = build_compressed_model(config, for_state_dict=checkpoint is not None)
+    _check_classes(model, config, loaders.num_classes)
+    state = RunState()
+    model.to(context.device)
+    if checkpoint is None:
+        loaders.set_epoch(0)
+        calibrate_input_quantizers(model, image_batches(loaders.estimation, config.num_est_batches, options), train_mode=True)
+    else:
+        model.load_state_dict(checkpoint["model"])
+        _freeze_input_quantizers(model)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.sync_bn and context.is_distributed:
+        if context.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.warning("--sync-bn needs CUDA devices; batch norms use per-process statistics")
+    optimizers = build_optimizers(model, config)
+    schedulers = build_schedulers(optimizers, config, steps_per_epoch)
+    pruner = build_pruner(model, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp and context.device.type == "cuda")
+    if checkpoint is not None:
+        state = _restore(checkpoint, optimizers, schedulers, scaler)
+        logger.info("resumed from %s at epoch %d", config.resume, state.epoch)
+    trained = (
+        DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+        if context.is_distributed
+        else model
+    )
+    writer = _tensorboard_writer(config) if context.is_main else None
+    for epoch in range(state.epoch, config.max_epochs):
+        start = time.perf_counter()
+        loaders.set_epoch(epoch)
+        try:
+            train_metrics, state.step = train_one_epoch(
+                trained, loaders.train, list(optimizers.values()), list(schedulers.values()), scaler, pruner,
+                state.step, context, options, config.freeze_bn, description=f"epoch {epoch}",
+            )  # fmt: skip
+        except NonFiniteLossError as error:
+            last = out_dir / LAST
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+            raise TrainingError(f"{error} (epoch {epoch}): stopping; {kept}") from None
+        _reestimate_bn(model, loaders, config, options)
+        val = evaluate(model, loaders.val, context, options)
+        row = _metrics_row(epoch, train_metrics, val, optimizers, model, time.perf_counter() - start)
+        state.history.append(row)
+        state.epoch = epoch + 1
+        is_best = val.top1 > state.best_top1
+        state.best_top1 = max(state.best_top1, val.top1)
+        logger.info("epoch %d: train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | sparsity %.4f",
+                    epoch, train_metrics.loss, train_metrics.top1, val.loss, val.top1, val.top5, row["sparsity"])  # fmt: skip
+        if context.is_main:
+            payload = _checkpoint_payload(model, optimizers, schedulers, scaler, state, config)
+            save_checkpoint(out_dir / LAST, payload)
+            if is_best:
+                save_checkpoint(out_dir / BEST, payload)
+            write_csv(out_dir / METRICS_CSV, pd.DataFrame(state.history))
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch)
+        barrier(context)
+    if writer is not None:
+        writer.close()
+    summary = _summary(model, state, config)
+    if context.is_main:
+        write_json(out_dir / SUMMARY_JSON, summary)
+    return summary
+
+
+def _freeze_input_quantizers(model: nn.Module) -> None:
+    for layer in compressed_layers(model).values():
+        if layer.input_quantizer is not None:
+            layer.input_quantizer.freeze_range()
+
+
+def _load_resume_checkpoint(config: TrainConfig) -> dict[str, Any]:
+    checkpoint = load_checkpoint(Path(config.resume))
+    differences = differing_options(checkpoint["options"], config)
+    if differences:
+        raise TrainingError(f"cannot resume from {config.resume}, options differ: " + "; ".join(differences))
+    if checkpoint["epoch"] >= config.max_epochs:
+        raise TrainingError(f"{config.resume} has finished all {config.max_epochs} epochs already")
+    return checkpoint
+
+
+def _checkpoint_payload(model, optimizers, schedulers, scaler, state: RunState, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "schedulers": {name: scheduler.state_dict() for name, scheduler in schedulers.items()},
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "best_top1": state.best_top1,
+        "history": state.history,
+        "options": config.as_dict(),
+    }
+
+
+def _restore(checkpoint: dict[str, Any], optimizers, schedulers, scaler) -> RunState:
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(checkpoint["optimizers"][name])
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(checkpoint["schedulers"][name])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return RunState(checkpoint["epoch"], checkpoint["step"], checkpoint["best_top1"], list(checkpoint["history"]))
+
+
+def _metrics_row(epoch: int, train_metrics: Metrics, val: Metrics, optimizers, model: nn.Module, seconds: float) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": train_metrics.loss,
+        "train_top1": train_metrics.top1,
+        "val_loss": val.loss,
+        "val_top1": val.top1,
+        "val_top5": val.top5,
+        "lr": optimizers["model"].param_groups[0]["lr"],
+        "sparsity": _mean_sparsity(model),
+        "skipped_images": train_metrics.skipped + val.skipped,
+        "epoch_seconds": seconds,
+    }
+
+
+def _tensorboard_writer(config: TrainConfig):
+    if not config.tb_logging_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(config.tb_logging_dir)
+
+
+def _summary(model: nn.Module, state: RunState, config: TrainConfig) -> dict[str, Any]:
+    final = state.history[-1] if state.history else {}
+    return {
+        "final": final,
+        "best_val_top1": state.best_top1 if state.history else None,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "layers": layer_report(model),
+        "options": config.as_dict(),
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
+    """The compressed model of a checkpoint (CPU, eval mode) and the options it was trained with."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = TrainConfig(**checkpoint["options"])
+    model = build_compressed_model(config, for_state_dict=True)
+    model.load_state_dict(checkpoint["model"])
+    _freeze_input_quantizers(model)
+    return model.eval(), config
+
+
+def evaluate_run(config: TrainConfig, checkpoint: Path | None) -> dict[str, Any]:
+    """Top-1/top-5/loss, per-layer sparsity and bits on ``images_dir/val``.
+
+    With ``checkpoint``: the trained model, compressed as its options say. Without: the
+    pretrained model compressed without training (weights quantized from their MSE/min-max
+    ranges, activation ranges from ``num_est_batches`` training batches, magnitude-pruned once
+    to ``s_f``, batch norms re-estimated on training batches) - the post-training starting point.
+    """
+    if checkpoint is None:
+        check_architecture(config)
+    context = init_distributed(torch.device(config.device))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_determinism(config.seed, config.deterministic, context.device)
+        options = _step_options(config, context)
+        if checkpoint is not None:
+            model, trained_config = restore_model(checkpoint)
+            runtime = ("images_dir", "batch_size", "num_workers", "device", "amp", "channels_last", "progress_bar")
+            config = replace(trained_config, **{key: getattr(config, key) for key in runtime})
+            loaders = _loaders(config, context, TrainUse.NONE)
+            _check_classes(model, config, loaders.num_classes)
+            model.to(context.device)
+        else:
+            try:
+                config.validate()
+            except ValueError as error:
+                raise TrainingError(str(error)) from None
+            estimating = (Path(config.images_dir) / "train").is_dir() and (config.act_quant or config.reestimate_bn_stats)
+            loaders = _loaders(config, context, TrainUse.ESTIMATION if estimating else TrainUse.NONE)
+            model = build_compressed_model(config)
+            _check_classes(model, config, loaders.num_classes)
+            model.to(context.device)
+            if config.prune:
+                set_magnitude_masks(compressed_layers(model), config.s_f, PruningScope(config.prune_scope))
+            calibration = loaders.estimation if loaders.estimation is not None else loaders.val
+            calibrate_input_quantizers(model, image_batches(calibration, config.num_est_batches, options))
+            if config.reestimate_bn_stats and loaders.estimation is None:
+                logger.warning("no train/ folder: batch-norm statistics are not re-estimated")
+            _reestimate_bn(model, loaders, config, options)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        metrics = evaluate(model, loaders.val, context, options)
+        return {
+            "architecture": config.architecture,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "top1": metrics.top1,
+            "top5": metrics.top5,
+            "loss": metrics.loss,
+            "images": metrics.count,
+            "skipped_images": metrics.skipped,
+            "sparsity": _mean_sparsity(model),
+            "layers": layer_report(model),
+            "options": config.as_dict(),
+        }
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        shutdown_distributed(context)
