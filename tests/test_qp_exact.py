@@ -1,7 +1,10 @@
 """Branch and bound for box-constrained integer quadratic problems (quantization/qp_exact.py).
 
 Small problems are checked against the optimum found by enumerating every integer point of the
-box; real-size ones against the heuristic ``one_opt(sequential_rounding)``.
+box, and the ellipsoid node bounds against the minimum over every completion of a partial
+assignment; mid-size ones by the two node bounds against each other (independent searches), and
+the root bounds against the box relaxation and the SDP dual of :mod:`quantization.qp_bounds`;
+real-size ones against the heuristic ``one_opt(sequential_rounding)``.
 """
 from __future__ import annotations
 
@@ -12,17 +15,29 @@ import pytest
 import torch
 
 from quantization.ptq_rounding import one_opt, qp_objective, sequential_rounding
-from quantization.qp_bounds import QuadraticProblems
-from quantization.qp_exact import ExactResult, solve_exact, solve_exact_batch
+from quantization.qp_bounds import QuadraticProblems, dual_bound, solve_dual
+from quantization.qp_exact import (
+    NODE_BOUNDS,
+    ExactResult,
+    box_multipliers,
+    ellipsoid_bound,
+    sdp_split,
+    solve_exact,
+    solve_exact_batch,
+)
 
 
 def _objective(P: np.ndarray, q: np.ndarray, r: float, Z: np.ndarray) -> np.ndarray:
     return np.einsum("ki,ij,kj->k", Z, P, Z) + 2.0 * Z @ q + r
 
 
+def _box_points(lo, hi) -> np.ndarray:
+    """Every integer point of the box, ``(N, n)``, in lexicographic order."""
+    return np.array(list(itertools.product(*[np.arange(a, b + 1) for a, b in zip(lo, hi)])), dtype=np.float64)
+
+
 def _brute_force(P, q, r, lo, hi) -> float:
-    Z = np.array(list(itertools.product(*[np.arange(a, b + 1) for a, b in zip(lo, hi)])), dtype=np.float64)
-    return float(_objective(P, q, r, Z).min())
+    return float(_objective(P, q, r, _box_points(lo, hi)).min())
 
 
 def _scale(P, q, r, lo, hi) -> float:
@@ -50,8 +65,9 @@ def _assert_feasible(result: ExactResult, P, q, r, lo, hi) -> None:
     assert result.lb <= result.ub
 
 
+@pytest.mark.parametrize("node_bound", NODE_BOUNDS)
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_brute_force(seed: int) -> None:
+def test_matches_brute_force(seed: int, node_bound: str) -> None:
     rng = np.random.default_rng(seed)
     for trial in range(25):
         n = int(rng.integers(1, 7))
@@ -59,15 +75,34 @@ def test_matches_brute_force(seed: int) -> None:
         rows = int(rng.integers(1, 2 * n + 1))  # rows < n: rank-deficient P
         spread = float(rng.choice([0.3, 1.0, 3.0, 10.0]))
         P, q, r, lo, hi = _random_problem(rng, n, bits, rows, spread)
-        result = solve_exact(P, q, r, lo, hi, time_limit=5.0)
+        result = solve_exact(P, q, r, lo, hi, time_limit=5.0, node_bound=node_bound)
         best = _brute_force(P, q, r, lo, hi)
         tolerance = max(1e-9 * abs(best), 1e-13 * _scale(P, q, r, lo, hi))
-        context = f"seed {seed} trial {trial} n {n} bits {bits} rows {rows}"
+        context = f"seed {seed} trial {trial} n {n} bits {bits} rows {rows} {node_bound}"
         assert result.status == "optimal", context
         _assert_feasible(result, P, q, r, lo, hi)
         assert abs(result.ub - best) <= tolerance, context
         assert result.lb <= best + tolerance, context
         assert result.ub - result.lb <= tolerance, context
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_wide_box_nearly_singular_matches_brute_force(seed: int) -> None:
+    """Two nearly equal input columns: along their difference f is almost flat, so the intervals of
+    children the search evaluates are tens of integers wide (the narrow-box tests hardly exercise them)."""
+    rng = np.random.default_rng(40 + seed)
+    for trial in range(3):
+        A = rng.standard_normal((6, 3))
+        A[:, 2] = A[:, 0] + 10.0 ** rng.uniform(-3, -1) * rng.standard_normal(6)
+        P = A.T @ A
+        w = rng.standard_normal(3) * 30.0
+        q, r = -P @ w, float(w @ P @ w)
+        lo, hi = np.full(3, -40.0), np.full(3, 39.0)
+        result = solve_exact(P, q, r, lo, hi, z0=np.zeros(3))  # a poor start: wide early thresholds
+        best = _brute_force(P, q, r, lo, hi)
+        tolerance = max(1e-9 * abs(best), 1e-13 * _scale(P, q, r, lo, hi))
+        assert result.status == "optimal", f"seed {seed} trial {trial}"
+        assert abs(result.ub - best) <= tolerance, f"seed {seed} trial {trial}"
 
 
 def test_optimum_on_the_box_boundary() -> None:
@@ -161,3 +196,137 @@ def test_rejects_infeasible_start() -> None:
         solve_exact(P, q, r, lo, hi, z0=np.array([2.0, 0.0]))
     with pytest.raises(ValueError):
         solve_exact(P, q, r, np.array([0.5, 0.0]), hi)
+
+
+# --------------------------------------------------------------------------- the ellipsoid node bound
+
+
+def _narrow_box_problem(rng: np.random.Generator, n: int):
+    """A random problem (rank-deficient for ``rows < n``) on a narrow box, some coordinates fixed (``lo = hi``)."""
+    rows = int(rng.integers(1, 2 * n + 1))
+    A = rng.standard_normal((rows, n))
+    P = A.T @ A
+    w = rng.standard_normal(n) * float(rng.choice([0.5, 2.0, 5.0]))
+    lo = rng.integers(-3, 2, size=n).astype(np.float64)
+    hi = lo + rng.integers(0, 4, size=n)
+    return P, -P @ w, float(w @ P @ w), lo, hi
+
+
+def _prefix_minima(P, q, r, lo, hi, order: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every assignment of the coordinates ``order[:k]`` and the minimum of ``f`` over its completions."""
+    Z = _box_points(lo, hi)
+    values = _objective(P, q, r, Z)
+    prefixes, inverse = np.unique(Z[:, order[:k]], axis=0, return_inverse=True)
+    minima = np.full(prefixes.shape[0], np.inf)
+    np.minimum.at(minima, inverse.ravel(), values)
+    return prefixes, minima
+
+
+def _box_minimiser_scipy(P, q, lo, hi) -> np.ndarray:
+    from scipy.optimize import minimize
+
+    start = (lo + hi) / 2.0
+    result = minimize(lambda x: (x @ P @ x + 2 * q @ x, 2 * (P @ x + q)), start, jac=True, method="L-BFGS-B",
+                      bounds=list(zip(lo, hi)), options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000})
+    return result.x
+
+
+def _splits(rng: np.random.Generator, P, q, r, lo, hi) -> dict:
+    """``(diagonal, linear, origin)`` of the splits under test; None entries use the defaults."""
+    centre = np.floor((lo + hi) / 2.0)
+    lam, mu = rng.random(len(q)) * np.trace(P) / len(q), rng.random(len(q)) * np.trace(P) / len(q)
+    return {
+        "zero": (None, None, None),
+        "box": (None, box_multipliers(P, q, lo, hi, _box_minimiser_scipy(P, q, lo, hi)), None),
+        "random": (*sdp_split(lam, mu, lo - centre, hi - centre), centre),
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ellipsoid_bound_below_every_completion(seed: int) -> None:
+    rng = np.random.default_rng(20 + seed)
+    for trial in range(6):
+        n = int(rng.integers(1, 7))
+        P, q, r, lo, hi = _narrow_box_problem(rng, n)
+        scale = _scale(P, q, r, lo, hi)
+        for name, (diagonal, linear, origin) in _splits(rng, P, q, r, lo, hi).items():
+            bound = ellipsoid_bound(P, q, r, lo, hi, diagonal, linear, origin)
+            assert sorted(bound.order.tolist()) == list(range(n))
+            context = f"seed {seed} trial {trial} n {n} split {name}"
+            for k in range(n + 1):
+                prefixes, minima = _prefix_minima(P, q, r, lo, hi, bound.order, k)
+                bounds = bound.bounds(prefixes)
+                assert (bounds <= minima + 1e-12 * scale).all(), context
+                if k == n:  # a leaf: the bound is f itself up to the certification margins
+                    np.testing.assert_allclose(bounds, minima, rtol=0, atol=1e-9 * scale, err_msg=context)
+
+
+def _dual_function(P, q, r, lam, mu, origin, lower, upper) -> float:
+    """``g(lam, mu) = r~ + mu'(l h) - v'M^-1 v`` of :mod:`quantization.qp_bounds`, evaluated plainly (not certified)."""
+    M = P - np.diag(lam) + np.diag(mu)
+    v = P @ origin + q + lam / 2 - mu * (lower + upper) / 2
+    return float(_objective(P, q, r, origin[None])[0] + mu @ (lower * upper) - v @ np.linalg.solve(M, v))
+
+
+def test_root_bounds_match_the_relaxations() -> None:
+    """D = 0 with the box's KKT multipliers gives the box relaxation's minimum; the SDP multipliers give
+    the dual bound ``g`` plus, per coordinate, how far ``lam t (t - 1) + mu (t - l)(h - t)`` stays above 0
+    on the integers of the box."""
+    rng = np.random.default_rng(11)
+    batch = []
+    for _ in range(4):
+        P, q, r, lo, hi = _layer_problem(rng, 6, bits=3)
+        w = rng.standard_normal(6) * 6.0  # beyond the 3-bit grid: the box relaxation exceeds the continuous minimum
+        batch.append((P, -P @ w, float(w @ P @ w), lo, hi))
+    problems = QuadraticProblems(*(torch.from_numpy(np.stack([p[k] for p in batch])) for k in (0, 1)),
+                                 torch.tensor([p[2] for p in batch], dtype=torch.float64),
+                                 *(torch.from_numpy(np.stack([p[k] for p in batch])) for k in (3, 4)))
+    solution = solve_dual(problems)
+    for b, (P, q, r, lo, hi) in enumerate(batch):
+        scale, best = _scale(P, q, r, lo, hi), _brute_force(P, q, r, lo, hi)
+        x = _box_minimiser_scipy(P, q, lo, hi)
+        box = ellipsoid_bound(P, q, r, lo, hi, linear=box_multipliers(P, q, lo, hi, x))
+        assert box.root == pytest.approx(float(_objective(P, q, r, x[None])[0]), abs=1e-8 * scale)
+        assert box.root > 0.5 * best  # the continuous minimum is 0: the box's multipliers matter here
+        lam, mu, origin = (t[b].numpy() for t in (solution.lam, solution.mu, solution.origin))
+        lower, upper = lo - origin, hi - origin
+        sdp = ellipsoid_bound(P, q, r, lo, hi, *sdp_split(lam, mu, lower, upper), origin)
+        excess = sum(
+            min(lam[i] * t * (t - 1) + mu[i] * (t - lower[i]) * (upper[i] - t)
+                for t in np.arange(lower[i], upper[i] + 1))
+            for i in range(6)
+        )
+        expected = _dual_function(P, q, r, lam, mu, origin, lower, upper) + excess
+        assert expected - 1e-9 * scale <= sdp.root <= expected + 1e-13 * scale
+        multipliers = (t[b:b + 1] for t in (solution.lam, solution.mu, solution.origin))
+        g, certified = dual_bound(problems.select(b), *multipliers)
+        assert bool(certified[0]) and float(g[0]) - 1e-9 * scale <= sdp.root <= best
+        result = solve_exact(P, q, r, lo, hi, multipliers=(lam, mu, origin))
+        assert result.status == "optimal"
+        assert result.ub == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.5])
+def test_node_bounds_agree_on_mid_size_problems(spread: float) -> None:
+    """The two searches are independent (bounds, order, tree): on 14 inputs they must prove the same optimum.
+
+    ``spread`` 1.5 puts many weights outside the 4-bit grid (clipping, the box's multipliers at work).
+    """
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        P, q, r, lo, hi = _layer_problem(rng, 14)
+        w = rng.standard_normal(14) * spread * 8
+        q, r = -P @ w, float(w @ P @ w)
+        results = [solve_exact(P, q, r, lo, hi, time_limit=20.0, node_bound=kind) for kind in NODE_BOUNDS]
+        for result in results:
+            assert result.status == "optimal"
+            _assert_feasible(result, P, q, r, lo, hi)
+        assert results[0].ub == pytest.approx(results[1].ub, rel=1e-9)
+
+
+def test_rejects_bad_options() -> None:
+    P, q, r, lo, hi = np.eye(2), np.zeros(2), 0.0, np.zeros(2), np.ones(2)
+    with pytest.raises(ValueError):
+        solve_exact(P, q, r, lo, hi, node_bound="sdp")
+    with pytest.raises(ValueError):
+        ellipsoid_bound(P, q, r, lo, hi, origin=np.array([0.5, 0.0]))
