@@ -1,0 +1,413 @@
+"""Exact sparse least squares: the best pruning of an output channel, with a proof of optimality.
+
+For weights ``w`` (``n`` inputs), the layer's input Gram matrix ``G = A'A`` (``n x n``, PSD,
+float64, possibly singular) and a budget ``k``:
+
+    minimise  e(x) = (w - x)' G (w - x)   subject to at most k nonzeros in x  (x real).
+
+For a support ``S`` the best ``x`` is the least-squares refit (:func:`pruning.least_squares.refit`),
+so the optimum is the minimum of ``e(S)`` over supports of size ``k``. :func:`solve_exact`
+returns the best ``x`` found, its error ``ub``, a *certified* lower bound ``lb`` on the optimum,
+and the status ``"optimal"`` (search finished: ``lb >= ub - max(1e-10 |ub|, resolution)``),
+``"time_limit"`` or ``"node_limit"`` (``lb`` is then the smallest certified bound of the open
+nodes, so the gap is reported instead of failing). ``resolution = 32 (n + 2) eps |w|'|G||w|`` is
+the float64 resolution of ``e``: differences below it cannot be certified.
+
+**Branch and bound.** A node fixes inputs *in* (``F``) and *out* (``O``); the others (``U``)
+share the budget ``k - |F|``. Its bound is the certified dual bound of the perspective relaxation
+(:mod:`pruning.perspective_bound`, with the diagonal split ``d`` of :func:`diagonal_split`,
+computed once per distinct ``G``); it is raised to the parent's bound. A node whose budget is 0 or
+whose ``|U|`` fits the budget is a leaf: its best support is ``F`` (resp. ``F u U``), evaluated
+exactly by a refit. Branching is on the input of ``U`` whose relaxed indicator ``z_i`` is closest
+to 1/2 (the most fractional), into ``i in F`` and ``i in O``; the children start from the parent's
+relaxed point. Nodes are explored best-first (smallest bound) and pruned when their bound
+reaches ``ub - max(1e-10 |ub|, resolution)``.
+
+**Incumbent.** The best of the heuristics of :mod:`pruning.sparse_ls_heuristics` (magnitude with
+and without refit, OBS, IHT, swap local search); at every node the relaxed point is rounded
+(``F`` plus the ``k - |F|`` largest ``z_i`` of ``U``) and refit.
+
+**Batches.** :func:`solve_exact_batch` runs the searches of many problems (one per output channel)
+in lockstep: every round takes the best open nodes of every unfinished problem and solves their
+relaxations in one batched torch computation, so the per-node Python overhead is shared. The time
+of a round is attributed to its problems in proportion to their nodes in it; ``time_limit`` and
+``node_limit`` apply to each problem. Computation is on the CPU in float64.
+
+Degenerate problems are solved directly: ``k = n`` (``x = w``, error 0), ``k = 0`` (``x = 0``,
+error ``r = w'Gw``) and ``w = 0`` (``x = 0``, error 0).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pruning.least_squares import as_problems, masked_solve, reconstruction_error, refit, support_error
+from pruning.perspective_bound import (
+    NodeBatch,
+    diagonal_split,
+    initial_point,
+    lower_bound,
+    problem_splits,
+    relaxed_indicators,
+    solve_relaxation,
+)
+from pruning.sparse_ls_cvxpy import available_backends, solve_mip
+from pruning.sparse_ls_heuristics import METHODS, check_budget, pruning_methods
+
+# The solver and, re-exported for one import, the pieces it is built from.
+__all__ = [
+    "METHODS",
+    "SparseLSResult",
+    "available_backends",
+    "diagonal_split",
+    "lower_bound",
+    "pruning_methods",
+    "reconstruction_error",
+    "refit",
+    "solve_exact",
+    "solve_exact_batch",
+    "solve_mip",
+    "support_error",
+]
+
+logger = logging.getLogger(__name__)
+
+_EPS = float(np.finfo(np.float64).eps)
+_PRUNE_RTOL = 1e-10
+_ROUND_NODES = 64  # relaxations solved together per round (all problems)
+_NEWTON_ITERATIONS = 30
+
+
+@dataclass(frozen=True)
+class SparseLSResult:
+    """The result of :func:`solve_exact` for one problem.
+
+    Attributes:
+        x: ``(n,)`` float64, the best weights found (at most ``k`` nonzeros, the refit on ``support``).
+        support: ``(n,)`` bool, the kept inputs (at most ``k``; ``x`` is zero outside).
+        ub: ``e(x) = (w - x)' G (w - x)``.
+        lb: a certified lower bound on the optimum (``0 <= lb <= ub``).
+        status: ``"optimal"``, ``"time_limit"`` or ``"node_limit"``.
+        nodes: relaxations solved.
+        seconds: time spent on the problem (its share of the batched work).
+    """
+
+    x: np.ndarray
+    support: np.ndarray
+    ub: float
+    lb: float
+    status: str
+    nodes: int
+    seconds: float
+
+    @property
+    def gap(self) -> float:
+        """``(ub - lb) / max(ub, tiny)``."""
+        return (self.ub - self.lb) / max(abs(self.ub), np.finfo(np.float64).tiny)
+
+
+class _Search:
+    """The branch-and-bound state of one problem."""
+
+    def __init__(self, index: int, support: np.ndarray, ub: float, resolution: float) -> None:
+        self.index = index
+        self.support, self.ub = support, ub
+        self.resolution = resolution
+        self.heap: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.counter = 0
+        self.closed_min = math.inf  # smallest bound (or exact value) of a closed node
+        self.nodes = 0
+        self.seconds = 0.0
+        self.status: str | None = None
+
+    def level(self) -> float:
+        return self.ub - max(_PRUNE_RTOL * abs(self.ub), self.resolution)
+
+    def push(self, bound: float, forced_in: np.ndarray, free: np.ndarray, x: np.ndarray | None) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (bound, self.counter, forced_in, free, x))
+
+    def pop_open(self, count: int) -> list[tuple[float, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Up to ``count`` open nodes with a bound below the prune level (others are closed)."""
+        taken = []
+        while self.heap and len(taken) < count:
+            bound, _, forced_in, free, x = heapq.heappop(self.heap)
+            if bound >= self.level():
+                self.closed_min = min(self.closed_min, bound)
+                continue
+            taken.append((bound, forced_in, free, x))
+        return taken
+
+    def lower_bound(self) -> float:
+        open_min = min((entry[0] for entry in self.heap), default=math.inf)
+        return max(0.0, min(self.ub, self.closed_min, open_min))
+
+
+def _validate(G: torch.Tensor, n: int) -> None:
+    """ValueError for non-finite or clearly indefinite Gram matrices."""
+    if not torch.isfinite(G).all():
+        raise ValueError("the Gram matrix has non-finite entries")
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (G + G.transpose(1, 2)))
+    scale = eigenvalues.abs().amax(-1)
+    if (eigenvalues[:, 0] < -1e3 * (n + 1) * _EPS * scale).any():
+        raise ValueError("the Gram matrix is not positive semidefinite")
+
+
+def _branch_input(z: torch.Tensor, x: torch.Tensor, choice: torch.Tensor, free: torch.Tensor,
+                  diagonal: torch.Tensor) -> torch.Tensor:
+    """The most fractional ``z_i`` of ``U``; without one, the input of ``U`` with the largest ``sqrt(G_ii)|x_i|``."""
+    fractional = torch.where(choice, torch.minimum(z, 1.0 - z), torch.full_like(z, -1.0))
+    best = fractional.argmax(-1)
+    has_fraction = fractional.amax(-1) > 1e-9
+    weight = torch.where(free, diagonal.sqrt() * x.abs() + 1e-300, torch.full_like(x, -1.0))
+    return torch.where(has_fraction, best, weight.argmax(-1))
+
+
+def _rounded_supports(
+    z: torch.Tensor, forced_in: torch.Tensor, free: torch.Tensor, budget: torch.Tensor
+) -> torch.Tensor:
+    """``F`` plus the ``k'`` inputs of ``U`` with the largest relaxed indicators."""
+    key = torch.where(free, z, torch.full_like(z, -1.0))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(z.shape[1]).expand_as(order))
+    return forced_in | (free & (rank < budget[:, None]))
+
+
+def solve_exact_batch(
+    gram,
+    weights,
+    k: int,
+    time_limit: float = 10.0,
+    node_limit: int = 1_000_000,
+    d=None,
+    progress: bool = False,
+    threads: int | None = 1,
+) -> list[SparseLSResult]:
+    """:func:`solve_exact` for every problem (one per row of ``weights``), searched in lockstep.
+
+    Args:
+        gram: ``(n, n)`` shared Gram matrix or ``(B, n, n)``; numpy or torch, converted to float64
+            and symmetrised.
+        weights: ``(B, n)`` (or ``(n,)`` for one problem).
+        k: the number of kept weights, an integer in ``[0, n]``.
+        time_limit: seconds per problem (its share of the batched work).
+        node_limit: relaxations per problem.
+        d: an optional diagonal split (``(n,)`` or ``(B, n)``), checked with
+            :func:`pruning.perspective_bound.verify_split`; default: :func:`diagonal_split`.
+        progress: show a tqdm bar of finished problems.
+        threads: torch CPU threads during the search (restored afterwards). The default 1 is the
+            fastest for these small batched problems and robust on a loaded machine; ``None``
+            keeps torch's setting.
+
+    Returns:
+        One :class:`SparseLSResult` per problem, in order.
+
+    Raises:
+        ValueError: bad shapes, ``k`` not an integer in ``[0, n]``, a non-finite or indefinite ``G``,
+            an invalid ``d``, a non-positive ``time_limit`` or ``node_limit``.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _solve_batch(gram, weights, k, time_limit, node_limit, d, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _solve_batch(gram, weights, k, time_limit: float, node_limit: int, d, progress: bool) -> list[SparseLSResult]:
+    start = time.perf_counter()
+    G, W, _ = as_problems(gram, weights)
+    G, W = G.cpu(), W.cpu()
+    B, n = W.shape
+    k = check_budget(k, n)
+    if not time_limit > 0:
+        raise ValueError(f"time_limit must be positive, got {time_limit}")
+    if node_limit < 1:
+        raise ValueError(f"node_limit must be >= 1, got {node_limit}")
+    if not torch.isfinite(W).all():
+        raise ValueError("the weights have non-finite entries")
+    shared = B == 1 or G.stride(0) == 0
+    G = 0.5 * (G + G.transpose(1, 2))
+    if shared:
+        G = G[:1].expand(B, n, n)
+    _validate(G[:1] if shared else G, n)
+
+    results: list[SparseLSResult | None] = [None] * B
+    zero_weights = (W == 0).all(1)
+    trivial = [p for p in range(B) if k in (0, n) or bool(zero_weights[p])]
+    for p in trivial:
+        x = W[p].clone() if k == n else torch.zeros(n, dtype=torch.float64)
+        support = np.ones(n, dtype=bool) if k == n else np.zeros(n, dtype=bool)
+        error = max(0.0, float(reconstruction_error(G[p], W[p], x)))
+        results[p] = SparseLSResult(x.numpy(), support, error, error, "optimal", 0, 0.0)
+    todo = [p for p in range(B) if results[p] is None]
+    if not todo:
+        return results
+    index = torch.tensor(todo)
+    Gt, Wt = G[index], W[index]
+    if shared:
+        Gt = G[:1].expand(len(todo), n, n)
+    d = problem_splits(Gt, d if d is None else torch.as_tensor(d, dtype=torch.float64).expand(B, n)[index])
+
+    candidates = pruning_methods(Gt, Wt, k)
+    errors = torch.stack([reconstruction_error(Gt, Wt, x) for x in candidates.values()])
+    best = torch.stack(list(candidates.values()))[errors.argmin(0), torch.arange(len(todo))]
+    best_error = errors.amin(0)
+    problems = NodeBatch.from_problems(Gt, Wt, d, torch.zeros_like(Wt, dtype=torch.bool),
+                                       torch.ones_like(Wt, dtype=torch.bool), torch.full((len(todo),), k))
+    resolution = 32.0 * (n + 2) * _EPS * problems.abs_r
+    searches = []
+    for t, p in enumerate(todo):
+        search = _Search(p, (best[t] != 0).numpy(), max(0.0, float(best_error[t])), float(resolution[t]))
+        search.push(-math.inf, np.zeros(n, dtype=bool), np.ones(n, dtype=bool), None)
+        searches.append(search)
+    setup_share = (time.perf_counter() - start) / len(todo)
+    for search in searches:
+        search.seconds += setup_share
+
+    diagonal = torch.diagonal(Gt, dim1=-2, dim2=-1)
+    bar = tqdm(total=len(todo), desc="exact pruning", unit="problem", disable=not progress, leave=False)
+    running = list(range(len(todo)))
+    while running:
+        round_start = time.perf_counter()
+        still = []
+        for t in running:
+            search = searches[t]
+            if search.seconds >= time_limit:
+                search.status = "time_limit"
+            elif search.nodes >= node_limit:
+                search.status = "node_limit"
+            elif not search.heap:
+                search.status = "optimal"
+            else:
+                still.append(t)
+                continue
+            bar.update(1)
+        running = still
+        if not running:
+            break
+        quota = max(1, math.ceil(_ROUND_NODES / len(running)))
+        owners, bounds, forced, free, starts = [], [], [], [], []
+        for t in running:
+            search = searches[t]
+            for bound, forced_in, free_inputs, x in search.pop_open(min(quota, node_limit - search.nodes)):
+                owners.append(t)
+                bounds.append(bound)
+                forced.append(forced_in)
+                free.append(free_inputs)
+                starts.append(x)
+        if owners:
+            _solve_round(searches, owners, bounds, forced, free, starts, problems, Gt, Wt, diagonal, k)
+        elapsed = time.perf_counter() - round_start
+        counts = np.bincount(np.asarray(owners, dtype=np.int64), minlength=len(todo)) if owners else None
+        for t in running:
+            share = counts[t] / len(owners) if owners else 1.0 / len(running)
+            searches[t].seconds += elapsed * share
+    bar.close()
+
+    supports = torch.from_numpy(np.stack([search.support for search in searches]))
+    final = masked_solve(Gt, problems.b, supports)
+    final_errors = reconstruction_error(Gt, Wt, final).clamp_min(0.0).tolist()
+    for t, search in enumerate(searches):
+        ub = final_errors[t]
+        results[search.index] = SparseLSResult(
+            final[t].numpy(), search.support, ub, min(search.lower_bound(), ub), search.status, search.nodes,
+            search.seconds,
+        )
+    return results
+
+
+def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeBatch, G, W, diagonal, k: int) -> None:
+    """Solve the relaxations of one round's nodes, prune or branch them, and evaluate the new leaves."""
+    n = W.shape[1]
+    owner = torch.tensor(owners)
+    forced_in = torch.from_numpy(np.stack(forced))
+    free_inputs = torch.from_numpy(np.stack(free))
+    budget = k - forced_in.sum(1)
+    nodes = NodeBatch(problems.G[owner], problems.b[owner], problems.r[owner], problems.d[owner], forced_in,
+                      free_inputs, budget, problems.abs_gram[owner], problems.abs_gw[owner], problems.abs_r[owner])
+    x0 = torch.zeros(len(owners), n, dtype=torch.float64)
+    cold = [i for i, x in enumerate(starts) if x is None]
+    warm = [i for i, x in enumerate(starts) if x is not None]
+    if warm:
+        x0[warm] = torch.from_numpy(np.stack([starts[i] for i in warm]))
+    if cold:
+        x0[cold] = initial_point(nodes.select(torch.tensor(cold)))
+    levels = torch.tensor([searches[t].level() for t in owners], dtype=torch.float64)
+    bound, x, _, _ = solve_relaxation(nodes, x0, level=levels, max_iterations=_NEWTON_ITERATIONS)
+    bound = torch.maximum(bound, torch.tensor(bounds, dtype=torch.float64))
+    z = relaxed_indicators(nodes, x)
+    branch = _branch_input(z, x, nodes.choice, free_inputs, diagonal[owner])
+    rounded = _rounded_supports(z, forced_in, free_inputs, budget)
+
+    # candidate supports: the rounding of every node, then the leaves among the children
+    supports, support_owner, leaf_flags = [rounded], [owner], [torch.zeros(len(owners), dtype=torch.bool)]
+    children = []
+    x_np, bound_np, branch_np = x.numpy(), bound.tolist(), branch.tolist()
+    for i, t in enumerate(owners):
+        search = searches[t]
+        search.nodes += 1
+        if bound_np[i] >= search.level():
+            search.closed_min = min(search.closed_min, bound_np[i])
+            continue
+        j = branch_np[i]
+        remaining = free[i].copy()
+        remaining[j] = False
+        included = forced[i].copy()
+        included[j] = True
+        out_x = x_np[i].copy()
+        out_x[j] = 0.0
+        for child_in, child_x in ((included, x_np[i]), (forced[i], out_x)):
+            child_budget = k - int(child_in.sum())
+            if child_budget == 0 or int(remaining.sum()) <= child_budget:
+                leaf = child_in | remaining if child_budget > 0 else child_in.copy()
+                children.append((t, leaf))
+            else:
+                search.push(bound_np[i], child_in, remaining, child_x)
+    if children:
+        supports.append(torch.from_numpy(np.stack([leaf for _, leaf in children])))
+        support_owner.append(torch.tensor([t for t, _ in children]))
+        leaf_flags.append(torch.ones(len(children), dtype=torch.bool))
+    support = torch.cat(supports)
+    who = torch.cat(support_owner)
+    is_leaf = torch.cat(leaf_flags)
+    refits = masked_solve(G[who], problems.b[who], support)
+    errors = reconstruction_error(G[who], W[who], refits).clamp_min(0.0).tolist()
+    for e, t, s, leaf in zip(errors, who.tolist(), support.numpy(), is_leaf.tolist()):
+        search = searches[t]
+        if e < search.ub:
+            search.ub, search.support = e, s.copy()
+        if leaf:
+            search.closed_min = min(search.closed_min, e)
+
+
+def solve_exact(
+    gram, weights, k: int, time_limit: float = 10.0, node_limit: int = 1_000_000, d=None, threads: int | None = 1
+) -> SparseLSResult:
+    """The best ``x`` with at most ``k`` nonzeros for ``e(x) = (w - x)'G(w - x)``, with a certified gap.
+
+    Args:
+        gram: ``(n, n)`` PSD Gram matrix (numpy or torch; float64, symmetrised).
+        weights: ``(n,)`` the weights ``w``.
+        k: the number of kept weights, an integer in ``[0, n]``.
+        time_limit: seconds; the search stops with status ``"time_limit"`` when exceeded.
+        node_limit: the search stops with status ``"node_limit"`` after this many relaxations.
+        d: optional diagonal split (default :func:`pruning.perspective_bound.diagonal_split`).
+        threads: torch CPU threads during the search (see :func:`solve_exact_batch`).
+
+    Returns:
+        :class:`SparseLSResult` with ``lb <= optimum <= ub = e(x)``.
+    """
+    W = torch.as_tensor(weights)
+    if W.dim() != 1:
+        raise ValueError(f"weights must have shape (n,), got {tuple(W.shape)}; use solve_exact_batch for batches")
+    return solve_exact_batch(gram, W[None], k, time_limit=time_limit, node_limit=node_limit, d=d, threads=threads)[0]

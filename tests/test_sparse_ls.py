@@ -1,0 +1,359 @@
+"""Exact sparse least squares, certified bounds and pruning heuristics (pruning/sparse_ls*.py).
+
+Every optimum is checked against an independent brute force: all supports of size ``k`` are
+enumerated and each is refit by ``numpy.linalg.pinv`` of the patch matrix ``A`` itself (not of
+``G = A'A``), the error being ``||A w - A_S x_S||^2``.
+"""
+from __future__ import annotations
+
+import itertools
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from pruning.least_squares import reconstruction_error, refit, support_error
+from pruning.perspective_bound import (
+    NodeBatch,
+    diagonal_split,
+    dual_bound,
+    dual_bound_margin,
+    initial_point,
+    lower_bound,
+    solve_relaxation,
+    verify_split,
+)
+from pruning.sparse_ls import solve_exact, solve_exact_batch
+from pruning.sparse_ls_cvxpy import available_backends, solve_mip
+from pruning.sparse_ls_heuristics import (
+    METHODS,
+    iht_prune,
+    magnitude_prune,
+    obs_prune,
+    pruning_methods,
+    swap_search,
+)
+
+
+def _patches(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
+    """A patch matrix ``A`` of one of several kinds (its Gram matrix is the problem's ``G``)."""
+    if kind == "random":
+        return rng.standard_normal((3 * n, n))
+    if kind == "rank_deficient":  # fewer positions than inputs
+        return rng.standard_normal((n // 2, n))
+    if kind == "duplicate":  # two identical inputs and a dead one
+        A = rng.standard_normal((3 * n, n))
+        A[:, 1] = A[:, 0]
+        A[:, -1] = 0.0
+        return A
+    if kind == "real_like":  # correlated, ill-conditioned inputs with very different scales (post-ReLU-like)
+        mixing = np.eye(n) + 0.6 * rng.standard_normal((n, n)) / np.sqrt(n)
+        A = np.maximum(rng.standard_normal((4 * n, n)) @ mixing, 0.0) * np.exp(rng.uniform(-2.5, 2.5, n))
+        return A
+    raise ValueError(kind)
+
+
+def _problem(rng: np.random.Generator, kind: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    A = _patches(rng, kind, n)
+    w = rng.laplace(size=n) * np.exp(rng.uniform(-1.0, 1.0, n))
+    return A, A.T @ A, w
+
+
+def _brute_force(A: np.ndarray, w: np.ndarray, k: int) -> float:
+    """``min over |S| = k of ||A w - A_S pinv(A_S) A w||^2`` (all supports, independent of our code)."""
+    y = A @ w
+    supports = np.array(list(itertools.combinations(range(A.shape[1]), k)))
+    if k == 0:
+        return float(y @ y)
+    blocks = A[:, supports].transpose(1, 0, 2)  # (supports, positions, k)
+    coefficients = np.linalg.pinv(blocks) @ y
+    residual = y[None, :] - np.einsum("spk,sk->sp", blocks, coefficients)
+    return float((residual**2).sum(1).min())
+
+
+def _tolerance(A: np.ndarray, w: np.ndarray) -> float:
+    """Absolute float64 resolution of an error: 1e-12 of ``|| |A| |w| ||^2``."""
+    return 1e-12 * float(np.sum((np.abs(A) @ np.abs(w)) ** 2))
+
+
+# --------------------------------------------------------------------------- least squares
+
+
+def test_refit_is_least_squares_optimum_for_its_support() -> None:
+    rng = np.random.default_rng(0)
+    for kind in ("random", "rank_deficient", "duplicate", "real_like"):
+        A, G, w = _problem(rng, kind, 9)
+        for _ in range(5):
+            support = rng.random(9) < 0.6
+            support[:2] = True  # includes the duplicated pair for "duplicate"
+            x = refit(G, w, torch.from_numpy(support)).numpy()
+            assert (x[~support] == 0).all()
+            expected = np.zeros(9)
+            expected[support] = np.linalg.pinv(A[:, support]) @ (A @ w)  # minimum-norm least squares
+            error = float(np.sum((A @ (w - expected)) ** 2))
+            tol = _tolerance(A, w)
+            assert float(support_error(G, w, torch.from_numpy(support))) == pytest.approx(error, rel=1e-8, abs=tol)
+            assert float(reconstruction_error(G, w, x)) == pytest.approx(error, rel=1e-8, abs=tol)
+            np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
+# --------------------------------------------------------------------------- exact solver
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["random", "rank_deficient", "duplicate", "real_like"])
+def test_exact_solver_matches_brute_force(seed: int, kind: str) -> None:
+    rng = np.random.default_rng(100 * seed + len(kind))
+    n = int(rng.integers(8, 15))
+    A, G, w = _problem(rng, kind, n)
+    ks = sorted({1, int(rng.integers(2, n - 1)), n // 2, n - 1})
+    for k in ks:
+        optimum = _brute_force(A, w, k)
+        result = solve_exact(G, w, k, time_limit=30.0)
+        tol = _tolerance(A, w)
+        assert result.status == "optimal"
+        assert result.ub == pytest.approx(optimum, rel=1e-9, abs=tol)
+        assert np.count_nonzero(result.x) <= k and result.support.sum() <= k
+        assert (result.x[~result.support] == 0).all()
+        assert result.ub == pytest.approx(float(np.sum((A @ (w - result.x)) ** 2)), rel=1e-9, abs=tol)
+        assert result.lb <= optimum + tol and result.lb <= result.ub
+        assert result.gap <= 1e-9 or result.ub - result.lb <= tol
+        # every pruning method is feasible, no better than the optimum and above the certified bounds
+        root = float(lower_bound(G, w, k))
+        assert root <= optimum + tol
+        for name, x in pruning_methods(G, w, k).items():
+            x = x.numpy()
+            assert np.count_nonzero(x) <= k, name
+            error = float(np.sum((A @ (w - x)) ** 2))
+            assert error >= optimum - tol, name
+            assert result.lb <= error + tol and root <= error + tol, name
+
+
+def test_real_like_n16_against_brute_force_and_batch() -> None:
+    rng = np.random.default_rng(7)
+    A = _patches(rng, "real_like", 16)
+    G = A.T @ A
+    W = rng.laplace(size=(3, 16))
+    k = 6
+    batch = solve_exact_batch(G, W, k)
+    for w, result in zip(W, batch):
+        assert result.status == "optimal"
+        optimum = _brute_force(A, w, k)
+        assert result.ub == pytest.approx(optimum, rel=1e-9, abs=_tolerance(A, w))
+        single = solve_exact(G, w, k)
+        assert single.ub == pytest.approx(result.ub, rel=1e-12) and np.array_equal(single.support, result.support)
+    again = solve_exact_batch(torch.from_numpy(G), torch.from_numpy(W), k)  # same inputs -> same outputs
+    for first, second in zip(batch, again):
+        assert np.array_equal(first.x, second.x) and first.lb == second.lb and first.nodes == second.nodes
+
+
+def test_degenerate_inputs() -> None:
+    rng = np.random.default_rng(3)
+    A, G, w = _problem(rng, "random", 6)
+    r = float(w @ G @ w)
+    assert float(lower_bound(G, w, 0)) == pytest.approx(r) and float(lower_bound(G, w, 6)) == 0.0
+    everything = refit(G, w, torch.ones(6, dtype=torch.bool)).numpy()
+    assert np.array_equal(iht_prune(G, w, 6, iterations=5).numpy(), everything)
+    full = solve_exact(G, w, 6)
+    assert full.status == "optimal" and full.ub == 0.0 and full.lb == 0.0 and np.array_equal(full.x, w)
+    empty = solve_exact(G, w, 0)
+    assert empty.status == "optimal" and not empty.x.any() and empty.ub == pytest.approx(r) and empty.lb == empty.ub
+    zero = solve_exact(G, np.zeros(6), 3)
+    assert zero.status == "optimal" and zero.ub == 0.0 and not zero.x.any()
+    # a singular G (rank 2 < k): error 0 is reachable with k = 3 and the solver proves it
+    A = rng.standard_normal((2, 6))
+    singular = solve_exact(A.T @ A, w, 3)
+    assert singular.status == "optimal" and singular.ub <= 1e-9 * float(np.sum((A @ w) ** 2))
+    assert singular.lb <= singular.ub
+    # the all-zero Gram matrix: every x has error 0
+    assert solve_exact(np.zeros((5, 5)), rng.standard_normal(5), 2).ub == 0.0
+
+
+def test_time_and_node_limits_report_a_certified_gap() -> None:
+    rng = np.random.default_rng(11)
+    A = _patches(rng, "real_like", 28)
+    G, w = A.T @ A, rng.laplace(size=28)
+    heuristic = min(float(reconstruction_error(G, w, x)) for x in pruning_methods(G, w, 10).values())
+    full = solve_exact(G, w, 10, time_limit=60.0)
+    assert full.status == "optimal"
+    limited = [solve_exact(G, w, 10, time_limit=1e-4), solve_exact(G, w, 10, node_limit=5)]
+    assert [result.status for result in limited] == ["time_limit", "node_limit"]
+    for result in limited:
+        assert 0.0 <= result.lb <= full.ub <= result.ub <= heuristic * (1 + 1e-12)
+        assert result.gap > 0.0 and result.nodes <= 5
+        assert np.count_nonzero(result.x) <= 10
+        assert result.ub == pytest.approx(float(reconstruction_error(G, w, result.x)), rel=1e-12)
+    assert limited[1].lb > 0.0  # five relaxations already give a positive certified bound
+
+
+@pytest.mark.parametrize(
+    ("k", "message"), [(7, "k must be in"), (-1, "k must be in"), (2.5, "must be an integer")]
+)
+def test_bad_budget_is_a_clear_value_error(k, message: str) -> None:
+    G, w = np.eye(6), np.ones(6)
+    with pytest.raises(ValueError, match=message):
+        solve_exact(G, w, k)
+    with pytest.raises(ValueError, match=message):
+        pruning_methods(G, w, k)
+
+
+def test_bad_matrices_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        solve_exact(np.diag([1.0, -1.0, 1.0]), np.ones(3), 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        solve_exact(np.eye(4), np.ones(3), 1)
+    with pytest.raises(ValueError, match="time_limit"):
+        solve_exact(np.eye(3), np.ones(3), 1, time_limit=0)
+
+
+# --------------------------------------------------------------------------- certified bounds
+
+
+def test_diagonal_split_is_dual_feasible_and_near_the_sdp_optimum() -> None:
+    rng = np.random.default_rng(5)
+    for kind in ("random", "real_like"):
+        _, G, _ = _problem(rng, kind, 10)
+        d = diagonal_split(G).numpy()
+        assert (d >= 0).all() and verify_split(G, d)
+        assert np.linalg.eigvalsh(G - np.diag(d))[0] >= -1e-12 * np.abs(G).max()
+        variable = cp.Variable(10, nonneg=True)
+        cp.Problem(cp.Maximize(cp.sum(variable)), [G - cp.diag(variable) >> 0]).solve(solver="CLARABEL")
+        assert d.sum() == pytest.approx(0.999 * variable.value.sum(), rel=1e-3)  # 0.999: kept inside the cone
+        assert not verify_split(G, d + 1e-3 * d.sum())  # a larger diagonal is rejected
+    for kind in ("rank_deficient", "duplicate"):  # singular: no positive split is certified
+        _, G, _ = _problem(rng, kind, 10)
+        d = diagonal_split(G).numpy()
+        assert verify_split(G, d) and np.linalg.eigvalsh(G - np.diag(d))[0] >= -1e-9 * np.abs(G).max()
+
+
+def _perspective_relaxation(G: np.ndarray, w: np.ndarray, k: int, d: np.ndarray) -> float:
+    """The perspective relaxation value by Clarabel (an independent conic solver).
+
+    In Jacobi-scaled variables ``x_i = y_i / sqrt(G_ii)`` (Clarabel is inaccurate on badly scaled inputs).
+    """
+    n = w.size
+    scale = 1.0 / np.sqrt(np.diag(G))
+    values, vectors = np.linalg.eigh((G - np.diag(d)) * np.outer(scale, scale))
+    factor = vectors * np.sqrt(np.clip(values, 0.0, None))
+    x, z, t = cp.Variable(n), cp.Variable(n), cp.Variable(n)
+    constraints = [z >= 0, z <= 1, cp.sum(z) <= k] + [cp.quad_over_lin(x[i], z[i]) <= t[i] for i in range(n)]
+    objective = cp.sum_squares(factor.T @ x) - 2 * (scale * (G @ w)) @ x + w @ G @ w + (d * scale**2) @ t
+    problem = cp.Problem(cp.Minimize(objective), constraints)
+    problem.solve(solver="CLARABEL")
+    return float(problem.value)
+
+
+def _water_filling(u: np.ndarray, k: int) -> np.ndarray:
+    """``z`` minimising ``sum u_i^2 / z_i`` over ``0 <= z <= 1, sum z <= k``: ``min(1, u / tau)`` (bisection on tau)."""
+    if np.count_nonzero(u) <= k:
+        return (u > 0).astype(float)
+    low, high = 0.0, u.sum()
+    for _ in range(200):
+        tau = 0.5 * (low + high)
+        low, high = (tau, high) if np.minimum(1.0, u / tau).sum() > k else (low, tau)
+    return np.minimum(1.0, u / high)
+
+
+def test_relaxation_is_solved_to_a_matching_primal_point() -> None:
+    """The certified root bound equals the value of a feasible relaxed point (so both are the optimum)."""
+    rng = np.random.default_rng(9)
+    for kind in ("random", "real_like", "real_like"):
+        _, G, w = _problem(rng, kind, 10)
+        k = 4
+        d = diagonal_split(G).numpy()
+        assert np.linalg.eigvalsh(G - np.diag(d))[0] >= -1e-12 * np.abs(G).max()
+        nodes = NodeBatch.from_problems(torch.from_numpy(G)[None], torch.from_numpy(w)[None], torch.from_numpy(d)[None],
+                                        torch.zeros(1, 10, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool),
+                                        torch.full((1,), k))
+        bound, x, _, _ = solve_relaxation(nodes, initial_point(nodes), max_iterations=100)
+        x = x[0].numpy()
+        z = _water_filling(np.sqrt(d) * np.abs(x), k)
+        assert z.sum() <= k + 1e-9 and (z <= 1).all() and (z[x != 0] > 0).all()
+        active = x != 0
+        value = x @ G @ x - 2 * (G @ w) @ x + w @ G @ w + np.sum(d[active] * x[active] ** 2 * (1 / z[active] - 1))
+        assert float(bound[0]) <= value and value - float(bound[0]) <= 1e-7 * value
+        assert float(lower_bound(G, w, k)) == pytest.approx(float(bound[0]), rel=1e-9)
+
+
+def test_root_bound_matches_clarabel_and_any_dual_point_is_below_it() -> None:
+    rng = np.random.default_rng(9)
+    _, G, w = _problem(rng, "random", 10)
+    k = 4
+    d = diagonal_split(G).numpy()
+    relaxation = _perspective_relaxation(G, w, k, d)
+    assert float(lower_bound(G, w, k)) == pytest.approx(relaxation, rel=1e-5)  # Clarabel's accuracy
+    assert float(lower_bound(G, w, k, d=0.5 * d)) <= float(lower_bound(G, w, k))  # the relaxation grows with d
+    nodes = NodeBatch.from_problems(
+        torch.from_numpy(G)[None].expand(20, -1, -1), torch.from_numpy(w)[None].expand(20, -1),
+        torch.from_numpy(d)[None].expand(20, -1), torch.zeros(20, 10, dtype=torch.bool),
+        torch.ones(20, 10, dtype=torch.bool), torch.full((20,), k),
+    )
+    v = torch.from_numpy(rng.standard_normal((20, 10)) * np.abs(w).max())
+    v[0], v[1] = 0.0, torch.from_numpy(w)
+    values = dual_bound(nodes, v) - dual_bound_margin(nodes, v)
+    assert (values <= float(lower_bound(G, w, k)) * (1 + 1e-12)).all()
+    # closed forms at v = 0 and v = w (module doc)
+    q = (G @ w) ** 2 / d
+    assert float(values[0]) == pytest.approx(w @ G @ w - np.sort(q)[-k:].sum(), rel=1e-9)
+    assert float(values[1]) == pytest.approx(np.sort(d * w * w)[: 10 - k].sum(), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- heuristics
+
+
+def test_heuristics_behave_as_documented() -> None:
+    rng = np.random.default_rng(21)
+    _, G, w = _problem(rng, "real_like", 10)
+    k = 4
+    magnitude = magnitude_prune(w, k).numpy()
+    keep = np.argsort(-np.abs(w), kind="stable")[:k]
+    assert set(np.flatnonzero(magnitude)) == set(keep) and np.array_equal(magnitude[keep], w[keep])
+    # OBS removing one weight picks the best single removal
+    removal = obs_prune(G, w, 9).numpy()
+    errors = []
+    for i in range(10):
+        support = np.ones(10, dtype=bool)
+        support[i] = False
+        errors.append(float(support_error(G, w, torch.from_numpy(support))))
+    assert float(reconstruction_error(G, w, removal)) == pytest.approx(min(errors), rel=1e-9)
+    # swap search ends in a local optimum: no single swap improves its support
+    start = torch.from_numpy(np.isin(np.arange(10), keep))
+    support = swap_search(G, w, start).numpy()
+    assert support.sum() == k
+    final = float(support_error(G, w, torch.from_numpy(support)))
+    assert final <= float(support_error(G, w, start)) * (1 + 1e-12)
+    for i in np.flatnonzero(support):
+        for j in np.flatnonzero(~support):
+            swapped = support.copy()
+            swapped[i], swapped[j] = False, True
+            assert float(support_error(G, w, torch.from_numpy(swapped))) >= final * (1 - 1e-9)
+    methods = pruning_methods(G, w, k)
+    assert list(methods) == list(METHODS)
+    errors = {name: float(reconstruction_error(G, w, x)) for name, x in methods.items()}
+    # the refits and IHT (which starts from the magnitude solution and keeps its best iterate) improve on it
+    assert errors["magnitude_refit"] <= errors["magnitude"] and errors["iht"] <= errors["magnitude"]
+    assert errors["swap"] <= min(errors[name] for name in METHODS[:-1]) * (1 + 1e-12)
+
+
+# --------------------------------------------------------------------------- optional external solver
+
+
+@pytest.mark.skipif("SCIP" not in available_backends(), reason="SCIP (pyscipopt) is not installed")
+def test_scip_backend_finds_the_same_optimum() -> None:
+    rng = np.random.default_rng(4)
+    for formulation, n, k in (("bigm", 10, 4), ("perspective", 6, 2)):  # SCIP is slow on the cones
+        _, G, w = _problem(rng, "random", n)
+        ours = solve_exact(G, w, k)
+        theirs = solve_mip(G, w, k, solver="SCIP", formulation=formulation, time_limit=60)
+        assert theirs.status == "optimal"
+        assert theirs.error == pytest.approx(ours.ub, rel=1e-7)
+        assert theirs.support.sum() <= k
+
+
+def test_backend_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="not installed"):
+        solve_mip(np.eye(3), np.ones(3), 1, solver="NO_SUCH_SOLVER")
+    if available_backends():
+        with pytest.raises(ValueError, match="positive definite"):
+            solve_mip(np.zeros((3, 3)), np.ones(3), 1, solver=available_backends()[0])
