@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from utils.cli import DeviceType, default_device, setup_logging
+from utils.cli import DeviceType, IntListType, default_device, setup_logging
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -139,7 +139,6 @@ def quant_bounds_data_opt(
     from tqdm import tqdm
 
     from studies.bounds_run import run_layers
-    from studies.layer_problems import input_chunks
     from studies.quant_bounds import QuantBoundsConfig, config_record, problem_arrays, quant_bounds_layer
 
     config = QuantBoundsConfig(
@@ -153,15 +152,158 @@ def quant_bounds_data_opt(
         + (["per_channel"] if per_channel else []) + (["box"] if box else [])
         + ([config.solver] if config.solver != "ours" else []) + (["exact"] if exact else [])
     )
-    chunk_counts = [len(input_chunks(d.fan_in, d.kernel_elements, opt_dim)) for d in layers.values()]
-    total = sum(k + (k > 1 and d.fan_in <= max_whole_dim) for k, d in zip(chunk_counts, layers.values()))
     header = {"kind": "quantization", "model": model_name, "config": config_record(config),
               "calibration": calibration, "device": str(device)}
-    with tqdm(total=total, desc="problem sets", unit="set", disable=not progress) as bar:
+    with tqdm(total=_set_count(layers, opt_dim, max_whole_dim), desc="problem sets", unit="set",
+              disable=not progress) as bar:
         record = run_layers(
             layers, lambda data: quant_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
             header, output_dir, name, f"INT{n_bits}",
         )
+    _echo_summary(record, output_dir, name, save_problems)
+
+
+def _sparsity(n_bits: int | None, sparsity: float | None) -> float:
+    if n_bits is not None and sparsity is not None:
+        raise click.UsageError("give --n-bits or --sparsity, not both")
+    return 1.0 - (4 if n_bits is None else n_bits) / 16 if sparsity is None else sparsity
+
+
+@cli.command("prune-bounds-data-opt")
+@layer_data_options
+@click.option("--n-bits", type=click.IntRange(2, 8), default=None,
+              help="Prune at the compression of INT-b: sparsity 1 - b/16 [default: 4, i.e. 75%].")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of the weights removed from every chunk (instead of --n-bits).")
+@click.option("--max-exact-dim", type=click.IntRange(0), default=48, show_default=True,
+              help="Solve chunks of at most this many inputs exactly (larger ones: certified bound only).")
+@click.option("--max-whole-dim", type=click.IntRange(0), default=128, show_default=True,
+              help="Also bound whole channels (one problem each) when the fan-in is at most this.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("plots_data/prune_bounds"), show_default=True)
+def prune_bounds_data_opt(
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, time_limit, device,
+    seed, save_problems, progress, n_bits, sparsity, max_exact_dim, max_whole_dim, output_dir,
+) -> None:
+    """Exact post-training pruning of each layer (sparse least squares), certified bounds and real methods.
+
+    Per output channel and chunk of inputs, the best k-sparse weights minimise ||A (w - x)||^2; the
+    branch and bound proves the optimum (or reports the gap at --time-limit), the perspective
+    relaxation bounds it, and magnitude pruning (with and without refit), OBS and IHT are compared.
+    Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
+    """
+    if num_output_channels == 0:
+        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
+    if list_only:
+        _echo_layers(_load_model(model_name))
+        return
+    from tqdm import tqdm
+
+    from studies.bounds_run import run_layers
+    from studies.prune_bounds import PruneBoundsConfig, config_record, problem_arrays, prune_bounds_layer
+
+    config = PruneBoundsConfig(
+        sparsity=_sparsity(n_bits, sparsity), opt_dim=opt_dim, time_limit=time_limit, max_exact_dim=max_exact_dim,
+        max_whole_dim=max_whole_dim, num_output_channels=num_output_channels,
+    )
+    layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
+    name = f"prune_bounds_{model_name}_sparsity{config.sparsity:g}_opt{opt_dim}"
+    header = {"kind": "pruning", "model": model_name, "config": config_record(config),
+              "calibration": calibration, "device": str(device)}
+    with tqdm(total=_set_count(layers, opt_dim, max_whole_dim), desc="problem sets", unit="set",
+              disable=not progress) as bar:
+        record = run_layers(
+            layers, lambda data: prune_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
+            header, output_dir, name, f"pruning {config.sparsity:.0%}",
+        )
+    _echo_summary(record, output_dir, name, save_problems)
+
+
+@cli.command("compare-bounds")
+@layer_data_options
+@click.option("--n-bits", "bit_widths", type=IntListType(2, 8), default="2-8", show_default=True,
+              help="Bit-widths b (pruning at sparsity 1 - b/16), as a list (2,4,8) or a range (2-8).")
+@click.option("--max-exact-dim", type=click.IntRange(0), default=48, show_default=True,
+              help="Both sides solve chunks of at most this many inputs exactly (--opt-dim above it: bounds only).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("plots_data/compare_bounds"), show_default=True)
+def compare_bounds(
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, time_limit, device,
+    seed, save_problems, progress, bit_widths, max_exact_dim, output_dir,
+) -> None:
+    """The paper's comparison: per layer and bit-width, quantization's SQNR range against pruning's.
+
+    Runs both bounds (whole channels skipped) for every b and writes OUTPUT_DIR/compare_bounds_<model>.csv
+    and .png, plus each side's JSON/CSV per b (and .npz with --save-problems).
+    """
+    if num_output_channels == 0:
+        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
+    if list_only:
+        _echo_layers(_load_model(model_name))
+        return
+    from tqdm import tqdm
+
+    from studies.bounds_run import run_layers
+    from studies.compare_bounds import comparison_rows, plot_comparison
+    from studies.prune_bounds import PruneBoundsConfig, prune_bounds_layer
+    from studies.prune_bounds import config_record as prune_record
+    from studies.prune_bounds import problem_arrays as prune_arrays
+    from studies.quant_bounds import QuantBoundsConfig, quant_bounds_layer
+    from studies.quant_bounds import config_record as quant_record
+    from studies.quant_bounds import problem_arrays as quant_arrays
+    from utils.io import write_csv
+
+    layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
+    per_side = _set_count(layers, opt_dim, 0)
+    results = []
+    with tqdm(total=2 * per_side * len(bit_widths), desc="problem sets", unit="set", disable=not progress) as bar:
+        for n_bits in bit_widths:
+            quant = QuantBoundsConfig(n_bits=n_bits, opt_dim=opt_dim, max_whole_dim=0, time_limit=time_limit,
+                                      exact=0 < opt_dim <= max_exact_dim, num_output_channels=num_output_channels,
+                                      seed=seed)
+            prune = PruneBoundsConfig(sparsity=1 - n_bits / 16, opt_dim=opt_dim, time_limit=time_limit,
+                                      max_exact_dim=max_exact_dim, max_whole_dim=0,
+                                      num_output_channels=num_output_channels)
+            sides = []
+            for kind, config, solve, record_of, arrays in (
+                ("quant", quant, quant_bounds_layer, quant_record, quant_arrays),
+                ("prune", prune, prune_bounds_layer, prune_record, prune_arrays),
+            ):
+                header = {"kind": kind, "model": model_name, "config": record_of(config),
+                          "calibration": calibration, "device": str(device)}
+                sides.append(run_layers(
+                    layers, lambda data, c=config, f=solve: f(data, c, bar), arrays if save_problems else None,
+                    header, output_dir, f"{kind}_bounds_{model_name}_{n_bits}bits_opt{opt_dim}",
+                    f"INT{n_bits}" if kind == "quant" else f"pruning {prune.sparsity:.0%}",
+                ))
+            prune_by_layer = {layer["layer"]: layer for layer in sides[1]["layers"]}
+            results.extend(
+                (n_bits, layer, prune_by_layer[layer["layer"]])
+                for layer in sides[0]["layers"] if layer["layer"] in prune_by_layer
+            )
+    if not results:
+        raise click.ClickException("no layer finished on both sides; see the log")
+    table = comparison_rows(results)
+    name = f"compare_bounds_{model_name}_opt{opt_dim}"
+    write_csv(output_dir / f"{name}.csv", table)
+    plot_comparison(table, output_dir / name, f"{model_name}: post-training quantization vs pruning")
+    for _, row in table.iterrows():
+        click.echo(
+            f"{row['layer']} INT{row['n_bits']} vs {row['sparsity']:.0%} sparse: quantization "
+            f"[{_db(row['quant_best_db'])}, {_db(row['quant_bound_db'])}], pruning "
+            f"[{_db(row['prune_best_db'])}, {_db(row['prune_bound_db'])}] -> {row['provably_better']}"
+        )
+    click.echo(f"results in {output_dir}/{name}.csv, .png")
+
+
+def _set_count(layers: dict, opt_dim: int, max_whole_dim: int) -> int:
+    from studies.layer_problems import input_chunks
+
+    counts = [len(input_chunks(d.fan_in, d.kernel_elements, opt_dim)) for d in layers.values()]
+    return sum(k + (k > 1 and d.fan_in <= max_whole_dim) for k, d in zip(counts, layers.values()))
+
+
+def _echo_summary(record: dict, output_dir: Path, name: str, save_problems: bool) -> None:
     for layer in record["layers"]:
         scope = layer["scopes"]["chunk"]
         upper, best = scope["sqnr_upper_bound_db"], scope["sqnr_db"]["best"]

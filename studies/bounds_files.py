@@ -10,6 +10,7 @@ of a scope, zero-padded to the largest size ``n`` of the run: ``P[i, :n[i], :n[i
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,47 @@ import torch
 
 from utils.io import write_bytes_atomic, write_csv, write_json
 
-__all__ = ["csv_rows", "padded_stack", "plot_layer_bounds", "write_npz", "write_run"]
+__all__ = ["csv_rows", "padded_stack", "plot_layer_bounds", "sqnr_db", "summarise", "write_npz", "write_run"]
+
+
+def sqnr_db(energy: float, error: float) -> float | None:
+    """``10 log10(energy / error)``; None (JSON null) when undefined or infinite (``error <= 0``)."""
+    if not (error > 0 and energy > 0 and math.isfinite(error)):
+        return None
+    return 10.0 * math.log10(energy / error)
+
+
+def summarise(sets: Sequence) -> dict:
+    """Sums over problem sets (quantization or pruning): energy, bounds, each method's error, SQNRs in dB.
+
+    Every set has ``energy``, ``relaxation_lb``, ``best_lb``, ``ub`` (``(B,)`` tensors), ``errors``
+    (method -> ``(B,)``), ``status`` (and optionally ``exact_status``) lists and ``seconds`` per
+    stage. Methods missing from some set (e.g. ``exact`` above a size limit) are left out.
+    """
+    energy = sum(float(s.energy.sum()) for s in sets)
+    relaxation = sum(float(s.relaxation_lb.sum()) for s in sets)
+    lower = sum(float(s.best_lb.sum()) for s in sets)
+    methods = [m for m in sets[0].errors if all(m in s.errors for s in sets)]
+    errors = {m: sum(float(s.errors[m].sum()) for s in sets) for m in methods}
+    best = sum(float(s.ub.sum()) for s in sets)
+    record = {
+        "problems": sum(len(s.energy) for s in sets),
+        "energy": energy,
+        "lower_bound": lower,
+        "relaxation_lower_bound": relaxation,
+        "errors": {**errors, "best": best},
+        "sqnr_upper_bound_db": sqnr_db(energy, lower),
+        "sqnr_relaxation_bound_db": sqnr_db(energy, relaxation),
+        "sqnr_db": {**{m: sqnr_db(energy, e) for m, e in errors.items()}, "best": sqnr_db(energy, best)},
+        "status": dict(Counter(status for s in sets for status in s.status)),
+        "seconds": {},
+    }
+    if getattr(sets[0], "exact_status", None):
+        record["exact_status"] = dict(Counter(status for s in sets for status in s.exact_status))
+    for s in sets:
+        for stage, value in s.seconds.items():
+            record["seconds"][stage] = record["seconds"].get(stage, 0.0) + value
+    return record
 
 
 def _row(layer: str, scope: str, record: dict, chunk: dict | None = None) -> dict:

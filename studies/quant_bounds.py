@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,7 +48,7 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import padded_stack
+from studies.bounds_files import padded_stack, summarise
 from studies.layer_problems import LayerData, input_chunks
 
 __all__ = [
@@ -63,7 +62,6 @@ __all__ = [
     "problem_arrays",
     "quant_bounds_layer",
     "solve_problems",
-    "sqnr_db",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,13 +96,6 @@ class QuantBoundsConfig:
             raise ValueError(f"n_bits must be in 2..16, got {self.n_bits}")
         if self.box and self.n_bits < 2:
             raise ValueError("the box needs at least 2 bits")
-
-
-def sqnr_db(energy: float, error: float) -> float | None:
-    """``10 log10(energy / error)``; None (JSON null) when undefined or infinite (``error <= 0``)."""
-    if not (error > 0 and energy > 0 and math.isfinite(error)):
-        return None
-    return 10.0 * math.log10(energy / error)
 
 
 def layer_step_sizes(weights: torch.Tensor, n_bits: int, range_method: str, per_channel: bool) -> torch.Tensor:
@@ -147,6 +138,15 @@ class ProblemSet:
     @property
     def batch_size(self) -> int:
         return self.problems.batch_size
+
+    @property
+    def energy(self) -> torch.Tensor:
+        """``(B,)`` ``r``, the energy of each problem's (partial) output."""
+        return self.problems.r
+
+    @property
+    def relaxation_lb(self) -> torch.Tensor:
+        return self.lb
 
     @property
     def best_lb(self) -> torch.Tensor:
@@ -308,10 +308,10 @@ def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None
         "channels": count,
         "dead_channels": int(dead.sum()),
         "step_size": {"min": float(step_all.min()), "max": float(step_all.max())},
-        "scopes": {scope: _aggregate([s for s in sets if s.scope == scope]) for scope in ("chunk", "whole_channel")},
+        "scopes": {scope: summarise([s for s in sets if s.scope == scope]) for scope in ("chunk", "whole_channel")
+                   if any(s.scope == scope for s in sets)},
         "chunks": [_chunk_record(s) for s in sets if s.scope == "chunk"],
     }
-    summary["scopes"] = {k: v for k, v in summary["scopes"].items() if v is not None}
     return {"summary": summary, "sets": sets}
 
 
@@ -362,40 +362,9 @@ def _solve_with_zero_energy(
     return result
 
 
-def _totals(sets: list[ProblemSet]) -> dict:
-    energy = sum(float(s.problems.r.sum()) for s in sets)
-    relaxation = sum(float(s.lb.sum()) for s in sets)
-    lower = sum(float(s.best_lb.sum()) for s in sets)
-    methods = list(sets[0].errors)
-    errors = {m: sum(float(s.errors[m].sum()) for s in sets) for m in methods}
-    best = sum(float(s.ub.sum()) for s in sets)
-    record = {
-        "problems": sum(s.batch_size for s in sets),
-        "energy": energy,
-        "lower_bound": lower,
-        "relaxation_lower_bound": relaxation,
-        "errors": {**errors, "best": best},
-        "sqnr_upper_bound_db": sqnr_db(energy, lower),
-        "sqnr_relaxation_bound_db": sqnr_db(energy, relaxation),
-        "sqnr_db": {**{m: sqnr_db(energy, e) for m, e in errors.items()}, "best": sqnr_db(energy, best)},
-        "status": dict(Counter(status for s in sets for status in s.status)),
-        "seconds": {},
-    }
-    if sets[0].exact_status:
-        record["exact_status"] = dict(Counter(status for s in sets for status in s.exact_status))
-    for s in sets:
-        for stage, value in s.seconds.items():
-            record["seconds"][stage] = record["seconds"].get(stage, 0.0) + value
-    return record
-
-
-def _aggregate(sets: list[ProblemSet]) -> dict | None:
-    return _totals(sets) if sets else None
-
-
 def _chunk_record(problem_set: ProblemSet) -> dict:
     return {"chunk": problem_set.chunk, "inputs": list(problem_set.inputs), "n": problem_set.problems.n,
-            **_totals([problem_set])}
+            **summarise([problem_set])}
 
 
 def config_record(config: QuantBoundsConfig) -> dict:
