@@ -70,6 +70,15 @@ def layer_data_options(command: Callable) -> Callable:
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
 
+def _listed_only(model_name: str, list_only: bool, num_output_channels: int) -> bool:
+    """Check the shared options; with --list-layers print the layers and return True (the command ends)."""
+    if num_output_channels == 0:
+        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
+    if list_only:
+        _echo_layers(_load_model(model_name))
+    return list_only
+
+
 def prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir):
     """Model, calibration images and the layers' data, with one-line errors for bad input."""
     import torch
@@ -131,10 +140,7 @@ def quant_bounds_data_opt(
     SQNR), and round-to-nearest, the paper's SDP rounding, GPTQ and AdaRound give feasible points.
     Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
     """
-    if num_output_channels == 0:
-        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
-    if list_only:
-        _echo_layers(_load_model(model_name))
+    if _listed_only(model_name, list_only, num_output_channels):
         return
     from tqdm import tqdm
 
@@ -192,10 +198,7 @@ def prune_bounds_data_opt(
     relaxation bounds it, and magnitude pruning (with and without refit), OBS and IHT are compared.
     Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
     """
-    if num_output_channels == 0:
-        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
-    if list_only:
-        _echo_layers(_load_model(model_name))
+    if _listed_only(model_name, list_only, num_output_channels):
         return
     from tqdm import tqdm
 
@@ -236,10 +239,7 @@ def compare_bounds(
     Runs both bounds (whole channels skipped) for every b and writes OUTPUT_DIR/compare_bounds_<model>.csv
     and .png, plus each side's JSON/CSV per b (and .npz with --save-problems).
     """
-    if num_output_channels == 0:
-        raise click.BadParameter("must be -1 (all) or at least 1", param_hint="'--num-output-channels'")
-    if list_only:
-        _echo_layers(_load_model(model_name))
+    if _listed_only(model_name, list_only, num_output_channels):
         return
     from tqdm import tqdm
 

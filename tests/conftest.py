@@ -30,3 +30,12 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     return attempts
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread during a test: tiny tensors on a busy 2-core machine run faster and reproducibly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

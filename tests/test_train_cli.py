@@ -27,13 +27,7 @@ FAST = ["--architecture", "resnet18", "--no-pretrained", "--image-size", "16", "
         "--no-progress-bar", "--bn-est-batches", "2", "--learning-rate", "0.05"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine this is both faster and reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

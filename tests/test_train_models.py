@@ -29,12 +29,7 @@ from utils.images import sample_photo_batch
 ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_batch_norms(model: nn.Module) -> None:

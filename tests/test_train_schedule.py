@@ -19,13 +19,7 @@ from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningSco
 from training.lr_schedule import LrSchedule, ScheduleKind, lr_factor, parse_lr_schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_zhu_gupta_formula_at_every_step() -> None:
