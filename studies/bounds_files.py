@@ -20,7 +20,16 @@ import torch
 
 from utils.io import write_bytes_atomic, write_csv, write_json
 
-__all__ = ["csv_rows", "padded_stack", "plot_layer_bounds", "sqnr_db", "summarise", "write_npz", "write_run"]
+__all__ = [
+    "csv_rows",
+    "padded_stack",
+    "plot_layer_bounds",
+    "set_columns",
+    "sqnr_db",
+    "summarise",
+    "write_npz",
+    "write_run",
+]
 
 
 def sqnr_db(energy: float, error: float) -> float | None:
@@ -103,6 +112,22 @@ def padded_stack(tensors: Sequence[torch.Tensor], size: int) -> np.ndarray:
         pad = [0, size - tensor.shape[-1]] * (tensor.dim() - 1)
         blocks.append(torch.nn.functional.pad(tensor.to(torch.float64), pad).numpy())
     return np.concatenate(blocks) if blocks else np.zeros((0,) + (size,) * 1)
+
+
+def set_columns(chosen: Sequence[tuple[int, object]]) -> dict[str, np.ndarray]:
+    """Per-problem index columns of ``(layer index, problem set)`` pairs: ``n``, ``layer``, ``channel``,
+    ``chunk``, ``status`` and ``error_<method>`` for the methods every set has."""
+    sets = [s for _, s in chosen]
+    columns = {
+        "n": np.concatenate([np.full(s.batch_size, s.n) for s in sets]),
+        "layer": np.concatenate([np.full(s.batch_size, index) for index, s in chosen]),
+        "channel": np.concatenate([s.channels.numpy() for s in sets]),
+        "chunk": np.concatenate([np.full(s.batch_size, s.chunk) for s in sets]),
+        "status": np.array([status for s in sets for status in s.status], dtype=str),
+    }
+    for method in [m for m in sets[0].errors if all(m in s.errors for s in sets)]:
+        columns[f"error_{method}"] = np.concatenate([s.errors[method].numpy() for s in sets])
+    return columns
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

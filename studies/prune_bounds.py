@@ -38,7 +38,7 @@ from pruning.masks import num_pruned
 from pruning.perspective_bound import lower_bound
 from pruning.sparse_ls import solve_exact_batch
 from pruning.sparse_ls_heuristics import pruning_methods
-from studies.bounds_files import padded_stack, summarise
+from studies.bounds_files import padded_stack, set_columns, summarise
 from studies.layer_problems import LayerData, input_chunks
 
 __all__ = [
@@ -230,18 +230,12 @@ def problem_arrays(layer_sets: list[tuple[int, PruneProblemSet]], layer_names: l
             "w": padded_stack([s.weights for s in sets], size),
             "x": padded_stack([s.x for s in sets], size),
             "r": np.concatenate([s.r.numpy() for s in sets]),
-            "n": np.concatenate([np.full(s.batch_size, s.n) for s in sets]),
             "k": np.concatenate([np.full(s.batch_size, s.k) for s in sets]),
-            "layer": np.concatenate([np.full(s.batch_size, index) for index, s in chosen]),
-            "channel": np.concatenate([s.channels.numpy() for s in sets]),
-            "chunk": np.concatenate([np.full(s.batch_size, s.chunk) for s in sets]),
             "ub": np.concatenate([s.ub.numpy() for s in sets]),
             "lb": np.concatenate([s.best_lb.numpy() for s in sets]),
             "relaxation_lb": np.concatenate([s.relaxation_lb.numpy() for s in sets]),
-            "status": np.array([status for s in sets for status in s.status], dtype=str),
+            **set_columns(chosen),
         }
-        for method in [m for m in sets[0].errors if all(m in s.errors for s in sets)]:
-            stacked[f"error_{method}"] = np.concatenate([s.errors[method].numpy() for s in sets])
         arrays.update({prefix + key: value for key, value in stacked.items()})
     return arrays
 

@@ -48,7 +48,7 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import padded_stack, summarise
+from studies.bounds_files import padded_stack, set_columns, summarise
 from studies.layer_problems import LayerData, input_chunks
 
 __all__ = [
@@ -138,6 +138,10 @@ class ProblemSet:
     @property
     def batch_size(self) -> int:
         return self.problems.batch_size
+
+    @property
+    def n(self) -> int:
+        return self.problems.n
 
     @property
     def energy(self) -> torch.Tensor:
@@ -400,17 +404,11 @@ def problem_arrays(layer_sets: list[tuple[int, ProblemSet]], layer_names: list[s
             "origin": padded_stack([s.origin for s in sets], size),
             "z": padded_stack([s.z for s in sets], size),
             "r": np.concatenate([s.problems.r.numpy() for s in sets]),
-            "n": np.concatenate([np.full(s.batch_size, s.problems.n) for s in sets]),
-            "layer": np.concatenate([np.full(s.batch_size, index) for index, s in chosen]),
-            "channel": np.concatenate([s.channels.numpy() for s in sets]),
-            "chunk": np.concatenate([np.full(s.batch_size, s.chunk) for s in sets]),
             "step_size": np.concatenate([s.step_size.numpy() for s in sets]),
             "lb": np.concatenate([s.lb.numpy() for s in sets]),
             "ub": np.concatenate([s.ub.numpy() for s in sets]),
-            "status": np.array([status for s in sets for status in s.status], dtype=str),
+            **set_columns(chosen),
         }
-        for method in sets[0].errors:
-            stacked[f"error_{method}"] = np.concatenate([s.errors[method].numpy() for s in sets])
         if sets[0].exact_status:
             stacked["exact_status"] = np.array([status for s in sets for status in s.exact_status], dtype=str)
             stacked["exact_lb"] = np.concatenate([s.exact_lb.numpy() for s in sets])
