@@ -59,7 +59,10 @@ def comparison_rows(results: Sequence[tuple[int, dict, dict]]) -> pd.DataFrame:
 
 
 def plot_comparison(table: pd.DataFrame, path: Path, title: str) -> None:
-    """One panel per layer: SQNR vs bit-width, each side's range as a band between its best method and its bound."""
+    """One panel per layer: SQNR vs bit-width, each side's range as a band between its best method and its bound.
+
+    The quantization SDP relaxation's own bound (the paper's) is drawn dotted.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,6 +81,8 @@ def plot_comparison(table: pd.DataFrame, path: Path, title: str) -> None:
             ax.fill_between(bits, best, bound, color=color, alpha=0.25)
             ax.plot(bits, best, color=color, marker="o", markersize=3, label=f"{label}: best method")
             ax.plot(bits, bound, color=color, linestyle="--", label=f"{label}: certified bound")
+        relaxation = part["quant_relaxation_bound_db"].astype(float).to_numpy()
+        ax.plot(bits, relaxation, color="C0", linestyle=":", label="quantization: SDP bound alone (paper)")
         ax.set_title(layer, fontsize=9)
         ax.set_xlabel("bits (pruning: sparsity 1 - b/16)")
         ax.set_ylabel("SQNR (dB)")
