@@ -24,6 +24,7 @@ __all__ = [
     "csv_rows",
     "padded_stack",
     "plot_layer_bounds",
+    "scope_summaries",
     "set_columns",
     "sqnr_db",
     "summarise",
@@ -112,6 +113,15 @@ def padded_stack(tensors: Sequence[torch.Tensor], size: int) -> np.ndarray:
         pad = [0, size - tensor.shape[-1]] * (tensor.dim() - 1)
         blocks.append(torch.nn.functional.pad(tensor.to(torch.float64), pad).numpy())
     return np.concatenate(blocks) if blocks else np.zeros((0,) + (size,) * 1)
+
+
+def scope_summaries(sets: Sequence) -> dict[str, dict]:
+    """:func:`summarise` per scope present among ``sets`` (``chunk``, ``whole_channel``)."""
+    return {
+        scope: summarise([s for s in sets if s.scope == scope])
+        for scope in ("chunk", "whole_channel")
+        if any(s.scope == scope for s in sets)
+    }
 
 
 def set_columns(chosen: Sequence[tuple[int, object]]) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from models.layer_inputs import capture_layer_inputs, check_patches, gram_matrices, patch_matrix
 
-__all__ = ["LayerData", "collect_layer_data", "input_chunks"]
+__all__ = ["LayerData", "collect_layer_data", "input_chunks", "problem_scopes"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,39 @@ class LayerData:
         grams = self.grams[:, inputs][:, :, inputs]
         return grams[self.channel_group[channels]]
 
+    def live_channels(self, num_output_channels: int) -> tuple[int, torch.Tensor, int]:
+        """``(count, live, dead)``: the first ``num_output_channels`` channels (-1: all), those of them with
+        nonzero output energy, and how many have none (dead: zero weights or inputs that never fire)."""
+        count = self.out_channels if num_output_channels < 0 else min(num_output_channels, self.out_channels)
+        channels = torch.arange(count, device=self.weights.device)
+        dead = self.output_energy()[channels] <= 0
+        return count, channels[~dead], int(dead.sum())
+
+    def description(self, channels: int, dead_channels: int) -> dict:
+        """The layer's entry header in a run's JSON."""
+        return {
+            "layer": self.name,
+            "type": self.module_type,
+            "weight_shape": list(self.weight_shape),
+            "positions": self.positions,
+            "channels": channels,
+            "dead_channels": dead_channels,
+        }
+
     def output_energy(self) -> torch.Tensor:
         """``(out_channels,)`` ``||A_g w_c||^2 = w_c' G_g w_c``, the energy of each channel's pre-bias output."""
         grams = self.grams[self.channel_group]
         return torch.einsum("ci,cij,cj->c", self.weights, grams, self.weights)
+
+
+def problem_scopes(data: LayerData, opt_dim: int, max_whole_dim: int) -> list[tuple[str, int, torch.Tensor]]:
+    """``(scope, chunk index, input indices)``: every chunk, plus the whole channel (index -1) when the layer
+    has more than one chunk and a fan-in of at most ``max_whole_dim``."""
+    chunks = input_chunks(data.fan_in, data.kernel_elements, opt_dim)
+    scopes = [("chunk", index, chunk.to(data.weights.device)) for index, chunk in enumerate(chunks)]
+    if len(chunks) > 1 and data.fan_in <= max_whole_dim:
+        scopes.append(("whole_channel", -1, torch.arange(data.fan_in, device=data.weights.device)))
+    return scopes
 
 
 def input_chunks(fan_in: int, kernel_elements: int, opt_dim: int) -> list[torch.Tensor]:

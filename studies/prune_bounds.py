@@ -38,8 +38,8 @@ from pruning.masks import num_pruned
 from pruning.perspective_bound import lower_bound
 from pruning.sparse_ls import solve_exact_batch
 from pruning.sparse_ls_heuristics import pruning_methods
-from studies.bounds_files import padded_stack, set_columns, summarise
-from studies.layer_problems import LayerData, input_chunks
+from studies.bounds_files import padded_stack, scope_summaries, set_columns, summarise
+from studies.layer_problems import LayerData, problem_scopes
 
 __all__ = [
     "PruneBoundsConfig",
@@ -146,18 +146,9 @@ def solve_pruning_problems(grams: torch.Tensor, weights: torch.Tensor, k: int, c
 
 def prune_bounds_layer(data: LayerData, config: PruneBoundsConfig, progress=None) -> dict:
     """All problem sets of one layer, solved: ``{"summary": ..., "sets": [PruneProblemSet, ...]}``."""
-    count = data.out_channels if config.num_output_channels < 0 else min(config.num_output_channels, data.out_channels)
-    channels = torch.arange(count, device=data.weights.device)
-    energy = data.output_energy()[channels]
-    dead = energy <= 0
-    live = channels[~dead]
-    chunks = input_chunks(data.fan_in, data.kernel_elements, config.opt_dim)
-    scopes = [("chunk", index, chunk) for index, chunk in enumerate(chunks)]
-    if len(chunks) > 1 and data.fan_in <= config.max_whole_dim:
-        scopes.append(("whole_channel", -1, torch.arange(data.fan_in)))
+    count, live, dead = data.live_channels(config.num_output_channels)
     sets: list[PruneProblemSet] = []
-    for scope, index, inputs in scopes if len(live) else []:
-        inputs = inputs.to(data.weights.device)
+    for scope, index, inputs in problem_scopes(data, config.opt_dim, config.max_whole_dim) if len(live) else []:
         grams = data.channel_grams(live, inputs).cpu()
         weights = data.weights[live][:, inputs].cpu()
         k = kept_weights(len(inputs), config.sparsity)
@@ -165,15 +156,9 @@ def prune_bounds_layer(data: LayerData, config: PruneBoundsConfig, progress=None
         if progress is not None:
             progress.update(1)
     summary = {
-        "layer": data.name,
-        "type": data.module_type,
-        "weight_shape": list(data.weight_shape),
-        "positions": data.positions,
-        "channels": count,
-        "dead_channels": int(dead.sum()),
+        **data.description(count, dead),
         "sparsity": config.sparsity,
-        "scopes": {scope: summarise([s for s in sets if s.scope == scope]) for scope in ("chunk", "whole_channel")
-                   if any(s.scope == scope for s in sets)},
+        "scopes": scope_summaries(sets),
         "chunks": [
             {"chunk": s.chunk, "inputs": list(s.inputs), "n": s.n, "k": s.k, **summarise([s])}
             for s in sets if s.scope == "chunk"

@@ -48,8 +48,8 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import padded_stack, set_columns, summarise
-from studies.layer_problems import LayerData, input_chunks
+from studies.bounds_files import padded_stack, scope_summaries, set_columns, summarise
+from studies.layer_problems import LayerData, problem_scopes
 
 __all__ = [
     "METHODS",
@@ -264,14 +264,7 @@ def solve_problems(
 def layer_problem_sets(data: LayerData, channels: torch.Tensor, step: torch.Tensor, config: QuantBoundsConfig):
     """Yield ``(scope, chunk, inputs, problems, w_over_s)`` for the chunks (and whole channels) of the layer."""
     weights = data.weights[channels]
-    chunks = input_chunks(data.fan_in, data.kernel_elements, config.opt_dim)
-    scopes = [("chunk", index, chunk) for index, chunk in enumerate(chunks)]
-    if 0 < data.fan_in <= config.max_whole_dim and len(chunks) > 1:
-        scopes.append(("whole_channel", -1, torch.arange(data.fan_in)))
-    elif len(chunks) == 1:
-        logger.debug("%s: one chunk holds the whole channel", data.name)
-    for scope, index, inputs in scopes:
-        inputs = inputs.to(weights.device)
+    for scope, index, inputs in problem_scopes(data, config.opt_dim, config.max_whole_dim):
         grams = data.channel_grams(channels, inputs)
         problems = QuadraticProblems.from_gram(grams, weights[:, inputs], step, config.n_bits)
         yield scope, index, (int(inputs[0]), int(inputs[-1])), problems, weights[:, inputs] / step[:, None]
@@ -283,13 +276,8 @@ def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None
     ``progress`` (e.g. a tqdm bar) is advanced by one per problem set.
     """
     generator = torch.Generator(device=data.weights.device).manual_seed(config.seed)
-    out_channels = data.out_channels
-    count = out_channels if config.num_output_channels < 0 else min(config.num_output_channels, out_channels)
-    channels = torch.arange(count, device=data.weights.device)
+    count, live, dead = data.live_channels(config.num_output_channels)
     step_all = layer_step_sizes(data.weights, config.n_bits, config.range_method, config.per_channel)
-    energy = data.output_energy()[channels]
-    dead = energy <= 0
-    live = channels[~dead]
     sets: list[ProblemSet] = []
     if len(live):
         step = step_all[live]
@@ -305,15 +293,9 @@ def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None
             if progress is not None:
                 progress.update(1)
     summary = {
-        "layer": data.name,
-        "type": data.module_type,
-        "weight_shape": list(data.weight_shape),
-        "positions": data.positions,
-        "channels": count,
-        "dead_channels": int(dead.sum()),
+        **data.description(count, dead),
         "step_size": {"min": float(step_all.min()), "max": float(step_all.max())},
-        "scopes": {scope: summarise([s for s in sets if s.scope == scope]) for scope in ("chunk", "whole_channel")
-                   if any(s.scope == scope for s in sets)},
+        "scopes": scope_summaries(sets),
         "chunks": [_chunk_record(s) for s in sets if s.scope == "chunk"],
     }
     return {"summary": summary, "sets": sets}
