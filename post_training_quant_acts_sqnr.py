@@ -158,8 +158,7 @@ def quant_bounds_data_opt(
         + (["per_channel"] if per_channel else []) + (["box"] if box else [])
         + ([config.solver] if config.solver != "ours" else []) + (["exact"] if exact else [])
     )
-    header = {"kind": "quantization", "model": model_name, "config": config_record(config),
-              "calibration": calibration, "device": str(device)}
+    header = _header("quantization", model_name, config_record(config), calibration, device)
     with tqdm(total=_set_count(layers, opt_dim, max_whole_dim), desc="problem sets", unit="set",
               disable=not progress) as bar:
         record = run_layers(
@@ -211,8 +210,7 @@ def prune_bounds_data_opt(
     )
     layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
     name = f"prune_bounds_{model_name}_sparsity{config.sparsity:g}_opt{opt_dim}"
-    header = {"kind": "pruning", "model": model_name, "config": config_record(config),
-              "calibration": calibration, "device": str(device)}
+    header = _header("pruning", model_name, config_record(config), calibration, device)
     with tqdm(total=_set_count(layers, opt_dim, max_whole_dim), desc="problem sets", unit="set",
               disable=not progress) as bar:
         record = run_layers(
@@ -269,8 +267,7 @@ def compare_bounds(
                 ("quant", quant, quant_bounds_layer, quant_record, quant_arrays),
                 ("prune", prune, prune_bounds_layer, prune_record, prune_arrays),
             ):
-                header = {"kind": kind, "model": model_name, "config": record_of(config),
-                          "calibration": calibration, "device": str(device)}
+                header = _header(kind, model_name, record_of(config), calibration, device)
                 sides.append(run_layers(
                     layers, lambda data, c=config, f=solve: f(data, c, bar), arrays if save_problems else None,
                     header, output_dir, f"{kind}_bounds_{model_name}_{n_bits}bits_opt{opt_dim}",
@@ -294,6 +291,11 @@ def compare_bounds(
             f"[{_db(row['prune_best_db'])}, {_db(row['prune_bound_db'])}] -> {row['provably_better']}"
         )
     click.echo(f"results in {output_dir}/{name}.csv, .png")
+
+
+def _header(kind: str, model_name: str, config: dict, calibration: dict, device) -> dict:
+    """What a bounds run's JSON records besides its layers."""
+    return {"kind": kind, "model": model_name, "config": config, "calibration": calibration, "device": str(device)}
 
 
 def _set_count(layers: dict, opt_dim: int, max_whole_dim: int) -> int:

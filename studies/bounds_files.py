@@ -21,6 +21,7 @@ import torch
 from utils.io import write_bytes_atomic, write_csv, write_json
 
 __all__ = [
+    "best_of",
     "csv_rows",
     "padded_stack",
     "plot_layer_bounds",
@@ -113,6 +114,17 @@ def padded_stack(tensors: Sequence[torch.Tensor], size: int) -> np.ndarray:
         pad = [0, size - tensor.shape[-1]] * (tensor.dim() - 1)
         blocks.append(torch.nn.functional.pad(tensor.to(torch.float64), pad).numpy())
     return np.concatenate(blocks) if blocks else np.zeros((0,) + (size,) * 1)
+
+
+def best_of(points: dict[str, torch.Tensor], errors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per problem, the point of least error among ``points`` (``(B, n)`` each) and that error (``(B,)``).
+
+    Ties go to the point listed first.
+    """
+    stacked = torch.stack([errors[name] for name in points])
+    best = stacked.argmin(0)
+    chosen = torch.stack(list(points.values()))[best, torch.arange(stacked.shape[1], device=stacked.device)]
+    return chosen, stacked.min(0).values
 
 
 def scope_summaries(sets: Sequence) -> dict[str, dict]:

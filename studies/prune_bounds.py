@@ -38,7 +38,7 @@ from pruning.masks import num_pruned
 from pruning.perspective_bound import lower_bound
 from pruning.sparse_ls import solve_exact_batch
 from pruning.sparse_ls_heuristics import pruning_methods
-from studies.bounds_files import padded_stack, scope_summaries, set_columns, summarise
+from studies.bounds_files import best_of, padded_stack, scope_summaries, set_columns, summarise
 from studies.layer_problems import LayerData, problem_scopes
 
 __all__ = [
@@ -122,10 +122,7 @@ def solve_pruning_problems(grams: torch.Tensor, weights: torch.Tensor, k: int, c
     points = pruning_methods(grams, weights, k)
     seconds["methods"] = time.perf_counter() - start
     errors = {method: reconstruction_error(grams, weights, x) for method, x in points.items()}
-    stacked = torch.stack(list(errors.values()))
-    best = stacked.argmin(0)
-    x = torch.stack(list(points.values()))[best, torch.arange(weights.shape[0])]
-    ub = stacked.min(0).values
+    x, ub = best_of(points, errors)
     result = {"relaxation_lb": relaxation_lb, "errors": errors, "x": x, "ub": ub,
               "status": ["not_solved"] * weights.shape[0], "exact_lb": None}
     if weights.shape[1] <= config.max_exact_dim:
@@ -135,9 +132,7 @@ def solve_pruning_problems(grams: torch.Tensor, weights: torch.Tensor, k: int, c
         exact_x = torch.as_tensor(np.stack([e.x for e in exact]), dtype=torch.float64)
         exact_error = reconstruction_error(grams, weights, exact_x)
         errors["exact"] = exact_error
-        better = exact_error < ub
-        result["x"] = torch.where(better[:, None], exact_x, x)
-        result["ub"] = torch.minimum(exact_error, ub)
+        result["x"], result["ub"] = best_of({"methods": x, "exact": exact_x}, {"methods": ub, "exact": exact_error})
         result["exact_lb"] = torch.as_tensor([e.lb for e in exact], dtype=torch.float64).clamp_min(0.0)
         result["status"] = [e.status for e in exact]
     result["seconds"] = seconds

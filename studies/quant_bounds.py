@@ -48,7 +48,7 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import padded_stack, scope_summaries, set_columns, summarise
+from studies.bounds_files import best_of, padded_stack, scope_summaries, set_columns, summarise
 from studies.layer_problems import LayerData, problem_scopes
 
 __all__ = [
@@ -239,10 +239,7 @@ def solve_problems(
     points["adaround"] = adaround(P, q, r, w_over_s, lo, hi)
     seconds["adaround"] = time.perf_counter() - start
     errors = {method: problems.objective(z) for method, z in points.items()}
-    stacked = torch.stack([errors[m] for m in METHODS])
-    best_method = stacked.argmin(0)
-    z = torch.stack([points[m] for m in METHODS])[best_method, torch.arange(problems.batch_size, device=P.device)]
-    ub = stacked.min(0).values
+    z, ub = best_of(points, errors)
     result = {"lb": lb, "lam": lam, "mu": mu, "origin": origin, "status": status, "errors": errors, "z": z, "ub": ub}
     if config.exact:
         start = time.perf_counter()
@@ -251,9 +248,7 @@ def solve_problems(
         exact_z = torch.as_tensor(np.stack([e.z for e in exact]), dtype=torch.float64, device=P.device)
         exact_value = problems.objective(exact_z)
         errors["exact"] = exact_value
-        better = exact_value < ub
-        result["z"] = torch.where(better[:, None], exact_z, z)
-        result["ub"] = torch.minimum(exact_value, ub)
+        result["z"], result["ub"] = best_of({"methods": z, "exact": exact_z}, {"methods": ub, "exact": exact_value})
         exact_lb = torch.as_tensor([e.lb for e in exact], dtype=torch.float64, device=P.device).clamp_min(0.0)
         result["exact_lb"] = exact_lb
         result["exact_status"] = [e.status for e in exact]
