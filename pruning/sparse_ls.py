@@ -9,32 +9,49 @@ For a support ``S`` the best ``x`` is the least-squares refit (:func:`pruning.le
 so the optimum is the minimum of ``e(S)`` over supports of size ``k``. :func:`solve_exact`
 returns the best ``x`` found, its error ``ub``, a *certified* lower bound ``lb`` on the optimum,
 and the status ``"optimal"`` (search finished: ``lb >= ub - max(1e-10 |ub|, resolution)``),
-``"time_limit"`` or ``"node_limit"`` (``lb`` is then the smallest certified bound of the open
+``"node_limit"`` or ``"time_limit"`` (``lb`` is then the smallest certified bound of the open
 nodes, so the gap is reported instead of failing). ``resolution = 32 (n + 2) eps |w|'|G||w|`` is
 the float64 resolution of ``e``: differences below it cannot be certified.
 
-**Branch and bound.** A node fixes inputs *in* (``F``) and *out* (``O``); the others (``U``)
-share the budget ``k - |F|``. Its bound is the certified dual bound of the perspective relaxation
-(:mod:`pruning.perspective_bound`, with the diagonal split ``d`` of :func:`diagonal_split`,
-computed once per distinct ``G``); it is raised to the parent's bound. A node whose budget is 0 or
-whose ``|U|`` fits the budget is a leaf: its best support is ``F`` (resp. ``F u U``), evaluated
-exactly by a refit. Branching is on the input of ``U`` whose relaxed indicator ``z_i`` is closest
-to 1/2 (the most fractional), into ``i in F`` and ``i in O``; the children start from the parent's
-relaxed point. Nodes are explored best-first (smallest bound) and pruned when their bound
-reaches ``ub - max(1e-10 |ub|, resolution)``.
+**Limits and determinism.** The default limit is a count of work, ``node_limit =
+DEFAULT_NODE_LIMIT`` (100 000) nodes per problem (a node: one relaxation solved, or one small
+subtree enumerated, see below), so with it the results (``x``, ``ub``, ``lb``, ``status``,
+``nodes``) do not depend on timing or machine load; the search runs single-threaded in torch
+(``threads=1``) so they do not depend on torch's thread count either. The real layers' problems
+(``bench/bench_prune_bounds.py``) need at most a few thousand nodes; a problem needing all
+100 000 stops after roughly 10-40 s on one core. ``time_limit`` (seconds per problem, ``None`` by
+default) adds an optional wall-clock limit; only then do results depend on timing.
 
-**Incumbent.** The best of the heuristics of :mod:`pruning.sparse_ls_heuristics` (magnitude with
-and without refit, OBS, IHT, swap local search); at every node the relaxed point is rounded
-(``F`` plus the ``k - |F|`` largest ``z_i`` of ``U``) and refit.
+**Presolve.** An input with ``G_ii = 0`` (a zero column of ``A``: it never fires) changes no
+output, so it is pruned for free: the root fixes it *out*. When the remaining (live) inputs
+number at most ``k``, they are all kept (error 0).
+
+**Branch and bound.** A node fixes inputs *in* (``F``) and *out* (``O``); the others (``U``)
+share the budget ``k' = k - |F|``. A node with at most ``2048`` supports ``C(|U|, k')`` is
+enumerated (:mod:`pruning.support_enumeration`: every support's error by Schur-complement
+updates, the near-best ones refit exactly); this also solves small problems at the root,
+without heuristics or a diagonal split. Otherwise its bound is the certified dual bound of the
+perspective relaxation (:mod:`pruning.perspective_bound`, with the diagonal split ``d`` of
+:func:`diagonal_split`, computed once per distinct ``G``; at most 5 Newton iterations, from the
+parent's relaxed point), raised to the parent's bound. A child whose budget is 0 or whose ``|U|``
+fits the budget is a leaf: its best support is ``F`` (resp. ``F u U``), evaluated exactly by a
+refit. Branching is on the input of ``U`` whose relaxed indicator ``z_i`` is closest to 1/2 (the
+most fractional), into ``i in F`` and ``i in O``; the children start from the parent's relaxed
+point. Nodes are explored best-first (smallest bound) and pruned when their bound reaches
+``ub - max(1e-10 |ub|, resolution)``.
+
+**Incumbent.** OBS (:func:`pruning.sparse_ls_heuristics.obs_prune`) improved by the swap local
+search (:func:`pruning.sparse_ls_heuristics.swap_search`); at every relaxed node the relaxed point
+is rounded (``F`` plus the ``k - |F|`` largest ``z_i`` of ``U``) and refit.
 
 **Batches.** :func:`solve_exact_batch` runs the searches of many problems (one per output channel)
-in lockstep: every round takes the best open nodes of every unfinished problem and solves their
-relaxations in one batched torch computation, so the per-node Python overhead is shared. The time
-of a round is attributed to its problems in proportion to their nodes in it; ``time_limit`` and
-``node_limit`` apply to each problem. Computation is on the CPU in float64.
+in lockstep: every round takes the best open nodes of every unfinished problem (64 in all) and
+solves their relaxations and enumerations in batched torch computations, so the per-node Python
+overhead is shared. The limits apply to each problem; the time of a round is attributed to its
+problems in proportion to their nodes in it. Computation is on the CPU in float64.
 
-Degenerate problems are solved directly: ``k = n`` (``x = w``, error 0), ``k = 0`` (``x = 0``,
-error ``r = w'Gw``) and ``w = 0`` (``x = 0``, error 0).
+Degenerate problems are solved directly: ``k = 0`` (``x = 0``, error ``r = w'Gw``), ``w = 0``
+on the live inputs (``x = 0``) and ``k >=`` the live inputs (``x = w`` there, error 0).
 """
 from __future__ import annotations
 
@@ -59,10 +76,19 @@ from pruning.perspective_bound import (
     solve_relaxation,
 )
 from pruning.sparse_ls_cvxpy import available_backends, solve_mip
-from pruning.sparse_ls_heuristics import METHODS, check_budget, pruning_methods
+from pruning.sparse_ls_heuristics import (
+    METHODS,
+    check_budget,
+    hard_threshold,
+    obs_prune,
+    pruning_methods,
+    swap_search,
+)
+from pruning.support_enumeration import enumerate_supports, support_count
 
 # The solver and, re-exported for one import, the pieces it is built from.
 __all__ = [
+    "DEFAULT_NODE_LIMIT",
     "METHODS",
     "SparseLSResult",
     "available_backends",
@@ -81,8 +107,10 @@ logger = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
 _PRUNE_RTOL = 1e-10
-_ROUND_NODES = 64  # relaxations solved together per round (all problems)
-_NEWTON_ITERATIONS = 30
+_ROUND_NODES = 64  # nodes processed together per round (all problems)
+_NEWTON_ITERATIONS = 5  # per node; a child continues from its parent's point
+_ENUMERATION_SUPPORTS = 2048  # nodes with at most this many supports C(|U|, k') are enumerated
+DEFAULT_NODE_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -116,10 +144,11 @@ class SparseLSResult:
 class _Search:
     """The branch-and-bound state of one problem."""
 
-    def __init__(self, index: int, support: np.ndarray, ub: float, resolution: float) -> None:
+    def __init__(self, index: int, support: np.ndarray, ub: float, resolution: float, margin: float) -> None:
         self.index = index
         self.support, self.ub = support, ub
         self.resolution = resolution
+        self.margin = margin  # accuracy of the enumerated values (pruning.support_enumeration)
         self.heap: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.counter = 0
         self.closed_min = math.inf  # smallest bound (or exact value) of a closed node
@@ -128,7 +157,8 @@ class _Search:
         self.status: str | None = None
 
     def level(self) -> float:
-        return self.ub - max(_PRUNE_RTOL * abs(self.ub), self.resolution)
+        """The prune level ``ub - max(1e-10 |ub|, resolution)`` (``inf`` without an incumbent)."""
+        return self.ub - max(_PRUNE_RTOL * abs(self.ub), self.resolution) if math.isfinite(self.ub) else math.inf
 
     def push(self, bound: float, forced_in: np.ndarray, free: np.ndarray, x: np.ndarray | None) -> None:
         self.counter += 1
@@ -185,8 +215,8 @@ def solve_exact_batch(
     gram,
     weights,
     k: int,
-    time_limit: float = 10.0,
-    node_limit: int = 1_000_000,
+    time_limit: float | None = None,
+    node_limit: int = DEFAULT_NODE_LIMIT,
     d=None,
     progress: bool = False,
     threads: int | None = 1,
@@ -198,8 +228,9 @@ def solve_exact_batch(
             and symmetrised.
         weights: ``(B, n)`` (or ``(n,)`` for one problem).
         k: the number of kept weights, an integer in ``[0, n]``.
-        time_limit: seconds per problem (its share of the batched work).
-        node_limit: relaxations per problem.
+        time_limit: optional wall-clock seconds per problem (its share of the batched work);
+            ``None`` (the default): no wall-clock limit, the results do not depend on timing.
+        node_limit: nodes per problem (the deterministic work limit, module doc).
         d: an optional diagonal split (``(n,)`` or ``(B, n)``), checked with
             :func:`pruning.perspective_bound.verify_split`; default: :func:`diagonal_split`.
         progress: show a tqdm bar of finished problems.
@@ -223,14 +254,24 @@ def solve_exact_batch(
         torch.set_num_threads(previous_threads)
 
 
-def _solve_batch(gram, weights, k, time_limit: float, node_limit: int, d, progress: bool) -> list[SparseLSResult]:
+def _condition(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``cond(G_LL)`` of the live inputs of every problem (``inf`` when singular), ``(B,)``."""
+    scale = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    pair = live[:, :, None] & live[:, None, :]
+    embedded = torch.where(pair, G, 0.0) + torch.diag_embed((~live).to(G.dtype) * scale[:, None])
+    eigenvalues = torch.linalg.eigvalsh(embedded)
+    return torch.where(eigenvalues[:, 0] > 0, eigenvalues[:, -1] / eigenvalues[:, 0].clamp_min(1e-300), math.inf)
+
+
+def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d, progress: bool
+                 ) -> list[SparseLSResult]:
     start = time.perf_counter()
     G, W, _ = as_problems(gram, weights)
     G, W = G.cpu(), W.cpu()
     B, n = W.shape
     k = check_budget(k, n)
-    if not time_limit > 0:
-        raise ValueError(f"time_limit must be positive, got {time_limit}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be positive or None, got {time_limit}")
     if node_limit < 1:
         raise ValueError(f"node_limit must be >= 1, got {node_limit}")
     if not torch.isfinite(W).all():
@@ -242,33 +283,50 @@ def _solve_batch(gram, weights, k, time_limit: float, node_limit: int, d, progre
     _validate(G[:1] if shared else G, n)
 
     results: list[SparseLSResult | None] = [None] * B
-    zero_weights = (W == 0).all(1)
-    trivial = [p for p in range(B) if k in (0, n) or bool(zero_weights[p])]
-    for p in trivial:
-        x = W[p].clone() if k == n else torch.zeros(n, dtype=torch.float64)
-        support = np.ones(n, dtype=bool) if k == n else np.zeros(n, dtype=bool)
-        error = max(0.0, float(reconstruction_error(G[p], W[p], x)))
-        results[p] = SparseLSResult(x.numpy(), support, error, error, "optimal", 0, 0.0)
+    live = torch.diagonal(G, dim1=-2, dim2=-1) > 0  # presolve: a dead input (zero column of A) is pruned for free
+    zero_weights = (W * live == 0).all(1)
+    fits = live.sum(1) <= k
+    for p in range(B):
+        if k == 0 or bool(zero_weights[p]) or bool(fits[p]):
+            support = live[p] if k > 0 and bool(fits[p]) and not bool(zero_weights[p]) else torch.zeros_like(live[p])
+            x = torch.where(support, W[p], 0.0)
+            error = max(0.0, float(reconstruction_error(G[p], W[p], x)))
+            results[p] = SparseLSResult(x.numpy(), support.numpy(), error, error, "optimal", 0, 0.0)
     todo = [p for p in range(B) if results[p] is None]
     if not todo:
         return results
     index = torch.tensor(todo)
-    Gt, Wt = G[index], W[index]
+    Gt, Wt, live = G[index], W[index], live[index]
     if shared:
         Gt = G[:1].expand(len(todo), n, n)
-    d = problem_splits(Gt, d if d is None else torch.as_tensor(d, dtype=torch.float64).expand(B, n)[index])
-
-    candidates = pruning_methods(Gt, Wt, k)
-    errors = torch.stack([reconstruction_error(Gt, Wt, x) for x in candidates.values()])
-    best = torch.stack(list(candidates.values()))[errors.argmin(0), torch.arange(len(todo))]
-    best_error = errors.amin(0)
-    problems = NodeBatch.from_problems(Gt, Wt, d, torch.zeros_like(Wt, dtype=torch.bool),
-                                       torch.ones_like(Wt, dtype=torch.bool), torch.full((len(todo),), k))
+    root_budget = torch.full((len(todo),), k)
+    enumerated = support_count(live, root_budget) <= _ENUMERATION_SUPPORTS
+    searched = torch.nonzero(~enumerated).flatten()
+    # the diagonal split of the searched problems (an enumerated root needs none)
+    if d is not None:
+        d = problem_splits(Gt, torch.as_tensor(d, dtype=torch.float64).expand(B, n)[index])
+    else:
+        d = torch.zeros_like(Wt)
+        if searched.numel():
+            d[searched] = problem_splits(Gt[searched] if not shared else Gt[:1].expand(searched.numel(), n, n))
+    d = torch.where(live, d, 0.0)
+    problems = NodeBatch.from_problems(Gt, Wt, d, torch.zeros_like(live), live, root_budget)
+    condition = _condition(Gt[:1], live[:1]).expand(len(todo)) if shared and bool(live.all()) else _condition(Gt, live)
     resolution = 32.0 * (n + 2) * _EPS * problems.abs_r
+    margin = resolution * (1.0 + condition)
+
+    # incumbents: the heuristics where the root is searched, nothing where it is enumerated
+    best = torch.zeros_like(Wt)
+    best_error = torch.full((len(todo),), math.inf, dtype=torch.float64)
+    if searched.numel():
+        Gs, Ws = Gt[searched], Wt[searched]
+        x = refit(Gs, Ws, swap_search(Gs, Ws, hard_threshold(obs_prune(Gs, Ws, k), k)))
+        best[searched] = x
+        best_error[searched] = reconstruction_error(Gs, Ws, x).clamp_min(0.0)
     searches = []
     for t, p in enumerate(todo):
-        search = _Search(p, (best[t] != 0).numpy(), max(0.0, float(best_error[t])), float(resolution[t]))
-        search.push(-math.inf, np.zeros(n, dtype=bool), np.ones(n, dtype=bool), None)
+        search = _Search(p, (best[t] != 0).numpy(), float(best_error[t]), float(resolution[t]), float(margin[t]))
+        search.push(-math.inf, np.zeros(n, dtype=bool), live[t].numpy(), None)
         searches.append(search)
     setup_share = (time.perf_counter() - start) / len(todo)
     for search in searches:
@@ -282,7 +340,7 @@ def _solve_batch(gram, weights, k, time_limit: float, node_limit: int, d, progre
         still = []
         for t in running:
             search = searches[t]
-            if search.seconds >= time_limit:
+            if time_limit is not None and search.seconds >= time_limit:
                 search.status = "time_limit"
             elif search.nodes >= node_limit:
                 search.status = "node_limit"
@@ -327,71 +385,104 @@ def _solve_batch(gram, weights, k, time_limit: float, node_limit: int, d, progre
 
 
 def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeBatch, G, W, diagonal, k: int) -> None:
-    """Solve the relaxations of one round's nodes, prune or branch them, and evaluate the new leaves."""
-    n = W.shape[1]
+    """Enumerate or relax the round's nodes, prune or branch them, and evaluate the new leaves exactly."""
     owner = torch.tensor(owners)
     forced_in = torch.from_numpy(np.stack(forced))
     free_inputs = torch.from_numpy(np.stack(free))
     budget = k - forced_in.sum(1)
-    nodes = NodeBatch(problems.G[owner], problems.b[owner], problems.r[owner], problems.d[owner], forced_in,
-                      free_inputs, budget, problems.abs_gram[owner], problems.abs_gw[owner], problems.abs_r[owner])
-    x0 = torch.zeros(len(owners), n, dtype=torch.float64)
-    cold = [i for i, x in enumerate(starts) if x is None]
-    warm = [i for i, x in enumerate(starts) if x is not None]
+    levels = torch.tensor([searches[t].level() for t in owners], dtype=torch.float64)
+    for t in owners:
+        searches[t].nodes += 1
+    small = support_count(free_inputs, budget) <= _ENUMERATION_SUPPORTS
+    supports, support_owner = [], []
+
+    for kept in torch.unique(budget[small]).tolist():  # small subtrees: every support, exactly (module doc)
+        rows = torch.nonzero(small & (budget == kept)).flatten()
+        who = owner[rows]
+        margins = torch.tensor([searches[t].margin for t in who.tolist()], dtype=torch.float64)
+        node, candidates, rest = enumerate_supports(
+            G[who], problems.b[who], problems.r[who], problems.d[who], forced_in[rows], free_inputs[rows], kept,
+            margins, levels[rows])
+        for t, value in zip(who.tolist(), rest.tolist()):
+            searches[t].closed_min = min(searches[t].closed_min, value)
+        supports.append(candidates)
+        support_owner.append(who[node])
+
+    relaxed = torch.nonzero(~small).flatten()
+    if relaxed.numel():
+        _relax_and_branch(searches, relaxed, owner, bounds, forced, free, starts, problems, forced_in, free_inputs,
+                          budget, levels, diagonal, k, supports, support_owner)
+    if not supports:
+        return
+    support = torch.cat(supports)
+    who = torch.cat(support_owner)
+    if who.numel() == 0:
+        return
+    refits = masked_solve(G[who], problems.b[who], support)
+    errors = reconstruction_error(G[who], W[who], refits).clamp_min(0.0).tolist()
+    for e, t, s in zip(errors, who.tolist(), support.numpy()):
+        search = searches[t]
+        if e < search.ub:
+            search.ub, search.support = e, s.copy()
+        search.closed_min = min(search.closed_min, e)
+
+
+def _relax_and_branch(searches, rows, owner, bounds, forced, free, starts, problems: NodeBatch, forced_in, free_inputs,
+                      budget, levels, diagonal, k: int, supports: list, support_owner: list) -> None:
+    """Relax the nodes ``rows`` and push their children; the roundings and new leaves go to ``supports``."""
+    n = forced_in.shape[1]
+    own = owner[rows]
+    row_list = rows.tolist()
+    nodes = NodeBatch(problems.G[own], problems.b[own], problems.r[own], problems.d[own], forced_in[rows],
+                      free_inputs[rows], budget[rows], problems.abs_gram[own], problems.abs_gw[own],
+                      problems.abs_r[own])
+    x0 = torch.zeros(len(row_list), n, dtype=torch.float64)
+    cold = [i for i, row in enumerate(row_list) if starts[row] is None]
+    warm = [i for i, row in enumerate(row_list) if starts[row] is not None]
     if warm:
-        x0[warm] = torch.from_numpy(np.stack([starts[i] for i in warm]))
+        x0[warm] = torch.from_numpy(np.stack([starts[row_list[i]] for i in warm]))
     if cold:
         x0[cold] = initial_point(nodes.select(torch.tensor(cold)))
-    levels = torch.tensor([searches[t].level() for t in owners], dtype=torch.float64)
-    bound, x, _, _ = solve_relaxation(nodes, x0, level=levels, max_iterations=_NEWTON_ITERATIONS)
-    bound = torch.maximum(bound, torch.tensor(bounds, dtype=torch.float64))
+    bound, x, _, _ = solve_relaxation(nodes, x0, level=levels[rows], max_iterations=_NEWTON_ITERATIONS)
+    bound = torch.maximum(bound, torch.tensor([bounds[row] for row in row_list], dtype=torch.float64))
     z = relaxed_indicators(nodes, x)
-    branch = _branch_input(z, x, nodes.choice, free_inputs, diagonal[owner])
-    rounded = _rounded_supports(z, forced_in, free_inputs, budget)
-
-    # candidate supports: the rounding of every node, then the leaves among the children
-    supports, support_owner, leaf_flags = [rounded], [owner], [torch.zeros(len(owners), dtype=torch.bool)]
-    children = []
+    branch = _branch_input(z, x, nodes.choice, nodes.free, diagonal[own])
+    supports.append(_rounded_supports(z, nodes.forced_in, nodes.free, nodes.budget))
+    support_owner.append(own)
+    leaves, leaf_owners = [], []
     x_np, bound_np, branch_np = x.numpy(), bound.tolist(), branch.tolist()
-    for i, t in enumerate(owners):
+    for i, (row, t) in enumerate(zip(row_list, own.tolist())):
         search = searches[t]
-        search.nodes += 1
         if bound_np[i] >= search.level():
             search.closed_min = min(search.closed_min, bound_np[i])
             continue
         j = branch_np[i]
-        remaining = free[i].copy()
+        remaining = free[row].copy()
         remaining[j] = False
-        included = forced[i].copy()
+        included = forced[row].copy()
         included[j] = True
         out_x = x_np[i].copy()
         out_x[j] = 0.0
-        for child_in, child_x in ((included, x_np[i]), (forced[i], out_x)):
+        for child_in, child_x in ((included, x_np[i]), (forced[row], out_x)):
             child_budget = k - int(child_in.sum())
             if child_budget == 0 or int(remaining.sum()) <= child_budget:
-                leaf = child_in | remaining if child_budget > 0 else child_in.copy()
-                children.append((t, leaf))
+                leaves.append(child_in | remaining if child_budget > 0 else child_in.copy())
+                leaf_owners.append(t)
             else:
                 search.push(bound_np[i], child_in, remaining, child_x)
-    if children:
-        supports.append(torch.from_numpy(np.stack([leaf for _, leaf in children])))
-        support_owner.append(torch.tensor([t for t, _ in children]))
-        leaf_flags.append(torch.ones(len(children), dtype=torch.bool))
-    support = torch.cat(supports)
-    who = torch.cat(support_owner)
-    is_leaf = torch.cat(leaf_flags)
-    refits = masked_solve(G[who], problems.b[who], support)
-    errors = reconstruction_error(G[who], W[who], refits).clamp_min(0.0).tolist()
-    for e, t, s, leaf in zip(errors, who.tolist(), support.numpy(), is_leaf.tolist()):
-        search = searches[t]
-        if e < search.ub:
-            search.ub, search.support = e, s.copy()
-        if leaf:
-            search.closed_min = min(search.closed_min, e)
+    if leaves:
+        supports.append(torch.from_numpy(np.stack(leaves)))
+        support_owner.append(torch.tensor(leaf_owners))
 
 
 def solve_exact(
-    gram, weights, k: int, time_limit: float = 10.0, node_limit: int = 1_000_000, d=None, threads: int | None = 1
+    gram,
+    weights,
+    k: int,
+    time_limit: float | None = None,
+    node_limit: int = DEFAULT_NODE_LIMIT,
+    d=None,
+    threads: int | None = 1,
 ) -> SparseLSResult:
     """The best ``x`` with at most ``k`` nonzeros for ``e(x) = (w - x)'G(w - x)``, with a certified gap.
 
@@ -399,8 +490,9 @@ def solve_exact(
         gram: ``(n, n)`` PSD Gram matrix (numpy or torch; float64, symmetrised).
         weights: ``(n,)`` the weights ``w``.
         k: the number of kept weights, an integer in ``[0, n]``.
-        time_limit: seconds; the search stops with status ``"time_limit"`` when exceeded.
-        node_limit: the search stops with status ``"node_limit"`` after this many relaxations.
+        time_limit: optional wall-clock seconds; the search stops with status ``"time_limit"`` when
+            exceeded (``None``, the default: no wall-clock limit).
+        node_limit: the search stops with status ``"node_limit"`` after this many nodes.
         d: optional diagonal split (default :func:`pruning.perspective_bound.diagonal_split`).
         threads: torch CPU threads during the search (see :func:`solve_exact_batch`).
 

@@ -7,6 +7,7 @@ enumerated and each is refit by ``numpy.linalg.pinv`` of the patch matrix ``A`` 
 from __future__ import annotations
 
 import itertools
+import math
 
 import cvxpy as cp
 import numpy as np
@@ -24,7 +25,8 @@ from pruning.perspective_bound import (
     solve_relaxation,
     verify_split,
 )
-from pruning.sparse_ls import solve_exact, solve_exact_batch
+import pruning.sparse_ls as sparse_ls
+from pruning.sparse_ls import DEFAULT_NODE_LIMIT, solve_exact, solve_exact_batch
 from pruning.sparse_ls_cvxpy import available_backends, solve_mip
 from pruning.sparse_ls_heuristics import (
     METHODS,
@@ -34,6 +36,7 @@ from pruning.sparse_ls_heuristics import (
     pruning_methods,
     swap_search,
 )
+from pruning.support_enumeration import enumerate_supports, support_count
 
 
 def _patches(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
@@ -46,6 +49,10 @@ def _patches(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
         A = rng.standard_normal((3 * n, n))
         A[:, 1] = A[:, 0]
         A[:, -1] = 0.0
+        return A
+    if kind == "dead_inputs":  # several inputs that never fire (zero columns: zero diagonal entries of G)
+        A = rng.standard_normal((3 * n, n))
+        A[:, rng.choice(n, size=n // 3, replace=False)] = 0.0
         return A
     if kind == "real_like":  # correlated, ill-conditioned inputs with very different scales (post-ReLU-like)
         mixing = np.eye(n) + 0.6 * rng.standard_normal((n, n)) / np.sqrt(n)
@@ -101,16 +108,21 @@ def test_refit_is_least_squares_optimum_for_its_support() -> None:
 # --------------------------------------------------------------------------- exact solver
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kind", ["random", "rank_deficient", "duplicate", "real_like"])
-def test_exact_solver_matches_brute_force(seed: int, kind: str) -> None:
+# enumeration thresholds: every node searched (relaxations and branching only), small subtrees
+# enumerated, and the default (these problems are then mostly enumerated at the root)
+@pytest.mark.parametrize(("seed", "enumeration"), [(0, None), (1, None), (2, None), (3, None), (0, 0), (1, 0),
+                                                   (2, 40), (3, 40)])
+@pytest.mark.parametrize("kind", ["random", "rank_deficient", "duplicate", "real_like", "dead_inputs"])
+def test_exact_solver_matches_brute_force(seed: int, kind: str, enumeration, monkeypatch) -> None:
+    if enumeration is not None:
+        monkeypatch.setattr(sparse_ls, "_ENUMERATION_SUPPORTS", enumeration)
     rng = np.random.default_rng(100 * seed + len(kind))
     n = int(rng.integers(8, 15))
     A, G, w = _problem(rng, kind, n)
     ks = sorted({1, int(rng.integers(2, n - 1)), n // 2, n - 1})
     for k in ks:
         optimum = _brute_force(A, w, k)
-        result = solve_exact(G, w, k, time_limit=30.0)
+        result = solve_exact(G, w, k)
         tol = _tolerance(A, w)
         assert result.status == "optimal"
         assert result.ub == pytest.approx(optimum, rel=1e-9, abs=tol)
@@ -119,6 +131,8 @@ def test_exact_solver_matches_brute_force(seed: int, kind: str) -> None:
         assert result.ub == pytest.approx(float(np.sum((A @ (w - result.x)) ** 2)), rel=1e-9, abs=tol)
         assert result.lb <= optimum + tol and result.lb <= result.ub
         assert result.gap <= 1e-9 or result.ub - result.lb <= tol
+        if enumeration is not None:
+            continue
         # every pruning method is feasible, no better than the optimum and above the certified bounds
         root = float(lower_bound(G, w, k))
         assert root <= optimum + tol
@@ -170,12 +184,83 @@ def test_degenerate_inputs() -> None:
     assert solve_exact(np.zeros((5, 5)), rng.standard_normal(5), 2).ub == 0.0
 
 
+def test_dead_inputs_are_pruned_first() -> None:
+    """Inputs with a zero column of A cost nothing to prune: with k >= the live inputs the error is 0."""
+    rng = np.random.default_rng(12)
+    A = rng.standard_normal((40, 10))
+    A[:, [1, 4, 5, 8]] = 0.0
+    G, w = A.T @ A, rng.laplace(size=10)
+    for k in (6, 7, 9):
+        result = solve_exact(G, w, k)
+        assert result.status == "optimal" and result.ub == pytest.approx(0.0, abs=_tolerance(A, w))
+        assert not result.support[[1, 4, 5, 8]].any() and result.support.sum() == 6
+    for k in (1, 3, 5):
+        result = solve_exact(G, w, k)
+        assert result.status == "optimal" and not result.support[[1, 4, 5, 8]].any()
+        assert result.ub == pytest.approx(_brute_force(A, w, k), rel=1e-9, abs=_tolerance(A, w))
+
+
+def test_enumeration_of_a_node_matches_brute_force() -> None:
+    """enumerate_supports with inputs fixed in: the refit candidates hold the best completion."""
+    rng = np.random.default_rng(13)
+    A, G, w = _problem(rng, "real_like", 10)
+    Gt, wt = torch.from_numpy(G)[None], torch.from_numpy(w)[None]
+    b = Gt[0] @ wt[0]
+    forced = torch.zeros(1, 10, dtype=torch.bool)
+    forced[0, [2, 7]] = True
+    free = ~forced
+    free[0, 0] = False  # input 0 fixed out
+    assert float(support_count(free, torch.tensor([3]))[0]) == 35  # C(7, 3)
+    values = {}
+    for extra in itertools.combinations(np.flatnonzero(free[0].numpy()), 3):
+        support = np.zeros(10, dtype=bool)
+        support[[2, 7, *extra]] = True
+        values[tuple(np.flatnonzero(support))] = float(np.sum((A @ w - A[:, support] @ np.linalg.lstsq(
+            A[:, support], A @ w, rcond=None)[0]) ** 2))
+    best = min(values.values())
+    d = diagonal_split(G)[None]
+    margin = torch.tensor([1e-9 * best])
+    for level in (math.inf, best * 1.5, best * 0.5):
+        owner, candidates, rest = enumerate_supports(Gt, b[None], (wt[0] @ b)[None], d, forced, free, 3, margin,
+                                                     torch.tensor([level]))
+        assert (owner == 0).all() and (candidates.sum(1) == 5).all() and (candidates & forced).sum() == 2 * len(owner)
+        found = [values[tuple(np.flatnonzero(c.numpy()))] for c in candidates]
+        if level > best:  # the best support is among the candidates; the others are bounded below by rest
+            assert min(found) == pytest.approx(best, rel=1e-12)
+            assert float(rest[0]) <= min(v for key, v in values.items() if v > min(found) * (1 + 1e-6)) + 1e-9
+        else:  # nothing reaches the level: the bound says so
+            assert min(found, default=math.inf) >= level or float(rest[0]) >= level
+            assert float(rest[0]) <= best * (1 + 1e-9)
+
+
+def test_node_limit_results_are_reproducible_across_runs_and_threads() -> None:
+    """The default (work) limit: identical results whatever the load and torch's thread count."""
+    rng = np.random.default_rng(14)
+    A = _patches(rng, "real_like", 26)
+    G, W = A.T @ A, rng.laplace(size=(3, 26))
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            runs.append(solve_exact_batch(G, W, 9, node_limit=12) + [solve_exact(G, W[0], 9)])
+    finally:
+        torch.set_num_threads(previous)
+    assert {result.status for result in runs[0][:3]} == {"node_limit"} and runs[0][3].status == "optimal"
+    for run in runs[1:]:
+        for first, again in zip(runs[0], run):
+            assert np.array_equal(first.x, again.x) and np.array_equal(first.support, again.support)
+            assert (first.ub, first.lb, first.status, first.nodes) == (again.ub, again.lb, again.status, again.nodes)
+    assert DEFAULT_NODE_LIMIT >= 10_000
+    assert runs[0][3].nodes < DEFAULT_NODE_LIMIT
+
+
 def test_time_and_node_limits_report_a_certified_gap() -> None:
     rng = np.random.default_rng(11)
     A = _patches(rng, "real_like", 28)
     G, w = A.T @ A, rng.laplace(size=28)
     heuristic = min(float(reconstruction_error(G, w, x)) for x in pruning_methods(G, w, 10).values())
-    full = solve_exact(G, w, 10, time_limit=60.0)
+    full = solve_exact(G, w, 10)
     assert full.status == "optimal"
     limited = [solve_exact(G, w, 10, time_limit=1e-4), solve_exact(G, w, 10, node_limit=5)]
     assert [result.status for result in limited] == ["time_limit", "node_limit"]
