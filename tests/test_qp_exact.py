@@ -8,15 +8,20 @@ real-size ones against the heuristic ``one_opt(sequential_rounding)``.
 """
 from __future__ import annotations
 
-import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from quantization.ptq_rounding import one_opt, qp_objective, sequential_rounding
 from quantization.qp_bounds import QuadraticProblems, dual_bound, solve_dual
+from quantization import qp_exact
 from quantization.qp_exact import (
+    BASES,
+    DEFAULT_NODE_LIMIT,
     NODE_BOUNDS,
     ExactResult,
     box_multipliers,
@@ -31,9 +36,13 @@ def _objective(P: np.ndarray, q: np.ndarray, r: float, Z: np.ndarray) -> np.ndar
     return np.einsum("ki,ij,kj->k", Z, P, Z) + 2.0 * Z @ q + r
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _box_points(lo, hi) -> np.ndarray:
     """Every integer point of the box, ``(N, n)``, in lexicographic order."""
-    return np.array(list(itertools.product(*[np.arange(a, b + 1) for a, b in zip(lo, hi)])), dtype=np.float64)
+    grids = np.meshgrid(*[np.arange(a, b + 1, dtype=np.float64) for a, b in zip(lo, hi)], indexing="ij")
+    return np.stack([grid.ravel() for grid in grids], axis=1).reshape(-1, len(lo))
 
 
 def _brute_force(P, q, r, lo, hi) -> float:
@@ -58,6 +67,16 @@ def _random_problem(rng: np.random.Generator, n: int, bits: int, rows: int, spre
     return P, q, r, lo, hi
 
 
+def _ill_conditioned_problem(rng: np.random.Generator, n: int, bits: int, spread: float):
+    """Gram matrix of random-walk signals (neighbouring inputs almost equal, as the pixels of an image patch):
+    condition numbers ~1e3-1e5; weights ``spread`` times the grid (clipped where it exceeds the box)."""
+    A = np.cumsum(rng.standard_normal((3 * n, n)) * np.r_[1.0, np.full(n - 1, 0.05)], axis=1)
+    P = A.T @ A
+    w = rng.standard_normal(n) * spread
+    lo, hi = np.full(n, -(2.0 ** (bits - 1))), np.full(n, 2.0 ** (bits - 1) - 1)
+    return P, -P @ w, float(w @ P @ w), lo, hi
+
+
 def _assert_feasible(result: ExactResult, P, q, r, lo, hi) -> None:
     z = result.z
     assert np.array_equal(z, np.round(z)) and (z >= lo).all() and (z <= hi).all()
@@ -65,9 +84,12 @@ def _assert_feasible(result: ExactResult, P, q, r, lo, hi) -> None:
     assert result.lb <= result.ub
 
 
-@pytest.mark.parametrize("node_bound", NODE_BOUNDS)
+SEARCHES = [("ellipsoid", basis) for basis in BASES] + [("box", "auto")]
+
+
+@pytest.mark.parametrize("node_bound, basis", SEARCHES)
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_brute_force(seed: int, node_bound: str) -> None:
+def test_matches_brute_force(seed: int, node_bound: str, basis: str) -> None:
     rng = np.random.default_rng(seed)
     for trial in range(25):
         n = int(rng.integers(1, 7))
@@ -75,10 +97,10 @@ def test_matches_brute_force(seed: int, node_bound: str) -> None:
         rows = int(rng.integers(1, 2 * n + 1))  # rows < n: rank-deficient P
         spread = float(rng.choice([0.3, 1.0, 3.0, 10.0]))
         P, q, r, lo, hi = _random_problem(rng, n, bits, rows, spread)
-        result = solve_exact(P, q, r, lo, hi, time_limit=5.0, node_bound=node_bound)
+        result = solve_exact(P, q, r, lo, hi, node_bound=node_bound, basis=basis)
         best = _brute_force(P, q, r, lo, hi)
         tolerance = max(1e-9 * abs(best), 1e-13 * _scale(P, q, r, lo, hi))
-        context = f"seed {seed} trial {trial} n {n} bits {bits} rows {rows} {node_bound}"
+        context = f"seed {seed} trial {trial} n {n} bits {bits} rows {rows} {node_bound} {basis}"
         assert result.status == "optimal", context
         _assert_feasible(result, P, q, r, lo, hi)
         assert abs(result.ub - best) <= tolerance, context
@@ -86,10 +108,12 @@ def test_matches_brute_force(seed: int, node_bound: str) -> None:
         assert result.ub - result.lb <= tolerance, context
 
 
+@pytest.mark.parametrize("basis", BASES[1:])
 @pytest.mark.parametrize("seed", range(3))
-def test_wide_box_nearly_singular_matches_brute_force(seed: int) -> None:
+def test_wide_box_nearly_singular_matches_brute_force(seed: int, basis: str) -> None:
     """Two nearly equal input columns: along their difference f is almost flat, so the intervals of
-    children the search evaluates are tens of integers wide (the narrow-box tests hardly exercise them)."""
+    children the search evaluates are tens of integers wide (the narrow-box tests hardly exercise them);
+    the reduced basis turns that direction into a lattice vector whose range is clipped by the box."""
     rng = np.random.default_rng(40 + seed)
     for trial in range(3):
         A = rng.standard_normal((6, 3))
@@ -98,11 +122,38 @@ def test_wide_box_nearly_singular_matches_brute_force(seed: int) -> None:
         w = rng.standard_normal(3) * 30.0
         q, r = -P @ w, float(w @ P @ w)
         lo, hi = np.full(3, -40.0), np.full(3, 39.0)
-        result = solve_exact(P, q, r, lo, hi, z0=np.zeros(3))  # a poor start: wide early thresholds
+        result = solve_exact(P, q, r, lo, hi, z0=np.zeros(3), basis=basis)  # a poor start: wide early thresholds
         best = _brute_force(P, q, r, lo, hi)
         tolerance = max(1e-9 * abs(best), 1e-13 * _scale(P, q, r, lo, hi))
         assert result.status == "optimal", f"seed {seed} trial {trial}"
         assert abs(result.ub - best) <= tolerance, f"seed {seed} trial {trial}"
+
+
+@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize("seed", range(3))
+def test_ill_conditioned_matches_brute_force(seed: int, basis: str) -> None:
+    """Image-patch-like Gram matrices (the hard case of the layer problems), with weights inside the grid
+    and beyond it, a duplicated input (singular P) and a few fixed coordinates."""
+    rng = np.random.default_rng(60 + seed)
+    for trial in range(4):
+        n, bits = (6, 3) if trial % 2 else (8, 2)
+        P, q, r, lo, hi = _ill_conditioned_problem(rng, n, bits, spread=float(rng.choice([0.7, 3.0])) * 2 ** (bits - 1))
+        if trial == 3:
+            A = np.linalg.cholesky(P + 1e-9 * np.eye(n)).T
+            A[:, 1] = A[:, 0]
+            P = A.T @ A
+            w = rng.standard_normal(n) * 2.0
+            q, r = -P @ w, float(w @ P @ w)
+        if trial == 2:
+            lo[[1, 4]] = hi[[1, 4]] = 0.0
+        result = solve_exact(P, q, r, lo, hi, basis=basis)
+        best = _brute_force(P, q, r, lo, hi)
+        tolerance = max(1e-9 * abs(best), 1e-13 * _scale(P, q, r, lo, hi))
+        context = f"seed {seed} trial {trial} {basis} cond {np.linalg.cond(P):.1e}"
+        assert result.status == "optimal", context
+        _assert_feasible(result, P, q, r, lo, hi)
+        assert abs(result.ub - best) <= tolerance, context
+        assert result.ub - result.lb <= tolerance, context
 
 
 def test_optimum_on_the_box_boundary() -> None:
@@ -150,12 +201,63 @@ def _heuristic_value(P, q, r, lo, hi) -> float:
 def test_real_size_no_worse_than_heuristic(n: int) -> None:
     rng = np.random.default_rng(100 + n)
     P, q, r, lo, hi = _layer_problem(rng, n)
-    result = solve_exact(P, q, r, lo, hi, time_limit=2.0)
+    result = solve_exact(P, q, r, lo, hi, node_limit=200_000)
     _assert_feasible(result, P, q, r, lo, hi)
-    assert result.status in ("optimal", "time_limit")
+    assert result.status in ("optimal", "node_limit")
     assert result.ub <= _heuristic_value(P, q, r, lo, hi) * (1 + 1e-12)
     if result.status == "optimal":
         assert result.gap <= 1e-9
+
+
+def test_bases_agree_on_ill_conditioned_mid_size_problems() -> None:
+    """16 and 20 patch-like inputs at 4 bits, weights inside the grid and clipped: the two bases search
+    different trees with different node bounds below the root (and "auto" races them); they must agree
+    on the optimum (the permutation search within its bounds where the node limit stops it)."""
+    rng = np.random.default_rng(8)
+    for n, spread in ((16, 6.0), (20, 6.0), (20, 10.0)):
+        P, q, r, lo, hi = _ill_conditioned_problem(rng, n, 4, spread=spread)
+        results = {basis: solve_exact(P, q, r, lo, hi, basis=basis, node_limit=1_000_000) for basis in BASES}
+        best = results["reduced"].ub
+        for basis, result in results.items():
+            context = (n, spread, basis, result.status, result.nodes)
+            _assert_feasible(result, P, q, r, lo, hi)
+            assert result.lb <= best * (1 + 1e-9) and result.ub >= best * (1 - 1e-9), context
+            if basis != "permutation":
+                assert result.status == "optimal" and result.ub == pytest.approx(best, rel=1e-9), context
+    # the last one is hard for the permutation basis only; "auto" needs about 65536 + 2 * 17613 nodes
+    assert results["permutation"].status == "node_limit" and results["reduced"].nodes < 20_000
+    assert results["auto"].nodes < 100_000
+
+
+def _key(result: ExactResult) -> tuple:
+    """Everything of a result but its time, bitwise."""
+    return result.z.tobytes(), result.ub, result.lb, result.status, result.nodes
+
+
+def test_node_limit_results_do_not_depend_on_clock_threads_or_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a time limit the solver reads no clock: the same inputs give bitwise the same result with a
+    clock that jumps an hour per reading, other torch and BLAS thread counts, and a busy CPU -- both when
+    the node limit stops the search (mid-race of the two bases) and when it proves the optimum."""
+    rng = np.random.default_rng(9)
+    P, q, r, lo, hi = _ill_conditioned_problem(rng, 20, 4, spread=10.0)
+
+    def solve_all() -> list[tuple]:
+        return [_key(solve_exact(P, q, r, lo, hi, node_limit=limit)) for limit in (20_000, 67_000, DEFAULT_NODE_LIMIT)]
+
+    with threadpool_limits(limits=1):
+        reference = solve_all()
+    assert [key[3] for key in reference] == ["node_limit", "node_limit", "optimal"]
+    clock = iter(np.arange(1e6) * 3600.0)
+    monkeypatch.setattr(qp_exact, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        torch.set_num_threads(2)
+        assert solve_all() == reference
+        assert solve_exact(P, q, r, lo, hi, time_limit=1.0).status == "time_limit"  # the clock is read when asked
+    finally:
+        busy.kill()
+        busy.wait()
+    assert solve_all() == reference
 
 
 def test_time_and_node_limits_report_a_gap() -> None:
@@ -179,7 +281,7 @@ def test_batch_matches_single_problems() -> None:
         torch.from_numpy(np.stack([p[3] for p in problems])),
         torch.from_numpy(np.stack([p[4] for p in problems])),
     )
-    results = solve_exact_batch(batch, time_limit=5.0)
+    results = solve_exact_batch(batch)
     assert len(results) == 3
     for result, (P, q, r, lo, hi) in zip(results, problems):
         assert result.status == "optimal"
@@ -201,10 +303,13 @@ def test_rejects_infeasible_start() -> None:
 # --------------------------------------------------------------------------- the ellipsoid node bound
 
 
-def _narrow_box_problem(rng: np.random.Generator, n: int):
-    """A random problem (rank-deficient for ``rows < n``) on a narrow box, some coordinates fixed (``lo = hi``)."""
+def _narrow_box_problem(rng: np.random.Generator, n: int, ill_conditioned: bool = False):
+    """A random problem (rank-deficient for ``rows < n``; random-walk inputs if ``ill_conditioned``) on a narrow
+    box, some coordinates fixed (``lo = hi``)."""
     rows = int(rng.integers(1, 2 * n + 1))
     A = rng.standard_normal((rows, n))
+    if ill_conditioned:
+        A = np.cumsum(rng.standard_normal((3 * n, n)) * np.r_[1.0, np.full(n - 1, 0.05)], axis=1)
     P = A.T @ A
     w = rng.standard_normal(n) * float(rng.choice([0.5, 2.0, 5.0]))
     lo = rng.integers(-3, 2, size=n).astype(np.float64)
@@ -212,11 +317,14 @@ def _narrow_box_problem(rng: np.random.Generator, n: int):
     return P, -P @ w, float(w @ P @ w), lo, hi
 
 
-def _prefix_minima(P, q, r, lo, hi, order: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every assignment of the coordinates ``order[:k]`` and the minimum of ``f`` over its completions."""
+def _lattice_prefix_minima(P, q, r, lo, hi, bound, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every value of the first ``k`` lattice coordinates the search fixes, ``(u_{n-1}, ..., u_{n-k})`` with
+    ``z - c = U u``, over the box's integer points, and the minimum of ``f`` over each."""
     Z = _box_points(lo, hi)
     values = _objective(P, q, r, Z)
-    prefixes, inverse = np.unique(Z[:, order[:k]], axis=0, return_inverse=True)
+    U_inverse = np.round(np.linalg.inv(bound.basis))
+    u = (Z - bound.origin) @ U_inverse.T
+    prefixes, inverse = np.unique(u[:, ::-1][:, :k], axis=0, return_inverse=True)
     minima = np.full(prefixes.shape[0], np.inf)
     np.minimum.at(minima, inverse.ravel(), values)
     return prefixes, minima
@@ -242,23 +350,30 @@ def _splits(rng: np.random.Generator, P, q, r, lo, hi) -> dict:
     }
 
 
+@pytest.mark.parametrize("basis", BASES[1:])
 @pytest.mark.parametrize("seed", range(4))
-def test_ellipsoid_bound_below_every_completion(seed: int) -> None:
+def test_ellipsoid_bound_below_every_completion(seed: int, basis: str) -> None:
     rng = np.random.default_rng(20 + seed)
-    for trial in range(6):
+    transformed = 0
+    for trial in range(8):
         n = int(rng.integers(1, 7))
-        P, q, r, lo, hi = _narrow_box_problem(rng, n)
+        P, q, r, lo, hi = _narrow_box_problem(rng, n, ill_conditioned=trial % 2 == 1)
         scale = _scale(P, q, r, lo, hi)
         for name, (diagonal, linear, origin) in _splits(rng, P, q, r, lo, hi).items():
-            bound = ellipsoid_bound(P, q, r, lo, hi, diagonal, linear, origin)
-            assert sorted(bound.order.tolist()) == list(range(n))
-            context = f"seed {seed} trial {trial} n {n} split {name}"
+            bound = ellipsoid_bound(P, q, r, lo, hi, diagonal, linear, origin, basis=basis)
+            U = bound.basis
+            assert np.array_equal(U, np.round(U)) and round(abs(np.linalg.det(U))) == 1  # unimodular
+            if basis == "permutation":
+                assert np.array_equal(np.sort(U, axis=0)[-1], np.ones(n)) and (np.abs(U).sum(0) == 1).all()
+            transformed += int((np.abs(U).sum(0) > 1).any())
+            context = f"seed {seed} trial {trial} n {n} split {name} {basis}"
             for k in range(n + 1):
-                prefixes, minima = _prefix_minima(P, q, r, lo, hi, bound.order, k)
+                prefixes, minima = _lattice_prefix_minima(P, q, r, lo, hi, bound, k)
                 bounds = bound.bounds(prefixes)
                 assert (bounds <= minima + 1e-12 * scale).all(), context
                 if k == n:  # a leaf: the bound is f itself up to the certification margins
                     np.testing.assert_allclose(bounds, minima, rtol=0, atol=1e-9 * scale, err_msg=context)
+    assert (transformed > 0) == (basis == "reduced")  # the reduced basis is exercised beyond permutations
 
 
 def _dual_function(P, q, r, lam, mu, origin, lower, upper) -> float:
@@ -317,7 +432,7 @@ def test_node_bounds_agree_on_mid_size_problems(spread: float) -> None:
         P, q, r, lo, hi = _layer_problem(rng, 14)
         w = rng.standard_normal(14) * spread * 8
         q, r = -P @ w, float(w @ P @ w)
-        results = [solve_exact(P, q, r, lo, hi, time_limit=20.0, node_bound=kind) for kind in NODE_BOUNDS]
+        results = [solve_exact(P, q, r, lo, hi, node_bound=kind) for kind in NODE_BOUNDS]
         for result in results:
             assert result.status == "optimal"
             _assert_feasible(result, P, q, r, lo, hi)
