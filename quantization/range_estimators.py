@@ -2,45 +2,43 @@
 
 * :func:`current_minmax` - the extremes of the tensor at hand;
 * :class:`RunningMinMax` - an exponential moving average of the extremes over batches;
-* :func:`mse_range` - the range whose quantizer has the least squared error on the tensor.
-
-The MSE search never quantizes the tensor per candidate. The values are sorted once, with
-prefix sums of ``x`` and ``x^2`` (:class:`SortedValues`). A uniform grid with levels
-``L_k = s (k - z)`` sends every value to its nearest level (clipped values go to the end
-levels), so the values of one level are a contiguous run ``[i_k, i_{k+1})`` of the sorted
-array, found by binary search on the mid-points between levels, and
-
-    SSE = sum_k (S2_k - 2 L_k S1_k + L_k^2 n_k),
-
-with ``n_k``, ``S1_k``, ``S2_k`` the count, sum and sum of squares of the run, read off the
-prefix sums. One candidate costs ``O(2^b log n)`` instead of ``O(n)``, so a dense grid of
-candidates followed by local refinement is cheap. Sums are taken in float64 (float32 on
-devices without float64) whatever the dtype of the tensor.
+* :func:`mse_range` - the range whose quantizer has the least squared error on the tensor,
+  found by a certified search over all step sizes (:func:`mse_range_search`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from quantization.quantizers import QuantParams, QuantScheme, integer_range, params_from_range
+from quantization.grid_error import (
+    SortedValues,
+    as_rows,
+    error_resolution,
+    grid_sse,
+    grid_sse_lower_bound,
+    interval_minimum,
+    narrow_intervals,
+    narrow_ratio,
+)
+from quantization.quantizers import QuantScheme, integer_range, params_from_range
 
-# Elements of the largest intermediate (rows x candidates x levels) built at once.
-_MAX_CHUNK_ELEMENTS = 1 << 22
-
-
-def accumulation_dtype(device: torch.device) -> torch.dtype:
-    """float64 where the device supports it (not on Apple MPS), else float32."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
-def as_rows(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
-    """``x`` as a 2-D ``(rows, n)`` tensor: one row per channel of ``ch_axis``, or a single row."""
-    if ch_axis is None:
-        return x.reshape(1, -1)
-    return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
+# The search returns an error within this share of the optimum (or within the float64
+# resolution of the prefix sums, whichever is larger).
+MSE_RTOL = 1e-9
+# The paper's search: thresholds i / 100 of the tensor's extreme, the first incumbents.
+PAPER_CANDIDATES = 100
+# Equal intervals of the step from 0 to the extreme's that start the search.
+ROOT_INTERVALS = 25
+# Children of a narrow node per split of its step interval.
+_STEP_SPLITS = 8
+# At most this many narrow parts of a wide node in one split.
+_MAX_PARTS = 64
+# Nodes x segments evaluated at once (bounds the memory of a round).
+_MAX_SLOTS = 1 << 21
+# Narrow nodes with at most this many values changing level inside (or levels x log2 n, if
+# more) are solved by a sweep rather than split.
+SWEEP_LIMIT = 4096
 
 
 def current_minmax(x: torch.Tensor, ch_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,204 +73,189 @@ class RunningMinMax:
         return self.min_val, self.max_val
 
 
-def sort_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Each row sorted ascending, returned in the accumulation dtype.
+def _node_chunks(row: torch.Tensor, selected: torch.Tensor, max_slots: int):
+    """The selected nodes laid out by row, in chunks of at most ``max_slots`` slots (rows x nodes).
 
-    Sorting happens in the input's precision (float16 as float32) and the result is cast
-    afterwards, which is exact. On CPU numpy's vectorised sort is about three times faster
-    than ``torch.sort``, and sorting dominates the weight study's run time.
+    Yields ``(rows, index, valid)``: the chunk's rows, its ``(r, g)`` node indices (padded with
+    the row's last node) and which slots hold a node. Rows with many
+    nodes get chunks of their own, so padding never costs more than the nodes themselves.
     """
-    dtype = accumulation_dtype(rows.device)
-    if rows.device.type == "cpu":
-        values = rows.detach().to(torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype)
-        return torch.from_numpy(np.sort(values.numpy(), axis=1)).to(dtype).contiguous()
-    return torch.sort(rows.detach(), dim=1).values.to(dtype).contiguous()
+    nodes = selected.nonzero()[:, 0]
+    if not nodes.numel():
+        return
+    nodes = nodes[torch.argsort(row[nodes], stable=True)]
+    rows, counts = torch.unique_consecutive(row[nodes], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    max_slots = max(1, max_slots)
+    groups: list[list[tuple[int, int, int]]] = [[]]  # per chunk: (row, first node, node count)
+    width = 0
+    for r, start, count in zip(rows.tolist(), starts.tolist(), counts.tolist()):
+        for first in range(start, start + count, max_slots):
+            size = min(max_slots, start + count - first)
+            if groups[-1] and (len(groups[-1]) + 1) * max(width, size) > max_slots:
+                groups.append([])
+                width = 0
+            groups[-1].append((r, first, size))
+            width = max(width, size)
+    for group in groups:
+        chunk_rows, first, size = (torch.tensor(column, device=row.device) for column in zip(*group))
+        slots = torch.arange(int(size.max()), device=row.device)
+        valid = slots < size[:, None]
+        index = nodes[first[:, None] + torch.minimum(slots, size[:, None] - 1)]
+        yield chunk_rows, index, valid
 
 
-@dataclass(frozen=True)
-class SortedValues:
-    """Rows of values sorted ascending, with prefix sums ``[0, cumsum(x)]`` and ``[0, cumsum(x^2)]``."""
-
-    values: torch.Tensor
-    prefix_sum: torch.Tensor
-    prefix_sum_sq: torch.Tensor
-
-    @classmethod
-    def from_rows(cls, rows: torch.Tensor) -> SortedValues:
-        values = sort_rows(rows)
-        zeros = values.new_zeros(values.shape[0], 1)
-        prefix_sum = torch.cat([zeros, values.cumsum(dim=1)], dim=1)
-        prefix_sum_sq = torch.cat([zeros, (values * values).cumsum(dim=1)], dim=1)
-        return cls(values, prefix_sum, prefix_sum_sq)
-
-    @property
-    def n_rows(self) -> int:
-        return self.values.shape[0]
-
-    @property
-    def n_values(self) -> int:
-        return self.values.shape[1]
-
-
-def _candidate_cost(n_values: int, n_levels: int) -> int:
-    """Work per row and candidate: binned ``O(K log n)`` or direct ``O(n)``, whichever is smaller."""
-    return min(n_values, n_levels * max(1, math.ceil(math.log2(n_values + 1))))
-
-
-def basin_grid_size(n_rows: int, n_values: int, n_levels: int) -> int:
-    """Points of the dense search over the near-optimal basin: about 2^19 units of work, in [16, 1024]."""
-    return int(min(1024, max(16, (1 << 19) // (n_rows * _candidate_cost(n_values, n_levels)))))
-
-
-def grid_sse(sorted_values: SortedValues, step_size: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
-    """Sum of squared quantization errors of each row for each candidate grid.
-
-    Args:
-        sorted_values: ``R`` rows of ``n`` values.
-        step_size, zero_point: ``(R, G)`` candidate grids per row.
-    Returns:
-        ``(R, G)`` sums of squared errors, exactly those of :func:`quantize_dequantize`
-        (a value on a mid-point has the same error whichever neighbour it rounds to).
-    """
-    rows, n_candidates = step_size.shape
-    n_levels = q_max - q_min + 1
-    if _candidate_cost(sorted_values.n_values, n_levels) == sorted_values.n_values:
-        return _direct_sse(sorted_values.values, step_size, zero_point, q_min, q_max)
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * n_levels))
-    return torch.cat(
-        [
-            _binned_sse(sorted_values, step_size[:, i : i + chunk], zero_point[:, i : i + chunk], q_min, q_max)
-            for i in range(0, n_candidates, chunk)
-        ],
-        dim=1,
-    )
-
-
-def _binned_sse(sv: SortedValues, step_size: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
-    rows, n_candidates = step_size.shape
-    integers = torch.arange(q_min, q_max + 1, dtype=step_size.dtype, device=step_size.device)
-    levels = (integers - zero_point[..., None]) * step_size[..., None]  # (R, G, K)
-    midpoints = 0.5 * (levels[..., 1:] + levels[..., :-1])
-    cuts = torch.searchsorted(sv.values, midpoints.reshape(rows, -1)).reshape(rows, n_candidates, -1)
-    first = cuts.new_zeros(rows, n_candidates, 1)
-    last = torch.full_like(first, sv.n_values)
-    bounds = torch.cat([first, cuts, last], dim=2).reshape(rows, -1)
-
-    def run_sums(prefix: torch.Tensor) -> torch.Tensor:
-        at_bounds = torch.gather(prefix, 1, bounds).reshape(rows, n_candidates, -1)
-        return at_bounds[..., 1:] - at_bounds[..., :-1]
-
-    run_bounds = bounds.reshape(rows, n_candidates, -1)
-    counts = (run_bounds[..., 1:] - run_bounds[..., :-1]).to(levels.dtype)
-    sums, sums_sq = run_sums(sv.prefix_sum), run_sums(sv.prefix_sum_sq)
-    return (sums_sq - 2 * levels * sums + levels * levels * counts).sum(dim=2)
-
-
-def _direct_sse(values: torch.Tensor, step_size: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
-    """Full quantize-dequantize per candidate; cheaper than binning when levels outnumber values."""
-    rows, n_candidates = step_size.shape
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * values.shape[1]))
-    out = []
-    for i in range(0, n_candidates, chunk):
-        s, z = step_size[:, i : i + chunk, None], zero_point[:, i : i + chunk, None]
-        x = values[:, None, :]
-        x_hat = (torch.clamp(torch.round(x / s) + z, q_min, q_max) - z) * s
-        out.append(((x - x_hat) ** 2).sum(dim=2))
-    return torch.cat(out, dim=1)
-
-
-def zero_count(sorted_values: SortedValues, step_size: torch.Tensor) -> torch.Tensor:
-    """Per row, how many values a zero-point-0 quantizer with ``step_size`` (shape ``(R,)``) maps to 0.
-
-    ``round(x / s) = 0`` exactly for ``-s/2 <= x <= s/2`` (round half to even).
-    """
-    half_step = (0.5 * step_size)[:, None]
-    upper = torch.searchsorted(sorted_values.values, half_step, right=True)
-    lower = torch.searchsorted(sorted_values.values, -half_step, right=False)
-    return (upper - lower)[:, 0]
-
-
-def _candidate_params(
-    low: torch.Tensor, high: torch.Tensor, fractions: torch.Tensor, n_bits: int, scheme: QuantScheme
-) -> QuantParams:
-    """Quantizers for the ranges ``[f * low, f * high]``: ``low``/``high`` are ``(R,)``, ``fractions`` ``(R, G)``."""
-    return params_from_range(low[:, None] * fractions, high[:, None] * fractions, n_bits, scheme)
+def _row_argmin(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per row, the index of its node with the least finite value (-1 where none)."""
+    least = torch.full((n_rows,), torch.inf, dtype=values.dtype, device=values.device)
+    least = least.scatter_reduce(0, row, values, "amin")
+    candidates = torch.where((values == least[row]) & torch.isfinite(values), torch.arange(row.numel(), device=row.device), row.numel())
+    first = torch.full((n_rows,), row.numel(), dtype=torch.long, device=row.device).scatter_reduce(0, row, candidates, "amin")
+    return torch.where(first < row.numel(), first, -1)
 
 
 def mse_range_search(
-    sorted_values: SortedValues,
-    n_bits: int,
-    scheme: QuantScheme | str = QuantScheme.SYMMETRIC,
-    grid_size: int = 100,
-    basin_tolerance: float = 0.25,
-    refine_rounds: int = 3,
-    refine_size: int = 9,
+    sorted_values: SortedValues, n_bits: int, scheme: QuantScheme | str = QuantScheme.SYMMETRIC, rtol: float = MSE_RTOL
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the range ``[f * min, f * max]``, ``0 < f <= 1``, minimising the quantization SSE.
+    """Per row, the range whose quantizer has the least squared error over *all* step sizes.
 
-    For the symmetric scheme the range is ``[-f * max|x|, f * max|x|]``, so ``f * max|x|`` is
-    the clipping threshold ``T``; for unsigned it is ``[0, f * max]``. The search is relative
-    to the tensor's own extremes, hence scale invariant. Three stages:
+    The error ``E(s)`` of the grid with step ``s`` is piecewise quadratic: between the steps
+    where some value changes level (``x / s`` crosses a mid-point ``j + 1/2``) the assignment
+    is fixed and ``E = sum x^2 - 2 s A + s^2 B`` with ``A = sum j x``, ``B = sum j^2``. Branch
+    and bound over intervals ``[a, b]`` of steps:
 
-    1. a coarse grid of ``grid_size`` fractions ``i / grid_size`` over ``(0, 1]`` (by default
-       the paper's 100 candidates, so the result is never worse than the paper's search);
-    2. the basin: a dense grid (:func:`basin_grid_size` points) over the span of the coarse
-       points whose error is within ``1 + basin_tolerance`` of the best one (about 1 dB),
-       widened by two coarse intervals on each side. The error as a function of ``f`` is a sum of ``n``
-       piecewise quadratics, smooth for large tensors but jagged with many local minima for
-       small ones, where a candidate is cheap: the basin grid is densest there;
-    3. ``refine_rounds`` rounds of ``refine_size`` points spanning the two intervals around
-       the best point so far.
+    * incumbent: the best of the paper's 100 thresholds ``i / 100`` of the extreme, then each
+      round the exact error at the best point of the node with the least bound and of the best
+      swept node;
+    * bounds: on wide intervals the distance of every value to the union of the intervals
+      ``[j a, j b]`` (:func:`quantization.grid_error.grid_sse_lower_bound`); on narrow ones
+      (no value changes level twice) the stable values' parabola plus the unstable values'
+      least errors (:func:`quantization.grid_error.narrow_intervals`), exact without breakpoints;
+    * a narrow node with at most ``max(SWEEP_LIMIT, levels x log2 n)`` unstable values that
+      cannot be pruned is solved exactly by sweeping its breakpoints
+      (:func:`quantization.grid_error.interval_minimum`); others are split (wide ones
+      geometrically into narrow parts, narrow ones into 8) unless their bound is within
+      ``max(rtol E, resolution)`` of the incumbent, ``resolution`` the float64 resolution of the
+      prefix sums (:func:`quantization.grid_error.error_resolution`).
+
+    The root covers every step ``0 < s <= 2 max|x|`` (beyond, every value rounds to 0, the
+    largest possible error). So for the symmetric and unsigned schemes the result is the global
+    optimum up to that tolerance, thresholds above ``max|x|`` included, never worse than the
+    paper's search. The asymmetric scheme keeps the zero point of the ranges ``[f min, f max]``,
+    ``z = round(-min (2^b - 1) / (max - min))`` (independent of ``f``), and is exact over the
+    step for it; searching every zero point as well would multiply the work by up to ``2^b``.
 
     Returns:
-        ``(min_val, max_val)``, each of shape ``(R,)``.
+        ``(min_val, max_val)``, each of shape ``(R,)``, such that
+        :func:`quantization.quantizers.params_from_range` gives the optimal grid: ``(-T, T)``
+        with ``T = s * q_max`` (symmetric), ``(0, T)`` (unsigned), ``(-z s, (q_max - z) s)``
+        (asymmetric). An all-zero row (or an unsigned row without positive values) gives ``(0, 0)``.
     """
     scheme = QuantScheme(scheme)
     q_min, q_max = integer_range(n_bits, scheme)
-    values = sorted_values.values
-    low, high = values[:, 0], values[:, -1]
-    if scheme is QuantScheme.SYMMETRIC:
-        high = torch.maximum(low.abs(), high.abs())
-        low = -high
-    elif scheme is QuantScheme.UNSIGNED:
-        low = torch.zeros_like(high)
+    sv = sorted_values
+    values = sv.values
+    n_rows, dtype, device = sv.n_rows, values.dtype, values.device
+    max_abs = torch.maximum(values[:, 0].abs(), values[:, -1].abs())
+    if scheme is QuantScheme.ASYMMETRIC:
+        low, high = values[:, 0].clamp_max(0), values[:, -1].clamp_min(0)
+        scale = (high - low) / (q_max - q_min)
+        # The zero point of every range [f min, f max]: round(-min / s) does not depend on f.
+        zero_point = torch.round(-low / torch.where(scale > 0, scale, 1.0)).clamp(q_min, q_max)
+    else:
+        low = torch.zeros_like(max_abs)
+        high = max_abs if scheme is QuantScheme.SYMMETRIC else values[:, -1].clamp_min(0)
+        scale = high / q_max
+        zero_point = torch.zeros_like(scale)
 
-    def evaluate(fractions: torch.Tensor) -> torch.Tensor:
-        params = _candidate_params(low, high, fractions, n_bits, scheme)
-        return grid_sse(sorted_values, params.step_size, params.zero_point, q_min, q_max)
-
-    def unit_grid(size: int) -> torch.Tensor:
-        return torch.linspace(0.0, 1.0, size, dtype=values.dtype, device=values.device)
-
-    rows = sorted_values.n_rows
-    fractions = (unit_grid(grid_size + 1)[1:]).expand(rows, -1)
-    errors = evaluate(fractions)
+    # Incumbents: the paper's candidates.
+    fractions = torch.arange(1, PAPER_CANDIDATES + 1, dtype=dtype, device=device) / PAPER_CANDIDATES
+    params = params_from_range(low[:, None] * fractions, high[:, None] * fractions, n_bits, scheme)
+    errors = grid_sse(sv, params.step_size, params.zero_point, q_min, q_max)
     best_error, best_index = errors.min(dim=1)
-    best = fractions.gather(1, best_index[:, None])
+    best_step = params.step_size.gather(1, best_index[:, None])[:, 0]
+    best_zero = params.zero_point.gather(1, best_index[:, None])[:, 0]
+    resolution = error_resolution(sv)
 
-    def keep_better(fractions: torch.Tensor, errors: torch.Tensor) -> None:
-        nonlocal best, best_error
-        round_error, round_index = errors.min(dim=1)
+    # Root nodes: ROOT_INTERVALS equal intervals up to the extreme, then doubling ones up to 2 max|x|.
+    root_fractions = torch.arange(1, ROOT_INTERVALS + 1, dtype=dtype, device=device) / ROOT_INTERVALS
+    doublings = 2.0 ** torch.arange(1, (2 * (q_max - q_min)).bit_length() + 1, dtype=dtype, device=device)
+    edges = torch.cat([torch.zeros(1, dtype=dtype, device=device), root_fractions, doublings])
+    live = scale > 0
+    rows = torch.arange(n_rows, device=device)[live]
+    row = rows.repeat_interleave(edges.numel() - 1)
+    step_low = (scale[rows, None] * edges[:-1]).reshape(-1)
+    step_high = (scale[rows, None] * edges[1:]).reshape(-1)
+
+    ratio = narrow_ratio(q_min - int(zero_point.max()), q_max - int(zero_point.min()))
+    sweep_limit = max(SWEEP_LIMIT, (q_max - q_min + 1) * sv.n_values.bit_length())
+    max_slots = _MAX_SLOTS // (3 * (q_max - q_min + 1))
+    while row.numel():
+        bound = torch.empty(row.numel(), dtype=dtype, device=device)
+        probe = 0.5 * (step_low + step_high)
+        swept = torch.full_like(bound, torch.inf)  # the exact minimum of the nodes solved by a sweep
+        narrow = step_high <= step_low * ratio
+        tolerance = torch.maximum(rtol * best_error, resolution)
+        for group in (~narrow, narrow):
+            for chunk_rows, index, valid in _node_chunks(row, group, max_slots):
+                part = sv.select(chunk_rows)
+                a, b, zero = step_low[index], step_high[index], zero_point[row[index]]
+                at = index[valid]
+                if group is narrow:
+                    # The tight bound; nodes that cannot be pruned and have few breakpoints are solved by a sweep.
+                    stats = narrow_intervals(part, a, b, zero, q_min, q_max)
+                    node_bound, node_probe = stats.bound(a, b)
+                    chosen = valid & (stats.unstable <= sweep_limit) & (node_bound < (best_error - tolerance)[row[index]])
+                    if chosen.any():
+                        least, least_step = interval_minimum(stats, chosen, a, b)
+                        swept[at] = least[valid]
+                        node_probe = torch.where(chosen, least_step, node_probe)
+                    probe[at] = node_probe[valid]
+                else:
+                    node_bound = grid_sse_lower_bound(part, a, b, q_min - zero, q_max - zero)
+                bound[at] = node_bound[valid]
+
+        # Incumbent: per row, the exact error at the probes of the best swept node and of the
+        # open node with the least bound.
+        solved = torch.isfinite(swept)
+        candidates = torch.stack(
+            [_row_argmin(swept, row, n_rows), _row_argmin(torch.where(solved, torch.inf, bound), row, n_rows)], 1
+        )
+        found = candidates >= 0
+        steps = probe[candidates.clamp_min(0)]
+        error = torch.where(found, grid_sse(sv, steps, zero_point[:, None].expand_as(steps), q_min, q_max), torch.inf)
+        round_error, round_index = error.min(dim=1)
         improved = round_error < best_error
-        best = torch.where(improved[:, None], fractions.gather(1, round_index[:, None]), best)
         best_error = torch.where(improved, round_error, best_error)
+        best_step = torch.where(improved, steps.gather(1, round_index[:, None])[:, 0], best_step)
+        best_zero = torch.where(improved, zero_point, best_zero)
 
-    in_basin = errors <= best_error[:, None] * (1.0 + basin_tolerance)
-    spacing = 2.0 / grid_size
-    basin_low = torch.where(in_basin, fractions, 2.0).amin(dim=1, keepdim=True) - spacing
-    basin_high = torch.where(in_basin, fractions, -1.0).amax(dim=1, keepdim=True) + spacing
-    basin_size = basin_grid_size(rows, sorted_values.n_values, q_max - q_min + 1)
-    fractions = (basin_low + (basin_high - basin_low) * unit_grid(basin_size)).clamp(1e-12, 1.0)
-    keep_better(fractions, evaluate(fractions))
+        # Solved nodes are done; the others are split unless their bound is within the
+        # tolerance of the incumbent: narrow ones in _STEP_SPLITS equal parts, wide ones
+        # geometrically into narrow parts.
+        tolerance = torch.maximum(rtol * best_error, resolution)
+        keep = ~solved & (bound < (best_error - tolerance)[row])
+        a, b, row = step_low[keep], step_high[keep], row[keep]
+        wide = b > a * ratio
+        geometric_parts = torch.ceil(torch.log(b / a.clamp_min(b * 1e-300)) / math.log(ratio)).clamp(2, _MAX_PARTS)
+        parts = torch.where(wide, geometric_parts, _STEP_SPLITS).long()
+        parent = torch.repeat_interleave(torch.arange(row.numel(), device=device), parts)
+        rank = (torch.arange(parent.numel(), device=device) - (torch.cumsum(parts, 0) - parts)[parent]).to(dtype)
+        count = parts[parent].to(dtype)
+        pa, pb = a[parent], b[parent]
+        geometric = wide[parent] & (pa > 0)
+        step_low, step_high = (
+            torch.where(geometric, pa * (pb / pa.clamp_min(1e-300)) ** t, pa + (pb - pa) * t)
+            for t in (rank / count, (rank + 1) / count)
+        )
+        step_high = torch.where(rank + 1 == count, pb, step_high)
+        row = row[parent]
 
-    half_width = (basin_high - basin_low) / (basin_size - 1)
-    offsets = 2.0 * unit_grid(refine_size) - 1.0
-    for _ in range(refine_rounds):
-        fractions = (best + half_width * offsets).clamp(1e-12, 1.0)
-        keep_better(fractions, evaluate(fractions))
-        half_width = half_width * (2.0 / (refine_size - 1))
-    best = best[:, 0]
-    return low * best, high * best
+    best_step = torch.where(live, best_step, torch.zeros_like(best_step))
+    if scheme is QuantScheme.ASYMMETRIC:
+        return (q_min - best_zero) * best_step, (q_max - best_zero) * best_step
+    threshold = best_step * q_max
+    return (-threshold if scheme is QuantScheme.SYMMETRIC else torch.zeros_like(threshold)), threshold
 
 
 def mse_range(

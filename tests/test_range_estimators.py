@@ -1,7 +1,8 @@
-"""Range estimators: the MSE search against a dense brute force, the binned SSE, min-max estimators.
+"""Range estimators: the exact MSE search against brute force, the grid errors and bounds, min-max estimators.
 
-The brute force quantizes the full tensor for every candidate threshold in float64 (numpy), so it
-shares no code with the sorted-prefix-sum search it checks.
+The brute forces quantize the full tensor for every candidate in float64 (numpy), so they share no
+code with the sorted-prefix-sum search they check: a dense grid of thresholds with local
+refinement, and (small tensors) an exhaustive search over every interval between breakpoints.
 """
 from __future__ import annotations
 
@@ -12,23 +13,24 @@ import numpy as np
 import pytest
 import torch
 
-import quantization.range_estimators as re_mod
-from quantization.quantizers import QuantScheme, integer_range, params_from_range
-from quantization.range_estimators import (
-    RunningMinMax,
+import quantization.grid_error as grid_error_mod
+from quantization.grid_error import (
     SortedValues,
     accumulation_dtype,
     as_rows,
-    current_minmax,
     grid_sse,
-    mse_range,
+    grid_sse_lower_bound,
+    interval_minimum,
+    narrow_intervals,
+    narrow_ratio,
     zero_count,
 )
+from quantization.quantizers import QuantScheme, integer_range, params_from_range
+from quantization.range_estimators import RunningMinMax, current_minmax, mse_range
 
 SCHEMES = list(QuantScheme)
 N_SAMPLES = 5000
 N_THRESHOLDS = 4000
-TOLERANCE_DB = 0.01
 
 
 # --------------------------------------------------------------------------- helpers
@@ -42,15 +44,58 @@ def sym_sse(x: np.ndarray, threshold: float, n_bits: int) -> float:
     return float(np.sum((x - np_qdq(x, s, 0.0, q_min, q_max)) ** 2))
 
 
-def brute_force_best_sse(x: np.ndarray, n_bits: int, n_thresholds: int = N_THRESHOLDS, chunk: int = 250) -> float:
-    """Least SSE over thresholds T_j = j / N * max|x|, j = 1..N: full quantize-dequantize, all at once per chunk."""
+def sym_sse_many(x: np.ndarray, thresholds: np.ndarray, n_bits: int, chunk: int = 250) -> np.ndarray:
+    """SSE of the symmetric quantizer at each threshold: full quantize-dequantize, a chunk at a time."""
     q_min, q_max = integer_range(n_bits, "symmetric")
-    thresholds = np.abs(x).max() * np.arange(1, n_thresholds + 1) / n_thresholds
-    best = np.inf
-    for i in range(0, n_thresholds, chunk):
+    out = []
+    for i in range(0, len(thresholds), chunk):
         s = (thresholds[i : i + chunk] / q_max)[:, None]
         err = x[None, :] - np.clip(np.round(x[None, :] / s), q_min, q_max) * s
-        best = min(best, float(np.min(np.einsum("ij,ij->i", err, err))))
+        out.append(np.einsum("ij,ij->i", err, err))
+    return np.concatenate(out)
+
+
+def brute_force_best_sse(x: np.ndarray, n_bits: int, n_thresholds: int = N_THRESHOLDS) -> float:
+    """Least SSE over thresholds ``T_j = 1.5 j / N max|x|`` (up to 1.5 max|x|), then a dense grid of
+    200 thresholds across the two intervals around each of the 5 best."""
+    thresholds = 1.5 * np.abs(x).max() * np.arange(1, n_thresholds + 1) / n_thresholds
+    errors = sym_sse_many(x, thresholds, n_bits)
+    spacing = thresholds[0]
+    refined = [thresholds[i] + spacing * np.linspace(-1, 1, 201) for i in np.argsort(errors)[:5]]
+    return float(min(errors.min(), sym_sse_many(x, np.concatenate(refined).clip(1e-300), n_bits).min()))
+
+
+def exhaustive_best(
+    x: np.ndarray, n_bits: int, scheme: QuantScheme, zero_points=None, chunk: int = 2000
+) -> tuple[float, float, float]:
+    """``(sse, step, zero_point)`` minimising the SSE over every step ``s > 0`` and zero point
+    (of ``zero_points`` if given).
+
+    For each zero point: every breakpoint ``x_i / (j + 1/2)`` of every value and level boundary,
+    and on each interval between consecutive breakpoints the assignment at its middle, whose
+    error is a parabola in ``s``, minimised within the interval by direct evaluation.
+    """
+    q_min, q_max = integer_range(n_bits, scheme)
+    if zero_points is None:
+        zero_points = range(q_min, q_max + 1) if scheme is QuantScheme.ASYMMETRIC else [0]
+    best = (float(np.sum(x * x)), 1.0, 0.0)
+    for z in zero_points:
+        boundaries = np.arange(q_min - z, q_max - z) + 0.5
+        breaks = (x[:, None] / boundaries[None, :]).ravel()
+        breaks = np.unique(np.concatenate([breaks[breaks > 0], [2.0 * np.abs(x).max() + 1.0]]))
+        lows, highs = np.concatenate([[0.0], breaks[:-1]]), breaks
+        for i in range(0, len(lows), chunk):
+            lo, hi = lows[i : i + chunk, None], highs[i : i + chunk, None]
+            middle = 0.5 * (lo + hi)
+            levels = np.clip(np.round(x[None, :] / middle) + z, q_min, q_max) - z
+            a, b = np.sum(levels * x, axis=1, keepdims=True), np.sum(levels * levels, axis=1, keepdims=True)
+            step = np.clip(np.divide(a, b, out=middle.copy(), where=b > 0), lo, hi)
+            for s in (step, middle):
+                err = x[None, :] - (np.clip(np.round(x[None, :] / s) + z, q_min, q_max) - z) * s
+                sse = np.einsum("ij,ij->i", err, err)
+                k = int(np.argmin(sse))
+                if sse[k] < best[0]:
+                    best = (float(sse[k]), float(s[k, 0]), float(z))
     return best
 
 
@@ -77,15 +122,101 @@ def test_mse_range_reaches_brute_force_optimum(dist, scale, n_bits):
     min_val, max_val = mse_range(torch.from_numpy(x), n_bits, "symmetric")
     assert min_val.dtype == torch.float64 and min_val.shape == ()
     threshold = float(max_val)
-    assert float(min_val) == -threshold
-    assert 0.0 < threshold <= np.abs(x).max() * (1 + 1e-12)
-    found = sqnr(x, sym_sse(x, threshold, n_bits))
-    best = sqnr(x, brute_force_best_sse(x, n_bits))
-    assert found >= best - TOLERANCE_DB, f"MSE search {found:.4f} dB, brute force {best:.4f} dB"
+    assert float(min_val) == -threshold and threshold > 0.0
+    found = sym_sse(x, threshold, n_bits)
+    best = brute_force_best_sse(x, n_bits)
+    assert found <= best * (1 + 1e-9), f"MSE search {sqnr(x, found):.6f} dB, brute force {sqnr(x, best):.6f} dB"
     # and it is not just min-max (which is far worse at low bits)
     minmax = sqnr(x, sym_sse(x, np.abs(x).max(), n_bits))
     if n_bits <= 4:
-        assert found > minmax + 0.5
+        assert sqnr(x, found) > minmax + 0.5
+
+
+def small_tensors(seed: int, count: int) -> list[np.ndarray]:
+    """Tensors of 8..600 values, of several shapes of distribution: where small grids are jagged."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        n = int(rng.integers(8, 601))
+        kind = i % 3
+        x = rng.standard_normal(n) if kind == 0 else rng.standard_t(3, n) if kind == 1 else rng.uniform(-1, 1, n)
+        out.append(x * 10.0 ** rng.uniform(-3, 1))
+    return out
+
+
+@pytest.mark.parametrize("n_bits", [2, 3, 4, 5, 6, 7, 8])
+def test_mse_range_is_exact_on_small_tensors(n_bits):
+    """Against the exhaustive breakpoint search, at every bit-width, including optima above max|x|."""
+    for x in small_tensors(100 + n_bits, 6 if n_bits <= 6 else 3):
+        if n_bits == 8:
+            x = x[:200]
+        _, threshold = mse_range(torch.from_numpy(x), n_bits)
+        found = sym_sse(x, float(threshold), n_bits)
+        best = exhaustive_best(x, n_bits, QuantScheme.SYMMETRIC)[0]
+        assert found <= best * (1 + 1e-9) + 1e-300, (len(x), found, best)
+
+
+def clustered_below_grid(n_bits: int, seed: int) -> np.ndarray:
+    """Values near the levels ``k s`` of a grid, the outermost clusters pulled inwards by 0.1 s.
+
+    The best step fits the inner clusters, so its threshold ``q_max s`` lies above max|x|.
+    (At 2 bits this cannot happen: all values within ``(-s, s)`` make ``s`` the mean of the
+    nonzero ones' magnitudes, below the largest.)
+    """
+    rng = np.random.default_rng(seed)
+    q_max = 2 ** (n_bits - 1) - 1
+    n = 40 if n_bits <= 4 else 150
+    k = rng.integers(-q_max, q_max + 1, n)
+    k[:2] = [q_max, -q_max]
+    noise = 0.03 * rng.standard_normal(n)
+    noise = np.where(np.abs(k) == q_max, -(0.1 + np.abs(noise)) * np.sign(k), noise)
+    return (k + noise) * 0.37
+
+
+def lite0_weights(name: str) -> np.ndarray:
+    from models.registry import load_model
+
+    return dict(load_model("efficientnet_lite0").named_modules())[name].weight.detach().double().reshape(-1).numpy()
+
+
+@pytest.mark.parametrize(
+    "case", [*[f"clustered-{b}" for b in range(3, 9)], "_blocks.0._project_conv-7", "_blocks.0._depthwise_conv-8"]
+)
+def test_mse_range_finds_optima_above_the_extreme(case):
+    """Tensors whose optimal threshold lies above max|x| (the issue's two EfficientNet-Lite0 layers,
+    and clustered values at every bit-width 3..8): a search over ``T <= max|x|`` misses them."""
+    source, n_bits = case.rsplit("-", 1)
+    n_bits = int(n_bits)
+    x = clustered_below_grid(n_bits, n_bits) if source == "clustered" else lite0_weights(source)
+    best, step, _ = exhaustive_best(x, n_bits, QuantScheme.SYMMETRIC)
+    q_max = 2 ** (n_bits - 1) - 1
+    assert step * q_max > np.abs(x).max()  # the construction works
+    _, threshold = mse_range(torch.from_numpy(x), n_bits)
+    assert float(threshold) > np.abs(x).max()
+    assert sym_sse(x, float(threshold), n_bits) <= best * (1 + 1e-9)
+    capped = sym_sse_many(x, np.abs(x).max() * np.arange(1, 4001) / 4000, n_bits).min()
+    assert best < capped
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme.UNSIGNED, QuantScheme.ASYMMETRIC])
+@pytest.mark.parametrize("n_bits", [2, 3, 4])
+def test_unsigned_and_asymmetric_mse_range_is_exact(scheme, n_bits):
+    """Unsigned: over every step. Asymmetric: over every step at the zero point of the ranges
+    ``[f min, f max]``; no other zero point is searched (the exhaustive search over all of them
+    must then be at least as good, and is reported against)."""
+    q_min, q_max = integer_range(n_bits, scheme)
+    for x in small_tensors(200 + n_bits, 4):
+        x = x[:120] + (0.3 * np.abs(x).mean() if scheme is QuantScheme.ASYMMETRIC else 0.0)
+        if scheme is QuantScheme.UNSIGNED:
+            x = np.maximum(x, 0.0)
+        lo, hi = mse_range(torch.from_numpy(x), n_bits, scheme)
+        found = sse_for_range(x, float(lo), float(hi), n_bits, scheme)
+        zero_points = None
+        if scheme is QuantScheme.ASYMMETRIC:
+            low, high = min(x.min(), 0.0), max(x.max(), 0.0)
+            zero_points = [float(np.clip(np.round(-low / ((high - low) / (q_max - q_min))), q_min, q_max))]
+            assert exhaustive_best(x, n_bits, scheme)[0] <= found * (1 + 1e-9)
+        assert found <= exhaustive_best(x, n_bits, scheme, zero_points)[0] * (1 + 1e-9) + 1e-300
 
 
 @pytest.mark.parametrize("n_bits", [2, 4, 8])
@@ -94,7 +225,7 @@ def test_mse_range_scale_invariant(dist, n_bits):
     x = base_sample(dist)
     _, t1 = mse_range(torch.from_numpy(x), n_bits)
     _, t2 = mse_range(torch.from_numpy(1000.0 * x), n_bits)
-    assert float(t2) == pytest.approx(1000.0 * float(t1), rel=1e-12)
+    assert float(t2) == pytest.approx(1000.0 * float(t1), rel=1e-9)
     s1 = sqnr(x, sym_sse(x, float(t1), n_bits))
     s2 = sqnr(1000.0 * x, sym_sse(1000.0 * x, float(t2), n_bits))
     assert abs(s1 - s2) < 1e-9
@@ -118,13 +249,11 @@ def range_sse(x: np.ndarray, lo: float, hi: float, n_bits: int, scheme: QuantSch
 @pytest.mark.parametrize("ch_axis", [0, 1, 2])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_per_channel_mse_range_equals_per_row(ch_axis, scheme):
-    """Same search per row; when both searches use the same basin density the ranges are identical."""
+    """Every row's search is independent of the others': the same range as the row alone."""
     shape = [6, 5, 8]
     n_bits = 3
     x = channel_sample(ch_axis, scheme, shape)
-    n_ch, n_per_row = shape[ch_axis], x.numel() // shape[ch_axis]
-    levels = 2**n_bits
-    assert re_mod.basin_grid_size(n_ch, n_per_row, levels) == re_mod.basin_grid_size(1, n_per_row, levels)
+    n_ch = shape[ch_axis]
     lo, hi = mse_range(x, n_bits, scheme, ch_axis=ch_axis)
     assert lo.shape == (n_ch,) and hi.shape == (n_ch,)
     for c in range(n_ch):
@@ -136,7 +265,7 @@ def test_per_channel_mse_range_equals_per_row(ch_axis, scheme):
 @pytest.mark.parametrize("ch_axis", [0, 2])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_per_channel_mse_range_as_good_as_per_row(ch_axis, scheme):
-    """With many channels the basin grid may be coarser than per row: the error is the same to 0.01 dB."""
+    """Many channels of different scales searched together: each as good as alone, and exact."""
     shape = [40, 30, 50]
     n_bits = 4
     x = channel_sample(ch_axis, scheme, shape)
@@ -145,9 +274,11 @@ def test_per_channel_mse_range_as_good_as_per_row(ch_axis, scheme):
         row = x.select(ch_axis, c).contiguous()
         lo_c, hi_c = mse_range(row, n_bits, scheme)
         xs = row.reshape(-1).numpy()
-        per_channel = sqnr(xs, range_sse(xs, float(lo[c]), float(hi[c]), n_bits, scheme))
-        per_row = sqnr(xs, range_sse(xs, float(lo_c), float(hi_c), n_bits, scheme))
-        assert abs(per_channel - per_row) < TOLERANCE_DB
+        per_channel = range_sse(xs, float(lo[c]), float(hi[c]), n_bits, scheme)
+        per_row = range_sse(xs, float(lo_c), float(hi_c), n_bits, scheme)
+        assert per_channel == pytest.approx(per_row, rel=1e-9)
+        if scheme is not QuantScheme.ASYMMETRIC:  # the asymmetric search keeps one zero point (see above)
+            assert per_channel <= exhaustive_best(xs, n_bits, scheme)[0] * (1 + 1e-9)
 
 
 def test_mse_range_fp16_large_tensor():
@@ -188,37 +319,28 @@ def sse_for_range(x: np.ndarray, lo: float, hi: float, n_bits: int, scheme: Quan
 
 @pytest.mark.parametrize("n_bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("scheme", [QuantScheme.UNSIGNED, QuantScheme.ASYMMETRIC])
-def test_unsigned_and_asymmetric_mse_beat_minmax(scheme, n_bits):
+def test_unsigned_and_asymmetric_mse_beat_minmax_and_the_fraction_family(scheme, n_bits):
+    """Never worse than min-max, nor than any range ``[f min, f max]`` of a dense grid of ``f``."""
     x = scheme_sample(scheme, 50 + n_bits)
     lo, hi = mse_range(torch.from_numpy(x), n_bits, scheme)
     lo, hi = float(lo), float(hi)
     if scheme is QuantScheme.UNSIGNED:
         assert lo == 0.0
-    assert x.min() <= lo <= 0.0 and 0.0 < hi <= x.max()
     sse_mse = sse_for_range(x, lo, hi, n_bits, scheme)
     sse_minmax = sse_for_range(x, x.min(), x.max(), n_bits, scheme)
     assert sse_mse <= sse_minmax * (1 + 1e-12)
     if n_bits <= 4:
         assert sse_mse < 0.9 * sse_minmax
-
-
-@pytest.mark.parametrize("n_bits", [2, 4, 8])
-@pytest.mark.parametrize("scheme", [QuantScheme.UNSIGNED, QuantScheme.ASYMMETRIC])
-def test_unsigned_and_asymmetric_mse_reach_brute_force_in_family(scheme, n_bits):
-    """The search is over ranges ``[f min, f max]``; brute-force ``f`` on a dense grid."""
-    x = scheme_sample(scheme, 60 + n_bits)
-    lo_full = 0.0 if scheme is QuantScheme.UNSIGNED else x.min()
-    lo, hi = mse_range(torch.from_numpy(x), n_bits, scheme)
-    found = sse_for_range(x, float(lo), float(hi), n_bits, scheme)
     q_min, q_max = integer_range(n_bits, scheme)
     f = np.arange(1, N_THRESHOLDS + 1) / N_THRESHOLDS
+    lo_full = 0.0 if scheme is QuantScheme.UNSIGNED else x.min()
     params = params_from_range(torch.from_numpy(f * lo_full), torch.from_numpy(f * x.max()), n_bits, scheme)
     s, z = params.step_size.numpy()[:, None], params.zero_point.numpy()[:, None]
     best = np.inf
     for i in range(0, len(f), 250):
         err = x[None, :] - np_qdq(x[None, :], s[i : i + 250], z[i : i + 250], q_min, q_max)
         best = min(best, float(np.min(np.einsum("ij,ij->i", err, err))))
-    assert sqnr(x, found) >= sqnr(x, best) - TOLERANCE_DB
+    assert sse_mse <= best * (1 + 1e-9)
 
 
 # --------------------------------------------------------------------------- grid_sse
@@ -243,7 +365,7 @@ def direct_sse(x_rows, step, zp, q_min, q_max):
 @pytest.fixture
 def path_spy(monkeypatch):
     calls = {"direct": 0, "binned": 0}
-    real_direct, real_binned = re_mod._direct_sse, re_mod._binned_sse
+    real_direct, real_binned = grid_error_mod._direct_sse, grid_error_mod._segment_sse
 
     def direct(*args, **kwargs):
         calls["direct"] += 1
@@ -253,8 +375,8 @@ def path_spy(monkeypatch):
         calls["binned"] += 1
         return real_binned(*args, **kwargs)
 
-    monkeypatch.setattr(re_mod, "_direct_sse", direct)
-    monkeypatch.setattr(re_mod, "_binned_sse", binned)
+    monkeypatch.setattr(grid_error_mod, "_direct_sse", direct)
+    monkeypatch.setattr(grid_error_mod, "_segment_sse", binned)
     return calls
 
 
@@ -263,7 +385,7 @@ def path_spy(monkeypatch):
 @pytest.mark.parametrize("path", ["binned", "direct"])
 def test_grid_sse_equals_direct_sum(path, scheme, n_bits, path_spy):
     rng = np.random.default_rng(zlib.crc32(f"{path}-{scheme.value}-{n_bits}".encode()))
-    n = 4000 if path == "binned" else 12  # levels x log2(n) below / above n
+    n = 4000 if path == "binned" else 12  # above / at most 3 values per level
     x_rows = rng.standard_t(3, size=(3, n)) * np.array([[0.01], [1.0], [30.0]])
     if scheme is QuantScheme.ASYMMETRIC:
         x_rows = x_rows + 0.5 * np.abs(x_rows).mean(axis=1, keepdims=True)
@@ -285,7 +407,7 @@ def test_grid_sse_chunked_equals_unchunked(monkeypatch):
     step, zp = random_grids(rng, x_rows, 4, QuantScheme.SYMMETRIC, 50)
     sv = SortedValues.from_rows(torch.from_numpy(x_rows))
     whole = grid_sse(sv, torch.from_numpy(step), torch.from_numpy(zp), -8, 7)
-    monkeypatch.setattr(re_mod, "_MAX_CHUNK_ELEMENTS", 100)  # one candidate per chunk
+    monkeypatch.setattr(grid_error_mod, "_MAX_CHUNK_ELEMENTS", 100)  # one candidate per chunk
     chunked = grid_sse(sv, torch.from_numpy(step), torch.from_numpy(zp), -8, 7)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
     np.testing.assert_allclose(whole.numpy(), direct_sse(x_rows, step, zp, -8, 7), rtol=1e-8)
@@ -303,6 +425,106 @@ def test_grid_sse_values_on_levels_and_midpoints(scheme, path_spy):
     assert path_spy["binned"] > 0
     expected = direct_sse(x, np.array([[s]]), np.array([[zp]]), q_min, q_max)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- bounds over step intervals
+def interval_cases(rng, n: int, n_bits: int, scheme: QuantScheme, narrow: bool, count: int = 12):
+    """Rows of values and ``(R, G)`` step intervals around each row's natural step (narrow or wide)."""
+    q_min, q_max = integer_range(n_bits, scheme)
+    x_rows = rng.standard_t(4, size=(2, n)) * np.array([[0.05], [3.0]])
+    if scheme is QuantScheme.UNSIGNED:
+        x_rows = np.abs(x_rows)
+    scale = np.abs(x_rows).max(axis=1, keepdims=True) / q_max
+    low = scale * rng.uniform(0.2, 1.5, size=(2, count))
+    zero = np.zeros_like(low) if scheme is not QuantScheme.ASYMMETRIC else rng.integers(q_min, q_max + 1, size=low.shape) * 1.0
+    largest = max(-(q_min - zero.max()), q_max - zero.min())
+    ratio = largest / (largest - 0.5) if narrow else 1.2
+    high = low * (1 + (ratio - 1) * rng.uniform(0.05, 1.0, size=low.shape)) if narrow else low * ratio
+    return x_rows, low, high, zero, q_min, q_max
+
+
+def dense_minimum(x_rows, low, high, zero, q_min, q_max, points: int = 3001) -> np.ndarray:
+    """Least SSE over ``points`` equally spaced steps in each interval (an upper bound on the minimum)."""
+    t = np.linspace(0.0, 1.0, points)
+    out = np.empty(low.shape)
+    for r in range(low.shape[0]):
+        for g in range(low.shape[1]):
+            s = (low[r, g] + (high[r, g] - low[r, g]) * t)[:, None]
+            err = x_rows[r][None, :] - np_qdq(x_rows[r][None, :], s, zero[r, g], q_min, q_max)
+            out[r, g] = np.min(np.einsum("ij,ij->i", err, err))
+    return out
+
+
+def as_tensors(*arrays):
+    return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)) for a in arrays]
+
+
+@pytest.mark.parametrize("n", [40, 3000])  # per value / by segments
+@pytest.mark.parametrize("n_bits", [2, 4, 8])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_union_lower_bound(scheme, n_bits, n):
+    rng = np.random.default_rng(zlib.crc32(f"union-{scheme.value}-{n_bits}-{n}".encode()))
+    x_rows, low, high, zero, q_min, q_max = interval_cases(rng, n, n_bits, scheme, narrow=False)
+    sv = SortedValues.from_rows(torch.from_numpy(x_rows))
+    lo_t, hi_t, z_t = as_tensors(low, high, zero)
+    bound = grid_sse_lower_bound(sv, lo_t, hi_t, q_min - z_t, q_max - z_t).numpy()
+    energy = np.sum(x_rows**2, axis=1, keepdims=True)
+    assert np.all(bound <= dense_minimum(x_rows, low, high, zero, q_min, q_max) + 1e-12 * energy)
+    assert np.all(bound >= 0)
+    # a point interval: the exact error
+    exact = grid_sse_lower_bound(sv, lo_t, lo_t, q_min - z_t, q_max - z_t).numpy()
+    np.testing.assert_allclose(exact, direct_sse(x_rows, low, zero, q_min, q_max), rtol=1e-9, atol=1e-12 * energy.max())
+    # a range of zero points bounds each of them
+    wide = grid_sse_lower_bound(sv, lo_t, hi_t, q_min - z_t - 2, q_max - z_t).numpy()
+    assert np.all(wide <= bound + 1e-12 * energy)
+
+
+@pytest.mark.parametrize("n", [40, 3000])
+@pytest.mark.parametrize("n_bits", [2, 4, 8])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_narrow_bound_and_sweep(scheme, n_bits, n):
+    """The narrow bound lies below the least error on the interval and the sweep attains it."""
+    rng = np.random.default_rng(zlib.crc32(f"narrow-{scheme.value}-{n_bits}-{n}".encode()))
+    x_rows, low, high, zero, q_min, q_max = interval_cases(rng, n, n_bits, scheme, narrow=True)
+    assert np.all(high / low <= narrow_ratio(int(q_min - zero.max()), int(q_max - zero.min())))
+    sv = SortedValues.from_rows(torch.from_numpy(x_rows))
+    lo_t, hi_t, z_t = as_tensors(low, high, zero)
+    stats = narrow_intervals(sv, lo_t, hi_t, z_t, q_min, q_max)
+    bound, step = (t.numpy() for t in stats.bound(lo_t, hi_t))
+    chosen = torch.ones(low.shape, dtype=torch.bool)
+    chosen[0, 0] = False
+    least, least_step = (t.numpy() for t in interval_minimum(stats, chosen, lo_t, hi_t))
+    dense = dense_minimum(x_rows, low, high, zero, q_min, q_max)
+    energy = np.sum(x_rows**2, axis=1, keepdims=True)
+    slack = 1e-11 * energy
+    assert np.all(bound <= dense + slack)
+    assert np.all((low <= step) & (step <= high) & (low <= least_step) & (least_step <= high))
+    assert np.isinf(least[0, 0]) and np.all(np.isfinite(least[chosen.numpy()]))
+    # the sweep's minimum is attained at its step, is below the dense grid, and above the bound
+    attained = direct_sse(x_rows, least_step, zero, q_min, q_max)
+    ok = chosen.numpy()
+    np.testing.assert_allclose(least[ok], attained[ok], rtol=1e-9, atol=1e-11 * energy.max())
+    assert np.all(least[ok] <= dense[ok] + slack.repeat(low.shape[1], 1)[ok])
+    assert np.all(bound[ok] <= least[ok] + slack.repeat(low.shape[1], 1)[ok])
+    # counts of unstable values: those whose level differs at the ends
+    level_a = np.clip(np.round(x_rows[:, None, :] / low[..., None]) + zero[..., None], q_min, q_max)
+    level_b = np.clip(np.round(x_rows[:, None, :] / high[..., None]) + zero[..., None], q_min, q_max)
+    np.testing.assert_array_equal(stats.unstable.numpy(), np.sum(level_a != level_b, axis=2))
+
+
+def test_narrow_bound_exact_without_breakpoints():
+    """No value changes level on the interval: the bound is the exact least error there."""
+    x = np.array([[-2.1, -0.9, 0.05, 1.1, 2.95, 3.2]])
+    low, high, zero = np.array([[1.0]]), np.array([[1.01]]), np.array([[0.0]])
+    sv = SortedValues.from_rows(torch.from_numpy(x))
+    lo_t, hi_t, z_t = as_tensors(low, high, zero)
+    stats = narrow_intervals(sv, lo_t, hi_t, z_t, -4, 3)
+    assert float(stats.unstable) == 0
+    bound, step = stats.bound(lo_t, hi_t)
+    levels = np.clip(np.round(x / 1.0), -4, 3)
+    best = np.clip(np.sum(levels * x) / np.sum(levels * levels), 1.0, 1.01)
+    assert float(step) == pytest.approx(best, rel=1e-12)
+    assert float(bound) == pytest.approx(float(np.sum((x - levels * best) ** 2)), rel=1e-12)
 
 
 # --------------------------------------------------------------------------- zero_count

@@ -1,0 +1,487 @@
+"""The squared error of a uniform grid on a tensor, exactly and as a bound over a range of step sizes.
+
+A grid with step ``s`` and integer levels ``j`` in ``[j_lo, j_hi]`` (``j_lo <= 0 <= j_hi``) holds
+the points ``j s``; every value goes to its nearest point (values beyond the ends go to the
+ends), which is what ``s * (clamp(round(x / s) + z, q_min, q_max) - z)`` does with
+``j = q - z``. The values are sorted once, with prefix sums of ``x`` and ``x^2``
+(:class:`SortedValues`). Every error below is a sum over *segments* of the sorted values, each
+with an anchor ``c``: a segment is a contiguous run ``[i0, i1)`` of the sorted array, found by
+binary search on its end points, and its error is
+
+    sum_{i0 <= i < i1} (x_i - c)^2 = S2 - 2 c S1 + c^2 m,
+
+with ``m``, ``S1``, ``S2`` the count, sum and sum of squares of the run, read off the prefix
+sums. One segment costs ``O(log n)`` instead of ``O(m)``.
+
+* :func:`grid_sse`: the exact error of a grid: one segment per level, cut at the mid-points
+  between levels, anchored at the level.
+* :func:`grid_sse_lower_bound`: a lower bound on the error of every grid with a step in
+  ``[a, b]``. For a step in ``[a, b]`` the point ``j s`` lies in the interval
+  ``I_j = [j a, j b]`` (``[j b, j a]`` for ``j < 0``), so each value is at least its distance to
+  the union of the ``I_j`` away from the grid. Between two consecutive intervals the distance
+  is to the nearer one (two segments, split at the middle of the gap), inside an interval it
+  is 0, beyond the end intervals it is to the end. With ``a = b`` the bound is the exact error.
+
+Sums are taken in float64 (float32 on devices without float64) whatever the dtype of the
+tensor. Rounding of the prefix sums makes each error uncertain by about
+:func:`error_resolution`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Elements of the largest intermediate (rows x candidates x segments) built at once.
+_MAX_CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 where the device supports it (not on Apple MPS), else float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def as_rows(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    """``x`` as a 2-D ``(rows, n)`` tensor: one row per channel of ``ch_axis``, or a single row."""
+    if ch_axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
+
+
+def sort_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending, returned in the accumulation dtype.
+
+    Sorting happens in the input's precision (float16 as float32) and the result is cast
+    afterwards, which is exact. On CPU numpy's vectorised sort is about three times faster
+    than ``torch.sort``, and sorting dominates the weight study's run time.
+    """
+    dtype = accumulation_dtype(rows.device)
+    if rows.device.type == "cpu":
+        values = rows.detach().to(torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype)
+        return torch.from_numpy(np.sort(values.numpy(), axis=1)).to(dtype).contiguous()
+    return torch.sort(rows.detach(), dim=1).values.to(dtype).contiguous()
+
+
+@dataclass(frozen=True)
+class SortedValues:
+    """Rows of values sorted ascending, with prefix sums ``[0, cumsum(x)]`` and ``[0, cumsum(x^2)]``."""
+
+    values: torch.Tensor
+    prefix_sum: torch.Tensor
+    prefix_sum_sq: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> SortedValues:
+        values = sort_rows(rows)
+        zeros = values.new_zeros(values.shape[0], 1)
+        prefix_sum = torch.cat([zeros, values.cumsum(dim=1)], dim=1)
+        prefix_sum_sq = torch.cat([zeros, (values * values).cumsum(dim=1)], dim=1)
+        return cls(values, prefix_sum, prefix_sum_sq)
+
+    @property
+    def n_rows(self) -> int:
+        return self.values.shape[0]
+
+    def select(self, rows: torch.Tensor) -> SortedValues:
+        """The given rows (``(r,)`` indices, possibly repeated); no copy when they are all rows in order."""
+        if rows.numel() == self.n_rows and bool((rows == torch.arange(self.n_rows, device=rows.device)).all()):
+            return self
+        return SortedValues(self.values[rows], self.prefix_sum[rows], self.prefix_sum_sq[rows])
+
+    @property
+    def n_values(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def energy(self) -> torch.Tensor:
+        """``sum x^2`` per row, shape ``(R,)``."""
+        return self.prefix_sum_sq[:, -1]
+
+
+def error_resolution(sorted_values: SortedValues) -> torch.Tensor:
+    """Per row, how far rounding can move an error made of the prefix sums: ``4 n eps sum x^2``."""
+    eps = torch.finfo(sorted_values.values.dtype).eps
+    return 4.0 * (sorted_values.n_values + 1) * eps * sorted_values.energy
+
+
+def use_direct_sum(n_values: int, n_segments: int) -> bool:
+    """Whether summing over the values beats binary searches for the segments' ends.
+
+    Both cost a few dozen passes over their elements (``n`` values, or ``segments`` ends each with
+    an ``O(log n)`` search); measured on CPU the values are cheaper up to about 3 per segment.
+    """
+    return n_values <= 3 * n_segments
+
+
+def segment_sse(sorted_values: SortedValues, cuts: torch.Tensor, anchors: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``sum over segments of counted * sum (x - anchor)^2`` for every candidate of every row.
+
+    Args:
+        sorted_values: ``R`` rows of ``n`` values.
+        cuts: ``(R, G, M - 1)`` non-decreasing segment ends per candidate; segment ``m`` holds
+            the values in ``[cuts[m - 1], cuts[m])`` (the first from ``-inf``, the last to ``+inf``).
+        anchors: ``(R, G, M)``; counted: ``(M,)`` bool, which segments count.
+    Returns:
+        ``(R, G)``.
+    """
+    rows, n_candidates = anchors.shape[:2]
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * anchors.shape[2]))
+    return torch.cat(
+        [
+            _segment_sse(sorted_values, cuts[:, i : i + chunk], anchors[:, i : i + chunk], counted)
+            for i in range(0, n_candidates, chunk)
+        ],
+        dim=1,
+    )
+
+
+def _segment_sse(sv: SortedValues, cuts: torch.Tensor, anchors: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    rows, n_candidates, n_segments = anchors.shape
+    indices = torch.searchsorted(sv.values, cuts.reshape(rows, -1).contiguous()).reshape(rows, n_candidates, -1)
+    first = indices.new_zeros(rows, n_candidates, 1)
+    last = torch.full_like(first, sv.n_values)
+    bounds = torch.cat([first, indices, last], dim=2)
+    flat_bounds = bounds.reshape(rows, -1)
+
+    def run_sums(prefix: torch.Tensor) -> torch.Tensor:
+        at_bounds = torch.gather(prefix, 1, flat_bounds).reshape(rows, n_candidates, -1)
+        return at_bounds[..., 1:] - at_bounds[..., :-1]
+
+    counts = (bounds[..., 1:] - bounds[..., :-1]).to(anchors.dtype)
+    sums, sums_sq = run_sums(sv.prefix_sum), run_sums(sv.prefix_sum_sq)
+    errors = sums_sq - 2 * anchors * sums + anchors * anchors * counts
+    return (errors * counted.to(errors.dtype)).sum(dim=2)
+
+
+def grid_sse(sorted_values: SortedValues, step_size: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
+    """Sum of squared quantization errors of each row for each candidate grid.
+
+    Args:
+        sorted_values: ``R`` rows of ``n`` values.
+        step_size, zero_point: ``(R, G)`` candidate grids per row.
+    Returns:
+        ``(R, G)`` sums of squared errors, exactly those of :func:`quantize_dequantize`
+        (a value on a mid-point has the same error whichever neighbour it rounds to).
+    """
+    n_levels = q_max - q_min + 1
+    if use_direct_sum(sorted_values.n_values, n_levels):
+        return _direct_sse(sorted_values.values, step_size, zero_point, q_min, q_max)
+    integers = torch.arange(q_min, q_max + 1, dtype=step_size.dtype, device=step_size.device)
+    counted = torch.ones(n_levels, dtype=torch.bool, device=step_size.device)
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // (step_size.shape[0] * n_levels))
+    out = []
+    for i in range(0, step_size.shape[1], chunk):
+        levels = (integers - zero_point[:, i : i + chunk, None]) * step_size[:, i : i + chunk, None]  # (R, G, K)
+        midpoints = 0.5 * (levels[..., 1:] + levels[..., :-1])
+        out.append(segment_sse(sorted_values, midpoints, levels, counted))
+    return torch.cat(out, dim=1)
+
+
+def _direct_sse(values: torch.Tensor, step_size: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
+    """Full quantize-dequantize per candidate; cheaper than segments when levels outnumber values."""
+    rows, n_candidates = step_size.shape
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * values.shape[1]))
+    out = []
+    for i in range(0, n_candidates, chunk):
+        s, z = step_size[:, i : i + chunk, None], zero_point[:, i : i + chunk, None]
+        x = values[:, None, :]
+        x_hat = (torch.clamp(torch.round(x / s) + z, q_min, q_max) - z) * s
+        out.append(((x - x_hat) ** 2).sum(dim=2))
+    return torch.cat(out, dim=1)
+
+
+def grid_sse_lower_bound(
+    sorted_values: SortedValues, low: torch.Tensor, high: torch.Tensor, level_low: torch.Tensor, level_high: torch.Tensor
+) -> torch.Tensor:
+    """A lower bound on :func:`grid_sse` over every step in ``[low, high]`` (module doc).
+
+    Args:
+        low, high: ``(R, G)`` step intervals, ``0 <= low <= high``.
+        level_low, level_high: ``(R, G)`` integer levels ``j_lo <= 0 <= j_hi`` (float tensors);
+            the bound holds for every grid whose levels lie in ``[j_lo, j_hi]``, e.g. for every
+            zero point of an interval of them at once.
+    Returns:
+        ``(R, G)``; equal to :func:`grid_sse` when ``low == high`` and the levels are one grid's.
+    """
+    n_levels = int((level_high - level_low).max()) + 1
+    if use_direct_sum(sorted_values.n_values, 3 * n_levels):
+        return _direct_lower_bound(sorted_values.values, low, high, level_low, level_high)
+    steps = torch.arange(n_levels, dtype=low.dtype, device=low.device)
+    levels = torch.minimum(level_low[..., None] + steps, level_high[..., None])  # (R, G, T), ends repeated
+    a, b = low[..., None], high[..., None]
+    interval_low = levels * torch.where(levels >= 0, a, b)
+    interval_high = levels * torch.where(levels >= 0, b, a)
+    next_low = interval_low[..., 1:]
+    gap_start = torch.minimum(interval_high[..., :-1], next_low)  # == next_low where intervals overlap
+    gap_middle = 0.5 * (gap_start + next_low)
+    triples = torch.stack([interval_low[..., :-1], gap_start, gap_middle], dim=-1).flatten(-2)
+    cuts = torch.cat([triples, interval_low[..., -1:], interval_high[..., -1:]], dim=-1)
+    zero = torch.zeros_like(gap_start)
+    anchor_triples = torch.stack([zero, gap_start, next_low], dim=-1).flatten(-2)
+    anchors = torch.cat([interval_low[..., :1], anchor_triples, zero[..., :1], interval_high[..., -1:]], dim=-1)
+    counted = torch.tensor([True] + [False, True, True] * (n_levels - 1) + [False, True], device=low.device)
+    return segment_sse(sorted_values, cuts, anchors, counted)
+
+
+def _direct_lower_bound(
+    values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, level_low: torch.Tensor, level_high: torch.Tensor
+) -> torch.Tensor:
+    """:func:`grid_sse_lower_bound` summed over the values (few values, many levels).
+
+    For ``y = |x|`` and the levels ``m = 0..M`` on its side (``M = j_hi`` for ``x >= 0``, ``-j_lo``
+    below): the intervals ``[m a, m b]`` ending at or below ``y`` end at most at ``m1 b`` with
+    ``m1 = min(floor(y / b), M)``, the next one starts at ``(m1 + 1) a``; ``y`` is covered if that
+    start is ``<= y`` (it ends above ``y``).
+    """
+    rows, n_candidates = low.shape
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * values.shape[1]))
+    out = []
+    for i in range(0, n_candidates, chunk):
+        a, b = low[:, i : i + chunk, None], high[:, i : i + chunk, None]
+        x = values[:, None, :]
+        top = torch.where(x >= 0, level_high[:, i : i + chunk, None], -level_low[:, i : i + chunk, None])
+        y = x.abs()
+        below = torch.minimum(torch.floor(y / b), top)
+        to_below = y - below * b
+        to_above = torch.where(below + 1 <= top, ((below + 1) * a - y).clamp_min(0.0), torch.inf)
+        distance = torch.minimum(to_below, to_above).clamp_min(0.0)
+        out.append((distance * distance).sum(dim=2))
+    return torch.cat(out, dim=1)
+
+
+def narrow_ratio(level_low: int, level_high: int) -> float:
+    """The largest ``b / a`` for which an interval is narrow: ``J / (J - 1/2)``, ``J = max(|j_lo|, j_hi)``."""
+    largest = max(-level_low, level_high)
+    return largest / (largest - 0.5)
+
+
+@dataclass(frozen=True)
+class NarrowInterval:
+    """How the values of each row behave on narrow step intervals ``[a, b]`` (shapes ``(R, G)``).
+
+    On a narrow interval (``b / a <= J / (J - 1/2)``, :func:`narrow_ratio`) no value changes level
+    more than once. The *stable* values keep their level ``j`` and cost the parabola
+    ``P(s) = sum (x - j s)^2 = stable_sq - 2 s moment + s^2 curvature``. An *unstable* value (in the
+    zone between ``(j + 1/2) a`` and ``(j + 1/2) b``) goes from level ``j_a`` to ``j_b`` at its
+    breakpoint ``x / (j + 1/2)``; it is never exactly on a level inside the interval, so its error
+    rises to the breakpoint and falls after it, least at an end: ``unstable_least`` sums
+    ``min((x - j_a a)^2, (x - j_b b)^2)``.
+    """
+
+    moment: torch.Tensor
+    curvature: torch.Tensor
+    stable_sq: torch.Tensor
+    unstable_least: torch.Tensor
+    unstable: torch.Tensor
+    unstable_values: Callable[[torch.Tensor], UnstableValues]  # of the chosen (R, G) intervals
+
+    def parabola_argmin(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """``clamp(A / B, a, b)``, where the stable values' parabola is least on ``[a, b]``."""
+        return parabola_argmin(self.moment, self.curvature, low, high)
+
+    def bound(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min_{a <= s <= b} P(s) + unstable_least, argmin)``: a lower bound on the least error
+        over the interval, exact when no value is unstable (then ``E = P`` there)."""
+        step = self.parabola_argmin(low, high)
+        return parabola(self.stable_sq, self.moment, self.curvature, step) + self.unstable_least, step
+
+
+@dataclass(frozen=True)
+class UnstableValues:
+    """The unstable values of chosen narrow intervals, one entry per value (flat, any order)."""
+
+    node: torch.Tensor  # flat index ``r * G + g`` of the interval
+    value: torch.Tensor
+    level_low: torch.Tensor  # the value's level at the interval's low end ``a``
+    level_high: torch.Tensor  # ... and at its high end ``b``
+    breakpoint: torch.Tensor  # ``x / (j + 1/2)``, where it changes level
+
+
+def parabola(constant: torch.Tensor, moment: torch.Tensor, curvature: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``C - 2 s A + s^2 B``."""
+    return constant - 2 * step * moment + step * step * curvature
+
+
+def parabola_argmin(moment: torch.Tensor, curvature: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``clamp(A / B, a, b)``, the least point of ``C - 2 s A + s^2 B`` on ``[a, b]`` (``b`` where ``B = 0``)."""
+    ratio = torch.where(curvature > 0, moment / torch.where(curvature > 0, curvature, 1.0), high)
+    return torch.minimum(torch.maximum(ratio, low), high)
+
+
+def narrow_intervals(
+    sorted_values: SortedValues,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    zero_point: torch.Tensor,
+    q_min: int,
+    q_max: int,
+) -> NarrowInterval:
+    """:class:`NarrowInterval` of ``(R, G)`` narrow intervals ``[low, high]``.
+
+    By segments: per level boundary ``j | j + 1`` the zone's ends ``(j + 1/2) a``, ``(j + 1/2) b``
+    and, between them, the point where the two ends' errors are equal (the middle of
+    ``j b`` and ``(j + 1) a`` for ``j >= 0``): left of it the least error is at the level of
+    the ``b`` end, right of it at that of the ``a`` end. (Few values: per value.)
+    """
+    n_levels = q_max - q_min + 1
+    if use_direct_sum(sorted_values.n_values, 3 * n_levels):
+        return _direct_narrow_intervals(sorted_values.values, low, high, zero_point, q_min, q_max)
+    rows, n_candidates = low.shape
+    integers = torch.arange(q_min, q_max + 1, dtype=low.dtype, device=low.device)
+    levels = integers - zero_point[..., None]  # (R, G, K)
+    a, b = low[..., None], high[..., None]
+    left_anchor = levels[..., :-1] * torch.where(levels[..., :-1] >= 0, b, a)
+    right_anchor = levels[..., 1:] * torch.where(levels[..., 1:] >= 0, a, b)
+    half = levels[..., :-1] + 0.5
+    zone_low = torch.minimum(half * a, half * b)
+    zone_high = torch.maximum(half * a, half * b)
+    zone_middle = torch.minimum(torch.maximum(0.5 * (left_anchor + right_anchor), zone_low), zone_high)
+    cuts = torch.cummax(torch.stack([zone_low, zone_middle, zone_high], dim=-1).flatten(-2), dim=-1).values
+    indices = torch.searchsorted(sorted_values.values, cuts.reshape(rows, -1)).reshape(rows, n_candidates, -1)
+    first = indices.new_zeros(rows, n_candidates, 1)
+    bounds = torch.cat([first, indices, torch.full_like(first, sorted_values.n_values)], dim=2)
+    flat_bounds = bounds.reshape(rows, -1)
+
+    def run_sums(prefix: torch.Tensor) -> torch.Tensor:
+        at_bounds = torch.gather(prefix, 1, flat_bounds).reshape(rows, n_candidates, -1)
+        return at_bounds[..., 1:] - at_bounds[..., :-1]
+
+    counts = (bounds[..., 1:] - bounds[..., :-1]).to(low.dtype)
+    sums, sums_sq = run_sums(sorted_values.prefix_sum), run_sums(sorted_values.prefix_sum_sq)
+    # Segments: the stable values of level 0, then per boundary (left part of its zone, right part, stable next level).
+    stable = torch.arange(0, 3 * n_levels - 2, 3, device=low.device)
+    left, right = stable[:-1] + 1, stable[:-1] + 2
+
+    def error(part: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return (sums_sq[..., part] - 2 * anchor * sums[..., part] + anchor * anchor * counts[..., part]).sum(dim=2)
+
+    zone_start, zone_end = bounds[..., 1:-1:3], bounds[..., 3::3]
+
+    def unstable_values(chosen: torch.Tensor) -> UnstableValues:
+        """The index runs ``[zone_low, zone_high)`` of the chosen intervals' zones."""
+        sizes = torch.where(chosen[..., None], zone_end - zone_start, 0).reshape(-1)
+        zone = torch.repeat_interleave(torch.arange(sizes.numel(), device=low.device), sizes)
+        offset = torch.arange(zone.numel(), device=low.device) - (torch.cumsum(sizes, 0) - sizes)[zone]
+        node = zone // (n_levels - 1)
+        value = sorted_values.values[node // n_candidates, zone_start.reshape(-1)[zone] + offset]
+        level = levels[..., :-1].reshape(-1)[zone]
+        rising = level + 0.5 > 0  # at a, x / a is above the boundary: the upper level
+        level_low, level_high = torch.where(rising, level + 1, level), torch.where(rising, level, level + 1)
+        return UnstableValues(node, value, level_low, level_high, value / (level + 0.5))
+
+    return NarrowInterval(
+        moment=(levels * sums[..., stable]).sum(dim=2),
+        curvature=(levels * levels * counts[..., stable]).sum(dim=2),
+        stable_sq=sums_sq[..., stable].sum(dim=2),
+        unstable_least=error(left, left_anchor) + error(right, right_anchor),
+        unstable=(counts[..., left] + counts[..., right]).sum(dim=2),
+        unstable_values=unstable_values,
+    )
+
+
+def _direct_narrow_intervals(
+    values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int
+) -> NarrowInterval:
+    """:func:`narrow_intervals` per value (few values, many levels)."""
+    x = values[:, None, :]
+    a, b, z = low[..., None], high[..., None], zero_point[..., None]
+    level_a = torch.clamp(torch.round(x / a) + z, q_min, q_max) - z
+    level_b = torch.clamp(torch.round(x / b) + z, q_min, q_max) - z
+    stable = level_a == level_b
+    levels = torch.where(stable, level_a, 0.0)
+    least = torch.minimum((x - level_a * a) ** 2, (x - level_b * b) ** 2)
+
+    def unstable_values(chosen: torch.Tensor) -> UnstableValues:
+        picked = (~stable & chosen[..., None]).reshape(-1, values.shape[1])
+        node, position = picked.nonzero(as_tuple=True)
+        value = values[node // low.shape[1], position]
+        level_low, level_high = level_a.reshape(picked.shape)[node, position], level_b.reshape(picked.shape)[node, position]
+        return UnstableValues(node, value, level_low, level_high, value / (0.5 * (level_low + level_high)))
+
+    return NarrowInterval(
+        moment=(levels * x).sum(dim=2),
+        curvature=(levels * levels).sum(dim=2),
+        stable_sq=torch.where(stable, x * x, 0.0).sum(dim=2),
+        unstable_least=torch.where(stable, 0.0, least).sum(dim=2),
+        unstable=(~stable).sum(dim=2).to(low.dtype),
+        unstable_values=unstable_values,
+    )
+
+
+def interval_minimum(
+    stats: NarrowInterval, chosen: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least error over ``[a, b]`` of narrow intervals, exactly, by sweeping their breakpoints.
+
+    Between consecutive breakpoints of the unstable values the error is one parabola
+    ``C - 2 s A + s^2 B``; passing the breakpoint of a value ``x`` from level ``j_a`` to
+    ``j_b`` adds ``(j_b - j_a) x`` to ``A`` and ``j_b^2 - j_a^2`` to ``B``. Each piece's minimum
+    is at ``clamp(A / B)`` within it.
+
+    Args:
+        stats: :func:`narrow_intervals` of the ``(R, G)`` intervals ``[low, high]``;
+        chosen: ``(R, G)`` bool, which of them to solve.
+    Returns:
+        ``(error, step)``, ``(R, G)``: the least error (``inf`` where not chosen) and where it is.
+    """
+    rows, n_candidates = low.shape
+    unstable = stats.unstable_values(chosen)
+    n_nodes = rows * n_candidates
+    # The values in node order, by breakpoint within a node.
+    order = torch.argsort(unstable.breakpoint, stable=True)
+    order = order[torch.argsort(unstable.node[order], stable=True)]
+    node, value = unstable.node[order], unstable.value[order]
+    level_low, level_high, breakpoint = unstable.level_low[order], unstable.level_high[order], unstable.breakpoint[order]
+
+    def per_node(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_nodes, dtype=low.dtype, device=low.device).index_add_(0, node, values)
+
+    constant = stats.stable_sq.reshape(-1) + per_node(value * value)
+    start_moment = stats.moment.reshape(-1) + per_node(level_low * value)
+    start_curvature = stats.curvature.reshape(-1) + per_node(level_low * level_low)
+    counts = torch.bincount(node, minlength=n_nodes)
+    first = torch.cumsum(counts, 0) - counts  # where each node's values start
+    zero = torch.zeros(1, dtype=low.dtype, device=low.device)
+
+    def after_each(changes: torch.Tensor) -> torch.Tensor:
+        """The sum of a node's changes up to and including each value (a cumulative sum restarted per node)."""
+        total = torch.cat([zero, torch.cumsum(changes, 0)])
+        return total[1:] - total[first[node]]
+
+    moment = start_moment[node] + after_each((level_high - level_low) * value)
+    curvature = start_curvature[node] + after_each(level_high * level_high - level_low * level_low)
+    flat_low, flat_high = low.reshape(-1), high.reshape(-1)
+    # Pieces: [a, first breakpoint] at the start, then from each breakpoint to the next (the last to b).
+    first_break = torch.full((n_nodes,), torch.inf, dtype=low.dtype, device=low.device)
+    first_break = first_break.scatter_reduce(0, node, breakpoint, "amin")
+    first_end = torch.maximum(torch.minimum(first_break, flat_high), flat_low)
+    is_last = torch.ones_like(node, dtype=torch.bool)
+    is_last[:-1] = node[1:] != node[:-1]
+    piece_start = torch.minimum(torch.maximum(breakpoint, flat_low[node]), flat_high[node])
+    piece_end = torch.where(is_last, flat_high[node], torch.roll(breakpoint, -1))
+    piece_end = torch.minimum(torch.maximum(piece_end, piece_start), flat_high[node])
+    first_step = parabola_argmin(start_moment, start_curvature, flat_low, first_end)
+    steps = parabola_argmin(moment, curvature, piece_start, piece_end)
+    error = torch.cat([parabola(constant, start_moment, start_curvature, first_step), parabola(constant[node], moment, curvature, steps)])
+    step = torch.cat([first_step, steps])
+    owner = torch.cat([torch.arange(n_nodes, device=low.device), node])
+    best = torch.full((n_nodes,), torch.inf, dtype=low.dtype, device=low.device).scatter_reduce(0, owner, error, "amin")
+    at_best = torch.where(error == best[owner], step, torch.inf)
+    best_step = torch.full_like(best, torch.inf).scatter_reduce(0, owner, at_best, "amin")
+    chosen_flat = chosen.reshape(-1)
+    best = torch.where(chosen_flat, best, torch.inf)
+    best_step = torch.where(chosen_flat, best_step, flat_high)
+    return best.reshape(rows, n_candidates), best_step.reshape(rows, n_candidates)
+
+
+def zero_count(sorted_values: SortedValues, step_size: torch.Tensor) -> torch.Tensor:
+    """Per row, how many values a zero-point-0 quantizer with ``step_size`` (shape ``(R,)``) maps to 0.
+
+    ``round(x / s) = 0`` exactly for ``-s/2 <= x <= s/2`` (round half to even).
+    """
+    half_step = (0.5 * step_size)[:, None]
+    upper = torch.searchsorted(sorted_values.values, half_step, right=True)
+    lower = torch.searchsorted(sorted_values.values, -half_step, right=False)
+    return (upper - lower)[:, 0]
