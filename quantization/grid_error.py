@@ -137,20 +137,25 @@ def segment_sse(sorted_values: SortedValues, cuts: torch.Tensor, anchors: torch.
     )
 
 
-def _segment_sse(sv: SortedValues, cuts: torch.Tensor, anchors: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    rows, n_candidates, n_segments = anchors.shape
+def _segment_sums(sv: SortedValues, cuts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For ``(R, G, M - 1)`` segment ends: each segment's index bounds ``(R, G, M + 1)`` and its
+    count, sum and sum of squares ``(R, G, M)``, read off the prefix sums."""
+    rows, n_candidates = cuts.shape[:2]
     indices = torch.searchsorted(sv.values, cuts.reshape(rows, -1).contiguous()).reshape(rows, n_candidates, -1)
     first = indices.new_zeros(rows, n_candidates, 1)
-    last = torch.full_like(first, sv.n_values)
-    bounds = torch.cat([first, indices, last], dim=2)
+    bounds = torch.cat([first, indices, torch.full_like(first, sv.n_values)], dim=2)
     flat_bounds = bounds.reshape(rows, -1)
 
     def run_sums(prefix: torch.Tensor) -> torch.Tensor:
         at_bounds = torch.gather(prefix, 1, flat_bounds).reshape(rows, n_candidates, -1)
         return at_bounds[..., 1:] - at_bounds[..., :-1]
 
-    counts = (bounds[..., 1:] - bounds[..., :-1]).to(anchors.dtype)
-    sums, sums_sq = run_sums(sv.prefix_sum), run_sums(sv.prefix_sum_sq)
+    counts = (bounds[..., 1:] - bounds[..., :-1]).to(cuts.dtype)
+    return bounds, counts, run_sums(sv.prefix_sum), run_sums(sv.prefix_sum_sq)
+
+
+def _segment_sse(sv: SortedValues, cuts: torch.Tensor, anchors: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    _, counts, sums, sums_sq = _segment_sums(sv, cuts)
     errors = sums_sq - 2 * anchors * sums + anchors * anchors * counts
     return (errors * counted.to(errors.dtype)).sum(dim=2)
 
@@ -328,7 +333,7 @@ def narrow_intervals(
     n_levels = q_max - q_min + 1
     if use_direct_sum(sorted_values.n_values, 3 * n_levels):
         return _direct_narrow_intervals(sorted_values.values, low, high, zero_point, q_min, q_max)
-    rows, n_candidates = low.shape
+    n_candidates = low.shape[1]
     integers = torch.arange(q_min, q_max + 1, dtype=low.dtype, device=low.device)
     levels = integers - zero_point[..., None]  # (R, G, K)
     a, b = low[..., None], high[..., None]
@@ -339,17 +344,7 @@ def narrow_intervals(
     zone_high = torch.maximum(half * a, half * b)
     zone_middle = torch.minimum(torch.maximum(0.5 * (left_anchor + right_anchor), zone_low), zone_high)
     cuts = torch.cummax(torch.stack([zone_low, zone_middle, zone_high], dim=-1).flatten(-2), dim=-1).values
-    indices = torch.searchsorted(sorted_values.values, cuts.reshape(rows, -1)).reshape(rows, n_candidates, -1)
-    first = indices.new_zeros(rows, n_candidates, 1)
-    bounds = torch.cat([first, indices, torch.full_like(first, sorted_values.n_values)], dim=2)
-    flat_bounds = bounds.reshape(rows, -1)
-
-    def run_sums(prefix: torch.Tensor) -> torch.Tensor:
-        at_bounds = torch.gather(prefix, 1, flat_bounds).reshape(rows, n_candidates, -1)
-        return at_bounds[..., 1:] - at_bounds[..., :-1]
-
-    counts = (bounds[..., 1:] - bounds[..., :-1]).to(low.dtype)
-    sums, sums_sq = run_sums(sorted_values.prefix_sum), run_sums(sorted_values.prefix_sum_sq)
+    bounds, counts, sums, sums_sq = _segment_sums(sorted_values, cuts)
     # Segments: the stable values of level 0, then per boundary (left part of its zone, right part, stable next level).
     stable = torch.arange(0, 3 * n_levels - 2, 3, device=low.device)
     left, right = stable[:-1] + 1, stable[:-1] + 2
