@@ -60,14 +60,38 @@ def layer_data_options(command: Callable) -> Callable:
         click.option("--images-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="ImageNet-style folder of class folders; images drawn with --seed across classes. "
                      "Default: scikit-image's sample photos."),
-        click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
-                     help="Seconds per problem for the exact solver."),
         click.option("--device", type=DeviceType(), default=default_device(), show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--save-problems", is_flag=True, help="Also write every problem and its solutions to an .npz."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+# The exact solvers' default work limits (quantization.qp_exact / pruning.sparse_ls DEFAULT_NODE_LIMIT), for the help
+# only: the CLI passes None and the solvers apply their own (tests/test_bounds_determinism.py checks these agree).
+QUANT_NODE_LIMIT = 10_000_000
+PRUNE_NODE_LIMIT = 100_000
+
+
+def exact_limit_options(default_nodes: str) -> Callable[[Callable], Callable]:
+    """``--node-limit`` (deterministic work limit) and ``--time-limit`` (optional wall clock) of the exact solvers.
+
+    ``default_nodes`` names the node limit's default in the help; the option is None then (the solver's own).
+    """
+    options = [
+        click.option("--node-limit", type=click.IntRange(1), default=None,
+                     help="Work limit per problem of the exact solver (branch-and-bound nodes); deterministic. "
+                     f"Default: {default_nodes}."),
+        click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Optional wall-clock limit per problem in seconds (default: none); results then depend "
+                     "on machine load."),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+    return decorate
 
 
 def _listed_only(model_name: str, list_only: bool, num_output_channels: int) -> bool:
@@ -115,6 +139,7 @@ def prepare_layers(model_name, layer_names, num_samples, images_dir, device, see
 
 @cli.command("quant-bounds-data-opt")
 @layer_data_options
+@exact_limit_options(f"the solver's, {QUANT_NODE_LIMIT:,}")
 @click.option("--n-bits", type=click.IntRange(2, 8), default=4, show_default=True, help="Weight bit-width b.")
 @click.option("--range-search-method", type=click.Choice(["mse", "minmax"], case_sensitive=False), default="mse",
               show_default=True, help="Range of the layer's weight quantizer (gives the step s).")
@@ -129,9 +154,9 @@ def prepare_layers(model_name, layer_names, num_samples, images_dir, device, see
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("plots_data/quant_bounds"), show_default=True)
 def quant_bounds_data_opt(
-    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, time_limit, device,
-    seed, save_problems, progress, n_bits, range_search_method, per_channel, box, solver, exact, max_whole_dim,
-    output_dir,
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, node_limit, time_limit,
+    device, seed, save_problems, progress, n_bits, range_search_method, per_channel, box, solver, exact,
+    max_whole_dim, output_dir,
 ) -> None:
     """Certified bounds on the post-training quantization error of each layer, beside real PTQ methods.
 
@@ -142,6 +167,8 @@ def quant_bounds_data_opt(
     """
     if _listed_only(model_name, list_only, num_output_channels):
         return
+    if not exact and (node_limit is not None or time_limit is not None):
+        raise click.UsageError("--node-limit and --time-limit limit the exact solver: give --exact")
     from tqdm import tqdm
 
     from studies.bounds_run import run_layers
@@ -149,8 +176,8 @@ def quant_bounds_data_opt(
 
     config = QuantBoundsConfig(
         n_bits=n_bits, opt_dim=opt_dim, range_method=range_search_method.lower(), per_channel=per_channel, box=box,
-        solver=solver.lower(), exact=exact, time_limit=time_limit, max_whole_dim=max_whole_dim,
-        num_output_channels=num_output_channels, seed=seed,
+        solver=solver.lower(), exact=exact, node_limit=node_limit, time_limit=time_limit,
+        max_whole_dim=max_whole_dim, num_output_channels=num_output_channels, seed=seed,
     )
     layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
     name = "_".join(
@@ -176,6 +203,7 @@ def _sparsity(n_bits: int | None, sparsity: float | None) -> float:
 
 @cli.command("prune-bounds-data-opt")
 @layer_data_options
+@exact_limit_options(f"the solver's, {PRUNE_NODE_LIMIT:,}")
 @click.option("--n-bits", type=click.IntRange(2, 8), default=None,
               help="Prune at the compression of INT-b: sparsity 1 - b/16 [default: 4, i.e. 75%].")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -187,13 +215,13 @@ def _sparsity(n_bits: int | None, sparsity: float | None) -> float:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("plots_data/prune_bounds"), show_default=True)
 def prune_bounds_data_opt(
-    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, time_limit, device,
-    seed, save_problems, progress, n_bits, sparsity, max_exact_dim, max_whole_dim, output_dir,
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, node_limit, time_limit,
+    device, seed, save_problems, progress, n_bits, sparsity, max_exact_dim, max_whole_dim, output_dir,
 ) -> None:
     """Exact post-training pruning of each layer (sparse least squares), certified bounds and real methods.
 
     Per output channel and chunk of inputs, the best k-sparse weights minimise ||A (w - x)||^2; the
-    branch and bound proves the optimum (or reports the gap at --time-limit), the perspective
+    branch and bound proves the optimum (or reports the gap at its limit), the perspective
     relaxation bounds it, and magnitude pruning (with and without refit), OBS and IHT are compared.
     Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
     """
@@ -205,8 +233,8 @@ def prune_bounds_data_opt(
     from studies.prune_bounds import PruneBoundsConfig, config_record, problem_arrays, prune_bounds_layer
 
     config = PruneBoundsConfig(
-        sparsity=_sparsity(n_bits, sparsity), opt_dim=opt_dim, time_limit=time_limit, max_exact_dim=max_exact_dim,
-        max_whole_dim=max_whole_dim, num_output_channels=num_output_channels,
+        sparsity=_sparsity(n_bits, sparsity), opt_dim=opt_dim, node_limit=node_limit, time_limit=time_limit,
+        max_exact_dim=max_exact_dim, max_whole_dim=max_whole_dim, num_output_channels=num_output_channels,
     )
     layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
     name = f"prune_bounds_{model_name}_sparsity{config.sparsity:g}_opt{opt_dim}"
@@ -222,6 +250,7 @@ def prune_bounds_data_opt(
 
 @cli.command("compare-bounds")
 @layer_data_options
+@exact_limit_options(f"each solver's own: {QUANT_NODE_LIMIT:,} for quantization, {PRUNE_NODE_LIMIT:,} for pruning")
 @click.option("--n-bits", "bit_widths", type=IntListType(2, 8), default="2-8", show_default=True,
               help="Bit-widths b (pruning at sparsity 1 - b/16), as a list (2,4,8) or a range (2-8).")
 @click.option("--max-exact-dim", type=click.IntRange(0), default=48, show_default=True,
@@ -229,8 +258,8 @@ def prune_bounds_data_opt(
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("plots_data/compare_bounds"), show_default=True)
 def compare_bounds(
-    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, time_limit, device,
-    seed, save_problems, progress, bit_widths, max_exact_dim, output_dir,
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, node_limit, time_limit,
+    device, seed, save_problems, progress, bit_widths, max_exact_dim, output_dir,
 ) -> None:
     """The paper's comparison: per layer and bit-width, quantization's SQNR range against pruning's.
 
@@ -256,11 +285,11 @@ def compare_bounds(
     results = []
     with tqdm(total=2 * per_side * len(bit_widths), desc="problem sets", unit="set", disable=not progress) as bar:
         for n_bits in bit_widths:
-            quant = QuantBoundsConfig(n_bits=n_bits, opt_dim=opt_dim, max_whole_dim=0, time_limit=time_limit,
-                                      exact=0 < opt_dim <= max_exact_dim, num_output_channels=num_output_channels,
-                                      seed=seed)
-            prune = PruneBoundsConfig(sparsity=1 - n_bits / 16, opt_dim=opt_dim, time_limit=time_limit,
-                                      max_exact_dim=max_exact_dim, max_whole_dim=0,
+            quant = QuantBoundsConfig(n_bits=n_bits, opt_dim=opt_dim, max_whole_dim=0, node_limit=node_limit,
+                                      time_limit=time_limit, exact=0 < opt_dim <= max_exact_dim,
+                                      num_output_channels=num_output_channels, seed=seed)
+            prune = PruneBoundsConfig(sparsity=1 - n_bits / 16, opt_dim=opt_dim, node_limit=node_limit,
+                                      time_limit=time_limit, max_exact_dim=max_exact_dim, max_whole_dim=0,
                                       num_output_channels=num_output_channels)
             sides = []
             for kind, config, solve, record_of, arrays in (

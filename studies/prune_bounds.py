@@ -16,8 +16,11 @@ problem this module computes
   weights), ``obs`` (OBS/SparseGPT-style greedy with error feedback), ``iht`` (iterative hard
   thresholding), ``swap`` (local search from the best of them);
 * for chunks of at most ``max_exact_dim`` inputs, the exact optimum by branch and bound
-  (:func:`pruning.sparse_ls.solve_exact_batch`, ``time_limit`` per problem; its certified bound
-  replaces the relaxation's where larger).
+  (:func:`pruning.sparse_ls.solve_exact_batch`; its certified bound replaces the relaxation's
+  where larger). Its limit per problem is a count of nodes (``node_limit``, default
+  :data:`pruning.sparse_ls.DEFAULT_NODE_LIMIT`), so the results do not depend on the machine's
+  speed or load; ``time_limit`` adds an optional wall-clock limit (then they do). The ``seconds``
+  per stage are recorded beside the results and are the only measured quantities in them.
 
 Aggregation and file layout are those of :mod:`studies.quant_bounds`: summed errors relative to
 the summed energy ``sum w' G w``, per chunk and per layer (scopes ``chunk`` and, where the fan-in
@@ -36,7 +39,7 @@ import torch
 from pruning.least_squares import reconstruction_error
 from pruning.masks import num_pruned
 from pruning.perspective_bound import lower_bound
-from pruning.sparse_ls import solve_exact_batch
+from pruning.sparse_ls import DEFAULT_NODE_LIMIT, solve_exact_batch
 from pruning.sparse_ls_heuristics import pruning_methods
 from studies.bounds_files import best_of, padded_stack, scope_summaries, set_columns, summarise
 from studies.layer_problems import LayerData, problem_scopes
@@ -56,11 +59,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneBoundsConfig:
-    """Options of a pruning-bounds run (the CLI's, minus I/O). ``sparsity`` is the share of weights removed."""
+    """Options of a pruning-bounds run (the CLI's, minus I/O). ``sparsity`` is the share of weights removed.
+
+    ``node_limit`` is the exact solver's work limit per problem (None: its
+    :data:`~pruning.sparse_ls.DEFAULT_NODE_LIMIT`); ``time_limit`` an optional wall-clock limit per
+    problem in seconds (None: none, the results do not depend on timing).
+    """
 
     sparsity: float = 0.75
     opt_dim: int = 32
-    time_limit: float = 10.0
+    node_limit: int | None = None
+    time_limit: float | None = None
     max_exact_dim: int = 48
     max_whole_dim: int = 128
     num_output_channels: int = -1
@@ -68,6 +77,15 @@ class PruneBoundsConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.node_limit is not None and self.node_limit < 1:
+            raise ValueError(f"node_limit must be None or at least 1, got {self.node_limit}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be None or positive, got {self.time_limit}")
+
+    @property
+    def exact_node_limit(self) -> int:
+        """The branch and bound's node limit per problem: ``node_limit``, or the solver's default."""
+        return DEFAULT_NODE_LIMIT if self.node_limit is None else self.node_limit
 
 
 def kept_weights(n: int, sparsity: float) -> int:
@@ -127,7 +145,8 @@ def solve_pruning_problems(grams: torch.Tensor, weights: torch.Tensor, k: int, c
               "status": ["not_solved"] * weights.shape[0], "exact_lb": None}
     if weights.shape[1] <= config.max_exact_dim:
         start = time.perf_counter()
-        exact = solve_exact_batch(grams, weights, k, time_limit=config.time_limit)
+        exact = solve_exact_batch(grams, weights, k, time_limit=config.time_limit,
+                                  node_limit=config.exact_node_limit)
         seconds["exact"] = time.perf_counter() - start
         exact_x = torch.as_tensor(np.stack([e.x for e in exact]), dtype=torch.float64)
         exact_error = reconstruction_error(grams, weights, exact_x)
@@ -221,4 +240,5 @@ def problem_arrays(layer_sets: list[tuple[int, PruneProblemSet]], layer_names: l
 
 
 def config_record(config: PruneBoundsConfig) -> dict:
-    return asdict(config)
+    """The config as a JSON-ready dict, with the node limit actually used (the solver's default for None)."""
+    return {**asdict(config), "node_limit": config.exact_node_limit}

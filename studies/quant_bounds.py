@@ -15,7 +15,11 @@ of a layer, with the step ``s_c`` of the layer's quantizer, the integer weights 
   ``X - xx'``, rounded, then 1-opt), ``gptq`` (sequential rounding with error feedback, from
   ``w / s``), ``adaround`` (then 1-opt),
 * optionally (``exact``) the true minimum by branch and bound (:mod:`quantization.qp_exact`),
-  whose certified bound replaces the relaxation's where it is larger (``exact_lb``).
+  whose certified bound replaces the relaxation's where it is larger (``exact_lb``). Its limit per
+  problem is a count of nodes (``node_limit``, default :data:`quantization.qp_exact.DEFAULT_NODE_LIMIT`),
+  so the results do not depend on the machine's speed or load; ``time_limit`` adds an optional
+  wall-clock limit (then they do). The ``seconds`` per stage are recorded beside the results and
+  are the only measured quantities in them.
 
 Results are aggregated per chunk (over channels) and per layer as the summed error relative to
 the summed energy: ``SQNR = 10 log10(sum r / sum error)``. The sum of the lower bounds bounds the
@@ -45,7 +49,7 @@ from quantization.qp_bounds import (
     solve_dual,
     solve_sdp_cvxpy,
 )
-from quantization.qp_exact import solve_exact_batch
+from quantization.qp_exact import DEFAULT_NODE_LIMIT, solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
 from studies.bounds_files import best_of, padded_stack, scope_summaries, set_columns, summarise
@@ -72,7 +76,12 @@ SOLVERS = ("ours", "clarabel", "scs")
 
 @dataclass(frozen=True)
 class QuantBoundsConfig:
-    """Options of a quantization-bounds run (the CLI's, minus I/O)."""
+    """Options of a quantization-bounds run (the CLI's, minus I/O).
+
+    ``node_limit`` is the exact solver's work limit per problem (None: its
+    :data:`~quantization.qp_exact.DEFAULT_NODE_LIMIT`); ``time_limit`` an optional wall-clock limit
+    per problem in seconds (None: none, the results do not depend on timing).
+    """
 
     n_bits: int = 4
     opt_dim: int = 32
@@ -82,7 +91,8 @@ class QuantBoundsConfig:
     solver: str = "ours"
     tol: float = 1e-4
     exact: bool = False
-    time_limit: float = 10.0
+    node_limit: int | None = None
+    time_limit: float | None = None
     max_whole_dim: int = 256
     num_output_channels: int = -1
     seed: int = 0
@@ -96,6 +106,15 @@ class QuantBoundsConfig:
             raise ValueError(f"n_bits must be in 2..16, got {self.n_bits}")
         if self.box and self.n_bits < 2:
             raise ValueError("the box needs at least 2 bits")
+        if self.node_limit is not None and self.node_limit < 1:
+            raise ValueError(f"node_limit must be None or at least 1, got {self.node_limit}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be None or positive, got {self.time_limit}")
+
+    @property
+    def exact_node_limit(self) -> int:
+        """The branch and bound's node limit per problem: ``node_limit``, or the solver's default."""
+        return DEFAULT_NODE_LIMIT if self.node_limit is None else self.node_limit
 
 
 def layer_step_sizes(weights: torch.Tensor, n_bits: int, range_method: str, per_channel: bool) -> torch.Tensor:
@@ -243,7 +262,7 @@ def solve_problems(
     result = {"lb": lb, "lam": lam, "mu": mu, "origin": origin, "status": status, "errors": errors, "z": z, "ub": ub}
     if config.exact:
         start = time.perf_counter()
-        exact = solve_exact_batch(problems, time_limit=config.time_limit, z0=z)
+        exact = solve_exact_batch(problems, time_limit=config.time_limit, node_limit=config.exact_node_limit, z0=z)
         seconds["exact"] = time.perf_counter() - start
         exact_z = torch.as_tensor(np.stack([e.z for e in exact]), dtype=torch.float64, device=P.device)
         exact_value = problems.objective(exact_z)
@@ -349,8 +368,8 @@ def _chunk_record(problem_set: ProblemSet) -> dict:
 
 
 def config_record(config: QuantBoundsConfig) -> dict:
-    """The config as a JSON-ready dict."""
-    return asdict(config)
+    """The config as a JSON-ready dict, with the node limit actually used (the solver's default for None)."""
+    return {**asdict(config), "node_limit": config.exact_node_limit}
 
 
 def problem_arrays(layer_sets: list[tuple[int, ProblemSet]], layer_names: list[str]) -> dict[str, np.ndarray]:
