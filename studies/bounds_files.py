@@ -22,6 +22,7 @@ from utils.io import write_bytes_atomic, write_csv, write_json
 
 __all__ = [
     "best_of",
+    "check_exact_limits",
     "csv_rows",
     "padded_stack",
     "plot_layer_bounds",
@@ -32,6 +33,14 @@ __all__ = [
     "write_npz",
     "write_run",
 ]
+
+
+def check_exact_limits(node_limit: int | None, time_limit: float | None) -> None:
+    """Raise ``ValueError`` unless the exact solvers' limits are None or valid (nodes >= 1, seconds > 0)."""
+    if node_limit is not None and node_limit < 1:
+        raise ValueError(f"node_limit must be None or at least 1, got {node_limit}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be None or positive, got {time_limit}")
 
 
 def sqnr_db(energy: float, error: float) -> float | None:

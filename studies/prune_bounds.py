@@ -41,7 +41,7 @@ from pruning.masks import num_pruned
 from pruning.perspective_bound import lower_bound
 from pruning.sparse_ls import DEFAULT_NODE_LIMIT, solve_exact_batch
 from pruning.sparse_ls_heuristics import pruning_methods
-from studies.bounds_files import best_of, padded_stack, scope_summaries, set_columns, summarise
+from studies.bounds_files import best_of, check_exact_limits, padded_stack, scope_summaries, set_columns, summarise
 from studies.layer_problems import LayerData, problem_scopes
 
 __all__ = [
@@ -77,10 +77,7 @@ class PruneBoundsConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.node_limit is not None and self.node_limit < 1:
-            raise ValueError(f"node_limit must be None or at least 1, got {self.node_limit}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise ValueError(f"time_limit must be None or positive, got {self.time_limit}")
+        check_exact_limits(self.node_limit, self.time_limit)
 
     @property
     def exact_node_limit(self) -> int:

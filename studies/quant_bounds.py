@@ -52,7 +52,7 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import DEFAULT_NODE_LIMIT, solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import best_of, padded_stack, scope_summaries, set_columns, summarise
+from studies.bounds_files import best_of, check_exact_limits, padded_stack, scope_summaries, set_columns, summarise
 from studies.layer_problems import LayerData, problem_scopes
 
 __all__ = [
@@ -106,10 +106,7 @@ class QuantBoundsConfig:
             raise ValueError(f"n_bits must be in 2..16, got {self.n_bits}")
         if self.box and self.n_bits < 2:
             raise ValueError("the box needs at least 2 bits")
-        if self.node_limit is not None and self.node_limit < 1:
-            raise ValueError(f"node_limit must be None or at least 1, got {self.node_limit}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise ValueError(f"time_limit must be None or positive, got {self.time_limit}")
+        check_exact_limits(self.node_limit, self.time_limit)
 
     @property
     def exact_node_limit(self) -> int:
