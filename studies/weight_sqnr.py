@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from models.layers import output_channel_axis, weight_layers
 from pruning.masks import magnitude_pruning_sse
-from quantization.quantizers import QuantScheme, params_from_range
 from quantization.grid_error import SortedValues, as_rows, grid_sse, sort_rows, zero_count
+from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import mse_range_search
 from studies.compression import pruning_sparsity, sqnr_db
 from studies.result_files import result_file_name, result_glob, table_file_name
