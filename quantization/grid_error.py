@@ -115,6 +115,12 @@ def use_direct_sum(n_values: int, n_segments: int) -> bool:
     return n_values <= 3 * n_segments
 
 
+def _in_chunks(n_candidates: int, elements_per_candidate: int, compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """``compute`` over slices of the candidates (dim 1) holding at most ``_MAX_CHUNK_ELEMENTS``, concatenated."""
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // elements_per_candidate)
+    return torch.cat([compute(slice(i, i + chunk)) for i in range(0, n_candidates, chunk)], dim=1)
+
+
 def segment_sse(sorted_values: SortedValues, cuts: torch.Tensor, anchors: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """``sum over segments of counted * sum (x - anchor)^2`` for every candidate of every row.
 
@@ -126,14 +132,9 @@ def segment_sse(sorted_values: SortedValues, cuts: torch.Tensor, anchors: torch.
     Returns:
         ``(R, G)``.
     """
-    rows, n_candidates = anchors.shape[:2]
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * anchors.shape[2]))
-    return torch.cat(
-        [
-            _segment_sse(sorted_values, cuts[:, i : i + chunk], anchors[:, i : i + chunk], counted)
-            for i in range(0, n_candidates, chunk)
-        ],
-        dim=1,
+    rows, n_candidates, n_segments = anchors.shape
+    return _in_chunks(
+        n_candidates, rows * n_segments, lambda part: _segment_sse(sorted_values, cuts[:, part], anchors[:, part], counted)
     )
 
 
@@ -175,26 +176,25 @@ def grid_sse(sorted_values: SortedValues, step_size: torch.Tensor, zero_point: t
         return _direct_sse(sorted_values.values, step_size, zero_point, q_min, q_max)
     integers = torch.arange(q_min, q_max + 1, dtype=step_size.dtype, device=step_size.device)
     counted = torch.ones(n_levels, dtype=torch.bool, device=step_size.device)
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (step_size.shape[0] * n_levels))
-    out = []
-    for i in range(0, step_size.shape[1], chunk):
-        levels = (integers - zero_point[:, i : i + chunk, None]) * step_size[:, i : i + chunk, None]  # (R, G, K)
+
+    def errors(part: slice) -> torch.Tensor:
+        levels = (integers - zero_point[:, part, None]) * step_size[:, part, None]  # (R, G, K)
         midpoints = 0.5 * (levels[..., 1:] + levels[..., :-1])
-        out.append(segment_sse(sorted_values, midpoints, levels, counted))
-    return torch.cat(out, dim=1)
+        return segment_sse(sorted_values, midpoints, levels, counted)
+
+    return _in_chunks(step_size.shape[1], step_size.shape[0] * n_levels, errors)
 
 
 def _direct_sse(values: torch.Tensor, step_size: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
     """Full quantize-dequantize per candidate; cheaper than segments when levels outnumber values."""
-    rows, n_candidates = step_size.shape
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * values.shape[1]))
-    out = []
-    for i in range(0, n_candidates, chunk):
-        s, z = step_size[:, i : i + chunk, None], zero_point[:, i : i + chunk, None]
-        x = values[:, None, :]
+    x = values[:, None, :]
+
+    def errors(part: slice) -> torch.Tensor:
+        s, z = step_size[:, part, None], zero_point[:, part, None]
         x_hat = (torch.clamp(torch.round(x / s) + z, q_min, q_max) - z) * s
-        out.append(((x - x_hat) ** 2).sum(dim=2))
-    return torch.cat(out, dim=1)
+        return ((x - x_hat) ** 2).sum(dim=2)
+
+    return _in_chunks(step_size.shape[1], values.numel(), errors)
 
 
 def grid_sse_lower_bound(
@@ -240,20 +240,19 @@ def _direct_lower_bound(
     ``m1 = min(floor(y / b), M)``, the next one starts at ``(m1 + 1) a``; ``y`` is covered if that
     start is ``<= y`` (it ends above ``y``).
     """
-    rows, n_candidates = low.shape
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * values.shape[1]))
-    out = []
-    for i in range(0, n_candidates, chunk):
-        a, b = low[:, i : i + chunk, None], high[:, i : i + chunk, None]
-        x = values[:, None, :]
-        top = torch.where(x >= 0, level_high[:, i : i + chunk, None], -level_low[:, i : i + chunk, None])
-        y = x.abs()
+    x = values[:, None, :]
+    y = x.abs()
+
+    def distances(part: slice) -> torch.Tensor:
+        a, b = low[:, part, None], high[:, part, None]
+        top = torch.where(x >= 0, level_high[:, part, None], -level_low[:, part, None])
         below = torch.minimum(torch.floor(y / b), top)
         to_below = y - below * b
         to_above = torch.where(below + 1 <= top, ((below + 1) * a - y).clamp_min(0.0), torch.inf)
         distance = torch.minimum(to_below, to_above).clamp_min(0.0)
-        out.append((distance * distance).sum(dim=2))
-    return torch.cat(out, dim=1)
+        return (distance * distance).sum(dim=2)
+
+    return _in_chunks(low.shape[1], values.numel(), distances)
 
 
 def narrow_ratio(level_low: int, level_high: int) -> float:
@@ -282,14 +281,10 @@ class NarrowInterval:
     unstable: torch.Tensor
     unstable_values: Callable[[torch.Tensor], UnstableValues]  # of the chosen (R, G) intervals
 
-    def parabola_argmin(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        """``clamp(A / B, a, b)``, where the stable values' parabola is least on ``[a, b]``."""
-        return parabola_argmin(self.moment, self.curvature, low, high)
-
     def bound(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(min_{a <= s <= b} P(s) + unstable_least, argmin)``: a lower bound on the least error
         over the interval, exact when no value is unstable (then ``E = P`` there)."""
-        step = self.parabola_argmin(low, high)
+        step = parabola_argmin(self.moment, self.curvature, low, high)
         return parabola(self.stable_sq, self.moment, self.curvature, step) + self.unstable_least, step
 
 
