@@ -20,7 +20,8 @@ solver on a problem before the next problem (interleaved, so load changes hit al
   (:func:`quantization.qp_bounds.solve_dual` on all the layer's problems, its time per problem added);
 * ``reference`` (``--reference FILE``): another version of ``qp_exact.py`` (e.g. ``git show
   HEAD~1:quantization/qp_exact.py > /tmp/ref.py``) with ``--time-limit``, best of ``--repeats``;
-* ``box`` (``--box``): the previous best-first solver (``node_bound="box"``), once, ``--time-limit``;
+* ``box`` (``--box``): the previous best-first solver (``solve_exact_box``, kept as a test reference in
+  ``tests/reference_solvers.py`` and imported from there), once, ``--time-limit``;
 * ``gurobi``: Gurobi, when ``gurobipy`` is importable (an optional bench dependency, imported here
   only), single thread, ``MIPGap=1e-9``, ``--time-limit``, model building included, once.
 
@@ -47,7 +48,11 @@ import click
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the reference box search (--box)
+
+from reference_solvers import solve_exact_box  # noqa: E402
 
 from models.registry import load_model  # noqa: E402
 from quantization.ptq_rounding import one_opt, sequential_rounding  # noqa: E402
@@ -235,7 +240,7 @@ def main(layer: str, num_problems: int, n_bits: int, opt_dim: int, images: int, 
         solvers["reference"] = lambda args, z0, extra: module.solve_exact(*args, time_limit=time_limit, z0=z0)
         added["reference"] = start_seconds
     if box:
-        solvers["box"] = lambda args, z0, extra: solve_exact(*args, time_limit=time_limit, z0=z0, node_bound="box")
+        solvers["box"] = lambda args, z0, extra: solve_exact_box(*args, time_limit=time_limit, z0=z0)
         added["box"] = start_seconds
     runner = None
     if gurobi:

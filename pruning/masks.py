@@ -1,4 +1,4 @@
-"""Magnitude pruning masks: per tensor, per output channel, and global across tensors.
+"""Magnitude pruning masks: per tensor and global across tensors, by selection (``O(n)``, no sort).
 
 A mask is a boolean tensor shaped like the weight, ``True`` where the weight is kept.
 Counts are exact: of ``n`` candidates, ``num_pruned(n, sparsity) = floor(sparsity * n + 1/2)``
@@ -21,40 +21,6 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return min(numel, math.floor(sparsity * numel + 0.5))
 
 
-def _prune_smallest(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask for a 2-D ``(rows, n)`` tensor pruning each row's smallest entries."""
-    n_rows, n = magnitudes.shape
-    k = num_pruned(n, sparsity)
-    order = torch.sort(magnitudes, dim=1, stable=True).indices
-    keep = torch.ones_like(magnitudes, dtype=torch.bool)
-    keep.scatter_(1, order[:, :k], False)
-    return keep
-
-
-def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the ``numel - num_pruned(numel, sparsity)`` largest-magnitude entries of ``weight``."""
-    return _prune_smallest(weight.detach().abs().reshape(1, -1), sparsity).reshape(weight.shape)
-
-
-def per_channel_magnitude_mask(weight: torch.Tensor, sparsity: float, ch_axis: int = 0) -> torch.Tensor:
-    """Prune every slice along ``ch_axis`` (an output channel) to the same ``sparsity``."""
-    moved = weight.detach().abs().movedim(ch_axis, 0)
-    keep = _prune_smallest(moved.reshape(moved.shape[0], -1), sparsity)
-    return keep.reshape(moved.shape).movedim(0, ch_axis)
-
-
-def global_magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """One threshold for all tensors: prune the ``sparsity`` share of all their entries by magnitude."""
-    names = list(weights)
-    flat = [weights[name].detach().abs().reshape(-1) for name in names]
-    keep = _prune_smallest(torch.cat(flat).reshape(1, -1), sparsity)[0]
-    masks, start = {}, 0
-    for name, values in zip(names, flat):
-        masks[name] = keep[start : start + values.numel()].reshape(weights[name].shape)
-        start += values.numel()
-    return masks
-
-
 def magnitude_pruning_sse(sorted_squares_prefix: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Squared error of magnitude pruning, from ``[0, cumsum(sort(w^2))]``.
 
@@ -66,10 +32,11 @@ def magnitude_pruning_sse(sorted_squares_prefix: torch.Tensor, sparsity: float) 
 
 
 def _prune_smallest_by_selection(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask of a 1-D tensor: the same mask as ``_prune_smallest`` (ties pruned in order of position).
+    """Keep-mask of a 1-D tensor pruning its ``k = num_pruned(n, sparsity)`` smallest entries (ties by position).
 
     Selection instead of sorting, ``O(n)``: with ``t`` the ``k``-th smallest magnitude, all
     entries below ``t`` are pruned, and of those equal to ``t`` the first ``k - #below``.
+    (The sort-based references, equal by test, are in ``tests/reference_masks.py``.)
     """
     k = num_pruned(magnitudes.numel(), sparsity)
     keep = torch.ones_like(magnitudes, dtype=torch.bool)
@@ -84,12 +51,12 @@ def _prune_smallest_by_selection(magnitudes: torch.Tensor, sparsity: float) -> t
 
 
 def magnitude_mask_by_selection(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """:func:`magnitude_mask` (identical result) by selection instead of sorting: several times faster on large tensors."""
+    """Keep the ``numel - num_pruned(numel, sparsity)`` largest-magnitude entries of ``weight`` (by selection)."""
     return _prune_smallest_by_selection(weight.detach().abs().reshape(-1), sparsity).reshape(weight.shape)
 
 
 def global_magnitude_masks_by_selection(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """:func:`global_magnitude_masks` (identical result) by selection instead of sorting."""
+    """One threshold for all tensors: prune the ``sparsity`` share of all their entries by magnitude (by selection)."""
     names = list(weights)
     flat = [weights[name].detach().abs().reshape(-1) for name in names]
     keep = _prune_smallest_by_selection(torch.cat(flat), sparsity)

@@ -36,7 +36,7 @@ monotone bound of leaps and bounds.
 ``G - D - delta I`` has succeeded with ``delta = 4 (n + 2) eps tr(G)``: by the backward error of
 Cholesky (Demmel), the computed factor is exact for a perturbation of norm below ``delta``, so
 ``G - D`` is PSD exactly; every principal submatrix ``G_TT - D_T`` (a node that removed inputs)
-is then PSD too, so one check serves the whole tree. :func:`dual_bound_margin` bounds the
+is then PSD too, so one check serves the whole tree. :func:`dual_value_margin` bounds the
 floating-point error of evaluating ``phi`` (of ``r``, ``b``, ``s``, the products and the sums)
 from the magnitudes of the terms; the certified bound is ``phi(v) - margin``, valid whatever
 ``v`` is, so it does not depend on how accurately the relaxation was solved.
@@ -80,8 +80,8 @@ from pruning.least_squares import as_problems, masked_solve
 __all__ = [
     "NodeBatch",
     "diagonal_split",
-    "dual_bound",
-    "dual_bound_margin",
+    "dual_value",
+    "dual_value_margin",
     "initial_point",
     "lower_bound",
     "problem_splits",
@@ -276,9 +276,13 @@ def _points(nodes: NodeBatch, v: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.where(nodes.allowed[:, None, :], V, torch.zeros((), dtype=v.dtype)), single
 
 
-def dual_bound(nodes: NodeBatch, v: torch.Tensor) -> torch.Tensor:
-    """``phi(v)`` of the module doc (without the rounding margin) for ``v`` ``(B, n)`` -> ``(B,)``,
-    or for several points per node, ``(B, m, n)`` -> ``(B, m)``."""
+def dual_value(nodes: NodeBatch, v: torch.Tensor) -> torch.Tensor:
+    """``phi(v)`` of the module doc as computed in float64, for ``v`` ``(B, n)`` -> ``(B,)``, or for
+    several points per node, ``(B, m, n)`` -> ``(B, m)``.
+
+    Not certified: the computed value may exceed the true ``phi(v)`` by rounding; the certified bound
+    is ``dual_value(nodes, v) - dual_value_margin(nodes, v)`` (:func:`dual_value_margin`).
+    """
     V, single = _points(nodes, v)
     B, m, n = V.shape
     Mv = torch.bmm(V, nodes.G) - nodes.d[:, None, :] * V  # G symmetric
@@ -291,8 +295,8 @@ def dual_bound(nodes: NodeBatch, v: torch.Tensor) -> torch.Tensor:
     return value[:, 0] if single else value
 
 
-def dual_bound_margin(nodes: NodeBatch, v: torch.Tensor) -> torch.Tensor:
-    """A bound on the floating-point error of :func:`dual_bound` at ``v`` (module doc), ``(B,)``.
+def dual_value_margin(nodes: NodeBatch, v: torch.Tensor) -> torch.Tensor:
+    """A bound on the floating-point error of :func:`dual_value` at ``v`` (module doc), ``(B,)``.
 
     With ``gamma = (n + 2) eps``: ``r`` is off by at most ``gamma |w|'|G||w|``, ``v'(G - D)v`` by
     ``gamma |v|'(|G| + D)|v|``, each ``s_i`` by ``e_i = gamma ((|G||w|)_i + ((|G| + D)|v|)_i)`` and
@@ -460,7 +464,7 @@ def solve_relaxation(
         iterations[idx] += 1
         newton, sign, signed = _piece_minimiser(sub, xi, tau[idx], top[idx])
         points = torch.stack([xi, newton], dim=1)
-        values, which = dual_bound(sub, points).max(-1)
+        values, which = dual_value(sub, points).max(-1)
         better = values > best_value[idx]
         best_value[idx[better]] = values[better]
         best_v[idx[better]] = points[better, which[better]]
@@ -468,7 +472,7 @@ def solve_relaxation(
         reached = best_value[idx] >= target[idx]
         if reached.any():  # the rounding margin only where it decides pruning
             rows = torch.nonzero(reached).flatten()
-            margin = dual_bound_margin(sub.select(rows), best_v[idx[rows]])
+            margin = dual_value_margin(sub.select(rows), best_v[idx[rows]])
             done[rows[best_value[idx[rows]] - margin >= target[idx[rows]]]] = True
         # damped step: the best of the steps 2^-l and the first breakpoints where an input of U
         # reaches zero; inputs of U whose sign would flip are set to zero
@@ -491,11 +495,11 @@ def solve_relaxation(
         tau[moved] = taus[rows, choice][accepted]
         top[moved] = tops[rows, choice][accepted]
         running[idx[~accepted]] = False
-    final = dual_bound(nodes, x)  # the last iterate was not evaluated yet
+    final = dual_value(nodes, x)  # the last iterate was not evaluated yet
     better = final > best_value
     best_value = torch.where(better, final, best_value)
     best_v = torch.where(better[:, None], x, best_v)
-    margin = dual_bound_margin(nodes, best_v)
+    margin = dual_value_margin(nodes, best_v)
     return best_value - margin, x, primal, iterations
 
 

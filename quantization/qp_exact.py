@@ -13,18 +13,18 @@ terms). When a limit stops the search the status is ``"node_limit"`` (or ``"time
 
 **Limits and reproducibility.** By default the search stops after :data:`DEFAULT_NODE_LIMIT`
 (``10^7``) nodes, a count of work: nodes are the partial assignments bounded below the pruning
-level (``"ellipsoid"``; relaxations solved for ``"box"``, each ~100x dearer). No clock is read then,
-so ``z, ub, lb, status, nodes`` depend on the inputs only, not on the machine's load, and not on
-thread counts (the large products, the leaves' values, are ``einsum`` loops, not multithreaded
-BLAS). ``10^7`` nodes take ~5-30 s on a busy 2-core CPU; the layer problems below need at most
-~1e5. ``time_limit`` (seconds) adds a wall-clock limit, whose results then depend on the machine.
+level. No clock is read then, so ``z, ub, lb, status, nodes`` depend on the inputs only, not on
+the machine's load, and not on thread counts (the large products, the leaves' values, are
+``einsum`` loops, not multithreaded BLAS). ``10^7`` nodes take ~5-30 s on a busy 2-core CPU; the
+layer problems below need at most ~1e5. ``time_limit`` (seconds) adds a wall-clock limit, whose
+results then depend on the machine.
 
 **Incumbent.** ``z0`` if given (the study passes the best of its post-training methods,
 :func:`solve_exact_batch` by default ``one_opt(sequential_rounding)`` computed for all problems at
 once), else ``one_opt(sequential_rounding)``; polished by 1-opt; then every leaf of the search that
 beats it.
 
-**Node bound (``node_bound="ellipsoid"``, the default).** For an integer origin ``c``, a diagonal
+**Node bound (the "ellipsoid" bound).** For an integer origin ``c``, a diagonal
 ``D`` and a vector ``e`` such that ``M = P - diag(D)`` is positive definite, with ``x = z - c``
 
     f(c + x) = x'Mx + 2(q~ - e/2)'x + r~ + sum_i s_i(x_i),   s_i(t) = D_i t^2 + e_i t,
@@ -123,19 +123,12 @@ coordinates, so the trees grow quickly with ``n`` (and with the number of clippe
 channels of hundreds of inputs run into the node limit, with ``lb`` the best open bound (about the
 box relaxation's).
 
-**Node bound ``"box"``** (the previous solver, kept for comparison): best-first branch and bound
-on the box relaxation ``min f(x), x in [l, u]`` solved by projected Newton, certified by the
-Frank-Wolfe bound ``f(x) + sum_i min(g_i (l_i - x_i), g_i (u_i - x_i)) - nu sum_i max(x_i - l_i, u_i - x_i)^2``
-(``g = 2(Px + q)``, ``nu = max(0, n eps ||P||_F - lam_min(P))``) minus a rounding margin ``8 n eps
-(|x|'|P||x| + 2|q|'|x| + |r| + 2(|P||x| + |q|)'(u - l))``; branching on the free variable maximising
-``P_ii frac (1 - frac)``; children bounded when created, pruned against the incumbent, the rounded
-relaxed point of each child tried as an incumbent. Its tolerance adds ``10 nu ||hi - lo||^2`` to the
-resolution.
+The previous solver, best-first branch and bound on box relaxations (~100x dearer per node), is
+kept for comparison as a test reference (``tests/reference_solvers.py``, ``solve_exact_box``).
 """
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -149,7 +142,6 @@ from quantization.qp_bounds import QuadraticProblems
 __all__ = [
     "BASES",
     "DEFAULT_NODE_LIMIT",
-    "NODE_BOUNDS",
     "EllipsoidBound",
     "ExactResult",
     "box_multipliers",
@@ -159,7 +151,6 @@ __all__ = [
     "solve_exact_batch",
 ]
 
-NODE_BOUNDS = ("ellipsoid", "box")
 BASES = ("auto", "permutation", "reduced")
 # The default work limit of solve_exact: nodes, not seconds (module doc, *Limits and reproducibility*).
 DEFAULT_NODE_LIMIT = 10_000_000
@@ -197,8 +188,8 @@ class ExactResult:
         ub: ``f(z)``.
         lb: a certified lower bound on ``min f`` over the integers of the box (``<= ub``).
         status: ``"optimal"`` (tree exhausted), ``"time_limit"`` or ``"node_limit"``.
-        nodes: number of search-tree nodes bounded and kept (``"ellipsoid"``: partial assignments
-            below the pruning level; ``"box"``: relaxations solved).
+        nodes: number of search-tree nodes bounded and kept (partial assignments below the pruning
+            level).
         seconds: wall-clock time.
     """
 
@@ -269,6 +260,38 @@ def _resolution(P: np.ndarray, q: np.ndarray, r: float, z: np.ndarray) -> float:
     """``32 (n + 2) eps (|z|'|P||z| + 2|q|'|z| + |r|)``: below it differences of ``f`` near ``z`` are rounding."""
     az = np.abs(z)
     return 32.0 * (z.shape[0] + 2) * _EPS * (float(az @ np.abs(P) @ az + 2.0 * (np.abs(q) @ az)) + abs(r))
+
+
+def _prepare_search(
+    P, q, r, lo, hi, z0
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray, _Search, float]:
+    """The checked problem and the state a search starts from (module doc, *Incumbent*).
+
+    Returns ``(P, q, r, lo, hi, search, tolerance)``: the inputs as float64 numpy (``P`` symmetrised,
+    ``(P + P') / 2``), the search state at ``one_opt(z0)`` (``z0`` default ``one_opt(sequential_rounding)``)
+    with ``ub = f`` there, and the resolution of ``f`` at that point (:func:`_resolution`).
+
+    Raises:
+        ValueError: ``P`` not square, ``lo``/``hi`` not integers with ``lo <= hi``, ``z0`` not integers in the box.
+    """
+    P = _as_numpy(P, np.shape(P))
+    n = P.shape[0]
+    if P.shape != (n, n):
+        raise ValueError(f"P must be square, got {P.shape}")
+    P = 0.5 * (P + P.T)
+    q = _as_numpy(q, (n,))
+    lo, hi = _as_numpy(lo, (n,)), _as_numpy(hi, (n,))
+    if not (np.array_equal(lo, np.round(lo)) and np.array_equal(hi, np.round(hi))) or (lo > hi).any():
+        raise ValueError("lo and hi must be integers with lo <= hi")
+    r = float(r)
+    if z0 is not None:
+        z0 = _as_numpy(z0, (n,))
+        if not np.array_equal(z0, np.round(z0)) or (z0 < lo).any() or (z0 > hi).any():
+            raise ValueError("z0 must hold integers inside the box [lo, hi]")
+    else:
+        z0 = _heuristic_start(P, q, lo, hi)
+    best_z = _one_opt(P, q, lo, hi, z0)
+    return P, q, r, lo, hi, _Search(ub=_objective(P, q, r, best_z), best_z=best_z), _resolution(P, q, r, best_z)
 
 
 def _box_minimiser(P: np.ndarray, q: np.ndarray, r: float, l: np.ndarray, u: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -928,103 +951,6 @@ def _ellipsoid_search(
             budget *= 2
 
 
-# --------------------------------------------------------------------------- best-first box relaxation ("box")
-
-
-class _BoxRelaxation:
-    """One problem with the constants of the certified box-relaxation bound (``node_bound="box"``)."""
-
-    def __init__(self, P: np.ndarray, q: np.ndarray, r: float, lo: np.ndarray, hi: np.ndarray) -> None:
-        self.P, self.q, self.r, self.lo, self.hi = P, q, float(r), lo, hi
-        self.n = q.shape[0]
-        self.absP, self.absq = np.abs(P), np.abs(q)
-        self.diag = np.diag(P).copy()
-        norm = float(np.linalg.norm(P))
-        lam_min = float(np.linalg.eigvalsh(P)[0]) if self.n else 0.0
-        # eigvalsh is backward stable: the true lam_min is >= the computed one - n eps ||P||_F.
-        self.nu = max(0.0, self.n * _EPS * norm - lam_min)
-
-    def relax(self, l: np.ndarray, u: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """An approximate minimiser of ``f`` over ``[l, u]`` (:func:`_box_minimiser` from ``x``)."""
-        return _box_minimiser(self.P, self.q, self.r, l, u, x)
-
-    def certified_bound(self, l: np.ndarray, u: np.ndarray, x: np.ndarray) -> float:
-        """A certified lower bound on ``min f`` over ``[l, u]`` from the point ``x`` in the box (see module doc)."""
-        Px = self.P @ x
-        g = 2.0 * (Px + self.q)
-        value = float(x @ Px + 2.0 * (self.q @ x) + self.r)
-        linear = float(np.minimum(g * (l - x), g * (u - x)).sum())
-        curvature = self.nu * float((np.maximum(x - l, u - x) ** 2).sum())
-        ax = np.abs(x)
-        abs_px = self.absP @ ax
-        magnitude = float(ax @ abs_px + 2.0 * (self.absq @ ax) + abs(self.r) + 2.0 * ((abs_px + self.absq) @ (u - l)))
-        margin = 8.0 * (self.n + 2) * _EPS * magnitude
-        return value + linear - curvature - margin
-
-
-def _box_branch_and_bound(
-    problem: _BoxRelaxation, search: _Search, tolerance: float, deadline: float | None, node_limit: int
-) -> tuple[str, float]:
-    """Best-first branch and bound on box relaxations; updates ``search``; returns ``(status, lb)``."""
-    lo, hi = problem.lo, problem.hi
-    tolerance = tolerance + 10.0 * problem.nu * float(((hi - lo) ** 2).sum())
-
-    def prune_level() -> float:
-        return search.ub - max(_PRUNE_RTOL * abs(search.ub), tolerance)
-
-    root_x = problem.relax(lo, hi, search.best_z)
-    pruned_min = math.inf  # smallest certified bound of a node pruned against the incumbent
-    root_bound = problem.certified_bound(lo, hi, root_x)
-    heap: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray]] = []
-    counter = 0
-    if root_bound < prune_level():
-        heap.append((root_bound, counter, lo.copy(), hi.copy(), root_x))
-    else:
-        pruned_min = root_bound
-    status = "optimal"
-    while heap:
-        if search.nodes >= node_limit:
-            status = "node_limit"
-            break
-        if deadline is not None and time.perf_counter() > deadline:
-            status = "time_limit"
-            break
-        bound, _, l, u, x = heapq.heappop(heap)
-        if bound >= prune_level():
-            pruned_min = min(pruned_min, bound)
-            continue
-        free = l < u
-        if not free.any():  # a leaf: its only point was evaluated (and 1-opt polished) when it was created
-            pruned_min = min(pruned_min, _objective(problem.P, problem.q, problem.r, l))
-            continue
-        fraction = x - np.floor(x)
-        score = np.where(free, problem.diag * fraction * (1.0 - fraction), -1.0)
-        i = int(np.argmax(score))
-        if score[i] <= 0.0:
-            i = int(np.argmax(np.where(free, u - l, -1.0)))
-        split = min(max(math.floor(x[i]), l[i]), u[i] - 1)
-        for child_lo, child_hi in ((l[i], split), (split + 1, u[i])):
-            cl, cu = l.copy(), u.copy()
-            cl[i], cu[i] = child_lo, child_hi
-            cx = problem.relax(cl, cu, x)
-            search.nodes += 1
-            child_bound = max(bound, problem.certified_bound(cl, cu, cx))
-            z = np.clip(np.round(cx), cl, cu)
-            value = _objective(problem.P, problem.q, problem.r, z)
-            if value < search.ub:
-                z = _one_opt(problem.P, problem.q, lo, hi, z)
-                value = _objective(problem.P, problem.q, problem.r, z)
-                if value < search.ub:
-                    search.best_z, search.ub = z, value
-            if child_bound < prune_level():
-                counter += 1
-                heapq.heappush(heap, (child_bound, counter, cl, cu, cx))
-            else:
-                pruned_min = min(pruned_min, child_bound)
-    open_min = min((entry[0] for entry in heap), default=math.inf)
-    return status, min(search.ub, pruned_min, open_min)
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -1037,7 +963,6 @@ def solve_exact(
     time_limit: float | None = None,
     node_limit: int = DEFAULT_NODE_LIMIT,
     z0=None,
-    node_bound: str = "ellipsoid",
     multipliers: tuple | None = None,
     basis: str = "auto",
 ) -> ExactResult:
@@ -1053,8 +978,6 @@ def solve_exact(
             doc, *Limits and reproducibility*; :data:`DEFAULT_NODE_LIMIT`).
         z0: optional ``(n,)`` integer start inside the box (polished by 1-opt); without it
             ``one_opt(sequential_rounding)`` is computed.
-        node_bound: ``"ellipsoid"`` (depth-first, Cholesky node bounds) or ``"box"`` (the previous
-            best-first search on box relaxations); see the module doc.
         multipliers: optional ``(lam, mu, origin)`` of the SDP dual for the ellipsoid bound
             (:class:`quantization.qp_bounds.DualSolution`'s, ``(n,)`` each, with the box); without
             them ``D = 0`` and ``e`` the box relaxation's multipliers (module doc).
@@ -1065,58 +988,35 @@ def solve_exact(
         :class:`ExactResult`; ``lb <= min f <= ub = f(z)`` always.
     """
     start_time = time.perf_counter()
-    if node_bound not in NODE_BOUNDS:
-        raise ValueError(f"node_bound must be one of {', '.join(NODE_BOUNDS)}, got {node_bound!r}")
     if basis not in BASES:
         raise ValueError(f"basis must be one of {', '.join(BASES)}, got {basis!r}")
-    if multipliers is not None and node_bound != "ellipsoid":
-        raise ValueError("multipliers are used by the ellipsoid node bound only")
     if time_limit is not None and not time_limit >= 0:
         raise ValueError(f"time_limit must be None or >= 0, got {time_limit}")
-    P = _as_numpy(P, np.shape(P))
-    n = P.shape[0]
-    if P.shape != (n, n):
-        raise ValueError(f"P must be square, got {P.shape}")
-    P = 0.5 * (P + P.T)
-    q = _as_numpy(q, (n,))
-    lo, hi = _as_numpy(lo, (n,)), _as_numpy(hi, (n,))
-    if not (np.array_equal(lo, np.round(lo)) and np.array_equal(hi, np.round(hi))) or (lo > hi).any():
-        raise ValueError("lo and hi must be integers with lo <= hi")
-    r = float(r)
-    if z0 is not None:
-        z0 = _as_numpy(z0, (n,))
-        if not np.array_equal(z0, np.round(z0)) or (z0 < lo).any() or (z0 > hi).any():
-            raise ValueError("z0 must hold integers inside the box [lo, hi]")
-    else:
-        z0 = _heuristic_start(P, q, lo, hi)
-    best_z = _one_opt(P, q, lo, hi, z0)
-    search = _Search(ub=_objective(P, q, r, best_z), best_z=best_z)
-    tolerance = _resolution(P, q, r, best_z)
+    P, q, r, lo, hi, search, tolerance = _prepare_search(P, q, r, lo, hi, z0)
+    n = q.shape[0]
+    best_z = search.best_z
     deadline = None if time_limit is None else start_time + time_limit
-    if node_bound == "box":
-        status, lb = _box_branch_and_bound(_BoxRelaxation(P, q, r, lo, hi), search, tolerance, deadline, node_limit)
-    else:
-        active = ~((P == 0).all(0) & (q == 0))
-        sub = np.ix_(active, active)
-        P_a, q_a, lo_a, hi_a = P[sub], q[active], lo[active], hi[active]
-        reduced = _Search(ub=search.ub, best_z=best_z[active])
-        status, lb = "optimal", search.ub  # nothing to search when f does not depend on z
-        if active.any():
-            if multipliers is not None:
-                lam, mu, origin = (_as_numpy(values, (n,))[active] for values in multipliers)
-                split = (*sdp_split(lam, mu, lo_a - origin, hi_a - origin), origin)
-            else:
-                relaxed = _box_minimiser(P_a, q_a, r, lo_a, hi_a, reduced.best_z)
-                split = (None, box_multipliers(P_a, q_a, lo_a, hi_a, relaxed), None)
-            status, lb = _ellipsoid_search(P_a, q_a, r, lo_a, hi_a, split, basis, reduced, tolerance, deadline,
-                                           node_limit)
-        search.nodes = reduced.nodes
-        if reduced.ub < search.ub:
-            candidate = best_z.copy()
-            candidate[active] = reduced.best_z
-            value = _objective(P, q, r, candidate)  # the same sums up to exact zeros, so normally reduced.ub
-            if value < search.ub:
-                search.best_z, search.ub = candidate, value
+    active = ~((P == 0).all(0) & (q == 0))
+    sub = np.ix_(active, active)
+    P_a, q_a, lo_a, hi_a = P[sub], q[active], lo[active], hi[active]
+    reduced = _Search(ub=search.ub, best_z=best_z[active])
+    status, lb = "optimal", search.ub  # nothing to search when f does not depend on z
+    if active.any():
+        if multipliers is not None:
+            lam, mu, origin = (_as_numpy(values, (n,))[active] for values in multipliers)
+            split = (*sdp_split(lam, mu, lo_a - origin, hi_a - origin), origin)
+        else:
+            relaxed = _box_minimiser(P_a, q_a, r, lo_a, hi_a, reduced.best_z)
+            split = (None, box_multipliers(P_a, q_a, lo_a, hi_a, relaxed), None)
+        status, lb = _ellipsoid_search(P_a, q_a, r, lo_a, hi_a, split, basis, reduced, tolerance, deadline,
+                                       node_limit)
+    search.nodes = reduced.nodes
+    if reduced.ub < search.ub:
+        candidate = best_z.copy()
+        candidate[active] = reduced.best_z
+        value = _objective(P, q, r, candidate)  # the same sums up to exact zeros, so normally reduced.ub
+        if value < search.ub:
+            search.best_z, search.ub = candidate, value
     lb = min(lb, search.ub)
     seconds = time.perf_counter() - start_time
     return ExactResult(search.best_z, float(search.ub), float(lb), status, search.nodes, seconds)
@@ -1127,13 +1027,12 @@ def solve_exact_batch(
     time_limit: float | None = None,
     node_limit: int = DEFAULT_NODE_LIMIT,
     z0: torch.Tensor | None = None,
-    node_bound: str = "ellipsoid",
     basis: str = "auto",
 ) -> list[ExactResult]:
     """:func:`solve_exact` for every problem of ``problems`` (which must have a box), one after another.
 
     The starting points default to ``one_opt(sequential_rounding)`` computed for the whole batch at
-    once. ``time_limit``, ``node_limit``, ``node_bound`` and ``basis`` apply to each problem.
+    once. ``time_limit``, ``node_limit`` and ``basis`` apply to each problem.
     """
     if not problems.has_box:
         raise ValueError("solve_exact_batch needs problems with a box [lo, hi]")
@@ -1152,7 +1051,6 @@ def solve_exact_batch(
             time_limit=time_limit,
             node_limit=node_limit,
             z0=z0[b].numpy(),
-            node_bound=node_bound,
             basis=basis,
         )
         for b in range(problems.batch_size)

@@ -1,4 +1,8 @@
-"""Magnitude pruning masks: exact counts, largest magnitudes kept, deterministic tie-breaking."""
+"""Magnitude pruning masks: exact counts, largest magnitudes kept, deterministic tie-breaking.
+
+The production masks (by selection, :mod:`pruning.masks`) are checked against a numpy reference and
+against the sort-based masks of ``tests/reference_masks.py`` (which also holds the per-channel mask).
+"""
 from __future__ import annotations
 
 import math
@@ -6,13 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference_masks import global_magnitude_masks_by_sorting, magnitude_mask_by_sorting, per_channel_magnitude_mask
 
 from pruning.masks import (
-    global_magnitude_masks,
-    magnitude_mask,
+    global_magnitude_masks_by_selection,
+    magnitude_mask_by_selection,
     magnitude_pruning_sse,
     num_pruned,
-    per_channel_magnitude_mask,
 )
 
 SPARSITIES = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.625, 0.75, 0.9, 0.99, 1.0]
@@ -55,7 +59,7 @@ def test_magnitude_mask_exact_count(n):
     rng = np.random.default_rng(n)
     w = torch.from_numpy(rng.normal(size=n)).float()
     for s in list(np.linspace(0, 1, 21)) + [1 / 3, 2 / 3, 0.999]:
-        mask = magnitude_mask(w, float(s))
+        mask = magnitude_mask_by_selection(w, float(s))
         assert mask.dtype == torch.bool and mask.shape == w.shape
         assert int((~mask).sum()) == expected_count(n, float(s))
 
@@ -65,7 +69,7 @@ def test_magnitude_mask_exact_count(n):
 def test_magnitude_mask_keeps_largest(shape, sparsity):
     rng = np.random.default_rng(len(shape) * 100 + int(sparsity * 1000))
     w = rng.normal(size=shape)
-    mask = magnitude_mask(torch.from_numpy(w), sparsity).numpy()
+    mask = magnitude_mask_by_selection(torch.from_numpy(w), sparsity).numpy()
     np.testing.assert_array_equal(mask, np_keep(w, sparsity))
     if 0 < mask.sum() < mask.size:
         assert np.abs(w[mask]).min() >= np.abs(w[~mask]).max()
@@ -73,7 +77,7 @@ def test_magnitude_mask_keeps_largest(shape, sparsity):
 
 def test_magnitude_mask_uses_magnitude_not_sign():
     w = torch.tensor([-5.0, 0.1, 3.0, -0.2, 4.0, -1.0])
-    mask = magnitude_mask(w, 0.5)
+    mask = magnitude_mask_by_selection(w, 0.5)
     assert mask.tolist() == [True, False, True, False, True, False]
 
 
@@ -89,9 +93,9 @@ def test_ties_first_occurrence_pruned_first():
         5: [False, False, False, True, False, False],
     }
     for k, keep in expected.items():
-        assert magnitude_mask(w, k / 6).tolist() == keep
+        assert magnitude_mask_by_selection(w, k / 6).tolist() == keep
         assert per_channel_magnitude_mask(w[None, :], k / 6)[0].tolist() == keep
-        masks = global_magnitude_masks({"a": w[:3], "b": w[3:]}, k / 6)
+        masks = global_magnitude_masks_by_selection({"a": w[:3], "b": w[3:]}, k / 6)
         assert masks["a"].tolist() + masks["b"].tolist() == keep
 
 
@@ -99,22 +103,22 @@ def test_ties_first_occurrence_pruned_first():
 def test_ties_many_equal_magnitudes(sparsity):
     rng = np.random.default_rng(17)
     w = rng.integers(-3, 4, size=(6, 40)).astype(np.float32)  # magnitudes 0..3, massive ties
-    mask = magnitude_mask(torch.from_numpy(w), sparsity).numpy()
+    mask = magnitude_mask_by_selection(torch.from_numpy(w), sparsity).numpy()
     np.testing.assert_array_equal(mask, np_keep(w, sparsity))
     for axis in (0, 1):
         mask = per_channel_magnitude_mask(torch.from_numpy(w), sparsity, ch_axis=axis).numpy()
         np.testing.assert_array_equal(mask, np_keep_per_channel(w, sparsity, axis))
     parts = {"first": w[:2], "second": w[2:5], "third": w[5:]}
-    masks = global_magnitude_masks({k: torch.from_numpy(v) for k, v in parts.items()}, sparsity)
+    masks = global_magnitude_masks_by_selection({k: torch.from_numpy(v) for k, v in parts.items()}, sparsity)
     flat = np.concatenate([masks[k].numpy().reshape(-1) for k in parts])
     np.testing.assert_array_equal(flat, np_keep(np.concatenate([v.reshape(-1) for v in parts.values()]), sparsity))
     # deterministic: the same call gives the same mask
-    again = global_magnitude_masks({k: torch.from_numpy(v) for k, v in parts.items()}, sparsity)
+    again = global_magnitude_masks_by_selection({k: torch.from_numpy(v) for k, v in parts.items()}, sparsity)
     assert all(torch.equal(masks[k], again[k]) for k in parts)
 
 
 def test_global_ties_across_tensors_earlier_tensor_first():
-    masks = global_magnitude_masks({"late": torch.ones(3), "early": torch.ones(2)}, 0.4)
+    masks = global_magnitude_masks_by_selection({"late": torch.ones(3), "early": torch.ones(2)}, 0.4)
     # order is the mapping's order: "late" comes first and is pruned first
     assert masks["late"].tolist() == [False, False, True]
     assert masks["early"].tolist() == [True, True]
@@ -147,7 +151,7 @@ def test_global_masks_one_threshold(sparsity):
         "fc": torch.from_numpy(rng.normal(0, 1.0, size=(10, 20))),
         "bias_like": torch.from_numpy(rng.normal(0, 3.0, size=(7,))),
     }
-    masks = global_magnitude_masks(weights, sparsity)
+    masks = global_magnitude_masks_by_selection(weights, sparsity)
     assert list(masks) == list(weights)
     total = sum(w.numel() for w in weights.values())
     assert sum(int((~m).sum()) for m in masks.values()) == expected_count(total, sparsity)
@@ -163,6 +167,22 @@ def test_global_masks_one_threshold(sparsity):
         assert share["conv"] > share["fc"] and share["conv"] > share["bias_like"]
 
 
+def test_selection_masks_equal_the_sorting_masks() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weights = {
+        "ties": torch.randint(-3, 4, (7, 5, 3, 3), generator=generator).float(),  # many equal magnitudes, zeros
+        "dense": torch.randn(40, 9, generator=generator),
+        "small": torch.tensor([0.5, -0.5, 0.5, 0.25]),
+    }
+    for sparsity in (0.0, 0.1, 0.37, 0.5, 0.8, 0.999, 1.0):
+        for name, weight in weights.items():
+            by_sorting = magnitude_mask_by_sorting(weight, sparsity)
+            assert torch.equal(magnitude_mask_by_selection(weight, sparsity), by_sorting), name
+        by_selection = global_magnitude_masks_by_selection(weights, sparsity)
+        by_sorting = global_magnitude_masks_by_sorting(weights, sparsity)
+        assert all(torch.equal(by_selection[name], by_sorting[name]) for name in weights)
+
+
 # --------------------------------------------------------------------------- pruning error
 @pytest.mark.parametrize("n", [1, 5, 64, 1001])
 def test_magnitude_pruning_sse_equals_masked_error(n):
@@ -171,7 +191,7 @@ def test_magnitude_pruning_sse_equals_masked_error(n):
     squares = torch.sort(w * w).values
     prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])
     for s in list(np.linspace(0, 1, 26)) + [1 / 3]:
-        mask = magnitude_mask(w, float(s))
+        mask = magnitude_mask_by_selection(w, float(s))
         direct = float(torch.sum((w * ~mask) ** 2))
         assert float(magnitude_pruning_sse(prefix, float(s))) == pytest.approx(direct, rel=1e-12, abs=1e-300)
 
@@ -188,12 +208,12 @@ def test_magnitude_pruning_sse_batched_prefix():
 # --------------------------------------------------------------------------- edge cases
 def test_sparsity_zero_and_one():
     w = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
-    assert magnitude_mask(w, 0.0).all() and not magnitude_mask(w, 1.0).any()
+    assert magnitude_mask_by_selection(w, 0.0).all() and not magnitude_mask_by_selection(w, 1.0).any()
     for axis in (0, 1):
         assert per_channel_magnitude_mask(w, 0.0, axis).all()
         assert not per_channel_magnitude_mask(w, 1.0, axis).any()
-    assert all(m.all() for m in global_magnitude_masks({"a": w, "b": w[0]}, 0.0).values())
-    assert not any(m.any() for m in global_magnitude_masks({"a": w, "b": w[0]}, 1.0).values())
+    assert all(m.all() for m in global_magnitude_masks_by_selection({"a": w, "b": w[0]}, 0.0).values())
+    assert not any(m.any() for m in global_magnitude_masks_by_selection({"a": w, "b": w[0]}, 1.0).values())
     squares = torch.sort((w * w).reshape(-1)).values
     prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])
     assert float(magnitude_pruning_sse(prefix, 0.0)) == 0.0
@@ -203,7 +223,7 @@ def test_sparsity_zero_and_one():
 def test_mask_does_not_modify_weight_and_ignores_grad():
     w = torch.randn(10, requires_grad=True)
     before = w.detach().clone()
-    mask = magnitude_mask(w, 0.5)
+    mask = magnitude_mask_by_selection(w, 0.5)
     assert not mask.requires_grad and torch.equal(w.detach(), before)
 
 
@@ -213,10 +233,10 @@ def test_invalid_sparsity_raises(bad):
     with pytest.raises(ValueError):
         num_pruned(16, bad)
     with pytest.raises(ValueError):
-        magnitude_mask(w, bad)
+        magnitude_mask_by_selection(w, bad)
     with pytest.raises(ValueError):
         per_channel_magnitude_mask(w, bad)
     with pytest.raises(ValueError):
-        global_magnitude_masks({"w": w}, bad)
+        global_magnitude_masks_by_selection({"w": w}, bad)
     with pytest.raises(ValueError):
         magnitude_pruning_sse(torch.zeros(17), bad)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from reference_solvers import adaround_loss
 
 from models.layer_inputs import capture_layer_inputs, gram_matrices, patch_matrix
 from models.registry import load_model
@@ -395,19 +397,34 @@ def test_rectified_sigmoid() -> None:
 
 
 @pytest.mark.parametrize("beta", [None, 20.0, 2.0])
-def test_adaround_gradient_matches_autograd(beta: float | None) -> None:
+def test_adaround_gradient_matches_autograd_and_finite_differences(beta: float | None) -> None:
+    """The closed-form gradient ``adaround`` follows against autograd on the loss (``tests/reference_solvers.py``)
+    and against central differences of the loss, per coordinate."""
     problems = make_problems(4, 7, 2, seed=25)
     gen = torch.Generator().manual_seed(26)
     v = (3.0 * torch.randn(4, 7, generator=gen, dtype=F64)).requires_grad_(True)
     floor = torch.floor(problems.w / problems.s)
     scale = problems.P.diagonal(dim1=1, dim2=2).mean(-1)
-    z = torch.clamp(floor + rectified_sigmoid(v), problems.lo, problems.hi)
-    loss = (qp_objective(problems.P, problems.q, problems.r, z) / scale).sum()
-    if beta is not None:
-        loss = loss + 0.3 * (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
-    (expected,) = torch.autograd.grad(loss, v)
-    gradient = adaround_gradient(problems.P, problems.q, v.detach(), floor, problems.lo, problems.hi, scale, 0.3, beta)
-    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
+    args = (problems.P, problems.q, problems.r)
+
+    def loss(values: torch.Tensor) -> torch.Tensor:
+        return adaround_loss(*args, values, floor, problems.lo, problems.hi, scale, 0.3, beta)
+
+    (gradient,) = torch.autograd.grad(loss(v), v)
+    by_hand = adaround_gradient(problems.P, problems.q, v.detach(), floor, problems.lo, problems.hi, scale, 0.3, beta)
+    torch.testing.assert_close(gradient, by_hand, rtol=1e-10, atol=1e-12)
+    # central differences; the loss has kinks only where the stretched sigmoid leaves [0, 1], v = +-log(11)
+    step = 1e-5
+    kink = math.log(11.0)
+    assert float(((v.detach().abs() - kink).abs()).min()) > 100 * step
+    assert bool((gradient != 0).any() and (gradient == 0).any())  # both sides of the kinks are exercised
+    differences = torch.zeros_like(gradient)
+    with torch.no_grad():
+        for index in itertools.product(range(4), range(7)):
+            shift = torch.zeros_like(v)
+            shift[index] = step
+            differences[index] = (loss(v + shift) - loss(v - shift)) / (2 * step)
+    torch.testing.assert_close(differences, gradient, rtol=1e-8, atol=1e-8)  # measured: <= 2e-10
 
 
 def test_adaround_refine_is_one_opt_of_the_rounded_result() -> None:

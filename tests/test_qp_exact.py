@@ -2,7 +2,8 @@
 
 Small problems are checked against the optimum found by enumerating every integer point of the
 box, and the ellipsoid node bounds against the minimum over every completion of a partial
-assignment; mid-size ones by the two node bounds against each other (independent searches), and
+assignment; mid-size ones against the previous solver, the best-first box search kept in
+``tests/reference_solvers.py`` (an independent search), and
 the root bounds against the box relaxation and the SDP dual of :mod:`quantization.qp_bounds`;
 real-size ones against the heuristic ``one_opt(sequential_rounding)``.
 """
@@ -14,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from reference_solvers import solve_exact_box
 from threadpoolctl import threadpool_limits
 
 from quantization.ptq_rounding import one_opt, qp_objective, sequential_rounding
@@ -22,7 +24,6 @@ from quantization import qp_exact
 from quantization.qp_exact import (
     BASES,
     DEFAULT_NODE_LIMIT,
-    NODE_BOUNDS,
     ExactResult,
     box_multipliers,
     ellipsoid_bound,
@@ -84,12 +85,17 @@ def _assert_feasible(result: ExactResult, P, q, r, lo, hi) -> None:
     assert result.lb <= result.ub
 
 
-SEARCHES = [("ellipsoid", basis) for basis in BASES] + [("box", "auto")]
+SEARCHES = [("ellipsoid", basis) for basis in BASES] + [("box", None)]  # box: the reference search (tests/)
+
+
+def _solve(node_bound: str, basis: str | None, *args, **kwargs) -> ExactResult:
+    """:func:`solve_exact` in ``basis``, or the reference box search for ``node_bound == "box"``."""
+    return solve_exact_box(*args, **kwargs) if node_bound == "box" else solve_exact(*args, basis=basis, **kwargs)
 
 
 @pytest.mark.parametrize("node_bound, basis", SEARCHES)
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_brute_force(seed: int, node_bound: str, basis: str) -> None:
+def test_matches_brute_force(seed: int, node_bound: str, basis: str | None) -> None:
     rng = np.random.default_rng(seed)
     for trial in range(25):
         n = int(rng.integers(1, 7))
@@ -97,7 +103,7 @@ def test_matches_brute_force(seed: int, node_bound: str, basis: str) -> None:
         rows = int(rng.integers(1, 2 * n + 1))  # rows < n: rank-deficient P
         spread = float(rng.choice([0.3, 1.0, 3.0, 10.0]))
         P, q, r, lo, hi = _random_problem(rng, n, bits, rows, spread)
-        result = solve_exact(P, q, r, lo, hi, node_bound=node_bound, basis=basis)
+        result = _solve(node_bound, basis, P, q, r, lo, hi)
         best = _brute_force(P, q, r, lo, hi)
         tolerance = max(1e-9 * abs(best), 1e-13 * _scale(P, q, r, lo, hi))
         context = f"seed {seed} trial {trial} n {n} bits {bits} rows {rows} {node_bound} {basis}"
@@ -423,7 +429,8 @@ def test_root_bounds_match_the_relaxations() -> None:
 
 @pytest.mark.parametrize("spread", [0.3, 1.5])
 def test_node_bounds_agree_on_mid_size_problems(spread: float) -> None:
-    """The two searches are independent (bounds, order, tree): on 14 inputs they must prove the same optimum.
+    """The ellipsoid search and the reference box search are independent (bounds, order, tree): on 14 inputs
+    they must prove the same optimum.
 
     ``spread`` 1.5 puts many weights outside the 4-bit grid (clipping, the box's multipliers at work).
     """
@@ -432,7 +439,7 @@ def test_node_bounds_agree_on_mid_size_problems(spread: float) -> None:
         P, q, r, lo, hi = _layer_problem(rng, 14)
         w = rng.standard_normal(14) * spread * 8
         q, r = -P @ w, float(w @ P @ w)
-        results = [solve_exact(P, q, r, lo, hi, node_bound=kind) for kind in NODE_BOUNDS]
+        results = [solve_exact(P, q, r, lo, hi), solve_exact_box(P, q, r, lo, hi)]
         for result in results:
             assert result.status == "optimal"
             _assert_feasible(result, P, q, r, lo, hi)
@@ -442,6 +449,6 @@ def test_node_bounds_agree_on_mid_size_problems(spread: float) -> None:
 def test_rejects_bad_options() -> None:
     P, q, r, lo, hi = np.eye(2), np.zeros(2), 0.0, np.zeros(2), np.ones(2)
     with pytest.raises(ValueError):
-        solve_exact(P, q, r, lo, hi, node_bound="sdp")
+        solve_exact(P, q, r, lo, hi, basis="sdp")
     with pytest.raises(ValueError):
         ellipsoid_bound(P, q, r, lo, hi, origin=np.array([0.5, 0.0]))

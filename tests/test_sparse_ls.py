@@ -18,8 +18,8 @@ from pruning.least_squares import reconstruction_error, refit, support_error
 from pruning.perspective_bound import (
     NodeBatch,
     diagonal_split,
-    dual_bound,
-    dual_bound_margin,
+    dual_value,
+    dual_value_margin,
     initial_point,
     lower_bound,
     solve_relaxation,
@@ -376,7 +376,7 @@ def test_root_bound_matches_clarabel_and_any_dual_point_is_below_it() -> None:
     )
     v = torch.from_numpy(rng.standard_normal((20, 10)) * np.abs(w).max())
     v[0], v[1] = 0.0, torch.from_numpy(w)
-    values = dual_bound(nodes, v) - dual_bound_margin(nodes, v)
+    values = dual_value(nodes, v) - dual_value_margin(nodes, v)
     assert (values <= float(lower_bound(G, w, k)) * (1 + 1e-12)).all()
     # closed forms at v = 0 and v = w (module doc)
     q = (G @ w) ** 2 / d

@@ -8,13 +8,7 @@ import torch
 from torch import nn
 
 from models.quantized import CompressionSpec, compress_model, compressed_layers
-from pruning.masks import (
-    global_magnitude_masks,
-    global_magnitude_masks_by_selection,
-    magnitude_mask,
-    magnitude_mask_by_selection,
-    num_pruned,
-)
+from pruning.masks import num_pruned
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope, zhu_gupta_sparsity
 from training.lr_schedule import LrSchedule, ScheduleKind, lr_factor, parse_lr_schedule
 
@@ -115,21 +109,6 @@ def test_lr_schedules_closed_forms() -> None:
 def test_bad_schedule_strings(text: str) -> None:
     with pytest.raises(ValueError, match=text.split(":")[0] if text else "constant"):
         parse_lr_schedule(text)
-
-
-def test_selection_masks_equal_the_sorting_masks() -> None:
-    generator = torch.Generator().manual_seed(3)
-    weights = {
-        "ties": torch.randint(-3, 4, (7, 5, 3, 3), generator=generator).float(),  # many equal magnitudes, zeros
-        "dense": torch.randn(40, 9, generator=generator),
-        "small": torch.tensor([0.5, -0.5, 0.5, 0.25]),
-    }
-    for sparsity in (0.0, 0.1, 0.37, 0.5, 0.8, 0.999, 1.0):
-        for name, weight in weights.items():
-            assert torch.equal(magnitude_mask_by_selection(weight, sparsity), magnitude_mask(weight, sparsity)), name
-        by_selection = global_magnitude_masks_by_selection(weights, sparsity)
-        by_sorting = global_magnitude_masks(weights, sparsity)
-        assert all(torch.equal(by_selection[name], by_sorting[name]) for name in weights)
 
 
 def test_each_optimizer_follows_its_own_schedule() -> None:
