@@ -4,11 +4,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from studies.bounds_files import plot_layer_bounds, write_npz, write_run
+from studies.bounds_files import RunFiles, plot_layer_bounds, reset_problems, write_layer_problems, write_run
 from studies.layer_problems import LayerData
 
 __all__ = ["run_layers"]
@@ -24,20 +23,22 @@ def run_layers(
     solve_layer: LayerSolver,
     problem_arrays: ArrayBuilder | None,
     header: dict,
-    output_dir: Path,
-    name: str,
+    files: RunFiles,
     plot_label: str,
 ) -> dict:
-    """Solve every layer and rewrite ``<name>.json``/``.csv`` (and ``.npz`` with ``problem_arrays``) after each.
+    """Solve every layer; after each rewrite the run's JSON and CSV (and with ``problem_arrays`` write the layer's npz
+    and the problems index), all named by ``files``.
 
     ``solve_layer(data)`` returns ``{"summary": dict, "sets": [...]}``. An exception in one layer
     is logged and recorded under ``failed_layers`` (type and message); the other layers go on and
-    the finished ones stay in the files. At the end the per-layer figure ``<name>.png`` is drawn.
+    the finished ones stay in the files. Each layer's npz holds only its own problems (written once:
+    the work per layer does not grow with the layer count); its ``layer`` column indexes
+    ``layer_names``, the run's layers. At the end the per-layer figure is drawn.
     """
     record = {**header, "layers": [], "failed_layers": []}
     layer_names = list(layers)
-    kept_sets: list = []
-    for index, (layer_name, data) in enumerate(layers.items()):
+    index = reset_problems(files, layer_names) if problem_arrays is not None else None
+    for layer_index, (layer_name, data) in enumerate(layers.items()):
         start = time.perf_counter()
         try:
             result = solve_layer(data)
@@ -48,13 +49,12 @@ def run_layers(
             result["summary"]["seconds"] = time.perf_counter() - start
             record["layers"].append(result["summary"])
             if problem_arrays is not None:
-                kept_sets.extend((index, problem_set) for problem_set in result["sets"])
-        write_run(output_dir, name, record)
-        if problem_arrays is not None:
-            write_npz(output_dir / f"{name}.npz", problem_arrays(kept_sets, layer_names))
+                arrays = problem_arrays([(layer_index, s) for s in result["sets"]], layer_names)
+                write_layer_problems(files, index, layer_index, layer_name, arrays)
+        write_run(files, record)
     if record["layers"]:
         series = [{"label": plot_label, "layers": [_plot_entry(layer) for layer in record["layers"]]}]
-        plot_layer_bounds(series, output_dir / name, f"{header.get('model', '')}: {plot_label}")
+        plot_layer_bounds(series, files.figures, f"{header.get('model', '')}: {plot_label}")
     return record
 
 

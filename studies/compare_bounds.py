@@ -20,7 +20,18 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["comparison_rows", "plot_comparison"]
+__all__ = ["comparison_rows", "plot_comparison", "run_stem", "side_stem"]
+
+
+def run_stem(model_name: str, opt_dim: int) -> str:
+    """The name of the comparison's table and figure: ``compare_bounds_<model>_opt<d>``."""
+    return f"compare_bounds_{model_name}_opt{opt_dim}"
+
+
+def side_stem(kind: str, model_name: str, n_bits: int, opt_dim: int) -> str:
+    """The name of one side's run files at bit-width ``n_bits``: ``<kind>_bounds_<model>_<b>bits_opt<d>``
+    (``kind``: ``quant`` or ``prune``; pruning at sparsity ``1 - b/16``)."""
+    return f"{kind}_bounds_{model_name}_{n_bits}bits_opt{opt_dim}"
 
 
 def _side(summary: dict, prefix: str) -> dict:
@@ -58,10 +69,11 @@ def comparison_rows(results: Sequence[tuple[int, dict, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_comparison(table: pd.DataFrame, path: Path, title: str) -> None:
+def plot_comparison(table: pd.DataFrame, paths: Sequence[Path], title: str) -> None:
     """One panel per layer: SQNR vs bit-width, each side's range as a band between its best method and its bound.
 
-    The quantization SDP relaxation's own bound (the paper's) is drawn dotted.
+    The quantization SDP relaxation's own bound (the paper's) is drawn dotted. The legend sits
+    below the panels (it covers no curve). Saved to every path of ``paths``.
     """
     import matplotlib
 
@@ -89,9 +101,11 @@ def plot_comparison(table: pd.DataFrame, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=150)
-    fig.savefig(path.with_suffix(".pdf"))
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)), fontsize=8,
+               frameon=False)
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)

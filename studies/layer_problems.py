@@ -24,9 +24,12 @@ from torch import nn
 
 from models.layer_inputs import capture_layer_inputs, check_patches, gram_matrices, patch_matrix
 
-__all__ = ["LayerData", "collect_layer_data", "input_chunks", "problem_scopes"]
+__all__ = ["DEFAULT_MAX_WHOLE_DIM", "LayerData", "collect_layer_data", "input_chunks", "problem_scopes"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_WHOLE_DIM = 128
+"""The largest fan-in whose whole channels are also solved as one problem each (quantization and pruning)."""
 
 
 @dataclass(frozen=True)

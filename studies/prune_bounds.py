@@ -11,10 +11,12 @@ problem this module computes
 
 * the certified lower bound of the perspective relaxation (``relaxation_lower_bound``,
   :func:`pruning.perspective_bound.lower_bound`), for any size;
-* the error of each post-training method (:func:`pruning.sparse_ls_heuristics.pruning_methods`):
-  ``magnitude`` (largest ``|w|`` kept), ``magnitude_refit`` (least-squares refit of the kept
-  weights), ``obs`` (OBS/SparseGPT-style greedy with error feedback), ``iht`` (iterative hard
-  thresholding), ``swap`` (local search from the best of them);
+* the error of each post-training method chosen (``methods``, default all of
+  :data:`pruning.sparse_ls_heuristics.METHODS`): ``magnitude`` (largest ``|w|`` kept),
+  ``magnitude_refit`` (least-squares refit of the kept weights), ``obs`` (OBS/SparseGPT-style
+  greedy with error feedback), ``iht`` (iterative hard thresholding), ``swap`` (local search from
+  the best of the other four: with ``swap`` all of them run, and only the chosen are reported), so a
+  method's numbers are the same whichever others are chosen; the best point is the best of those chosen;
 * for chunks of at most ``max_exact_dim`` inputs, the exact optimum by branch and bound
   (:func:`pruning.sparse_ls.solve_exact_batch`; its certified bound replaces the relaxation's
   where larger). Its limit per problem is a count of nodes (``node_limit``, default
@@ -40,17 +42,34 @@ from pruning.least_squares import reconstruction_error
 from pruning.masks import num_pruned
 from pruning.perspective_bound import lower_bound
 from pruning.sparse_ls import DEFAULT_NODE_LIMIT, solve_exact_batch
-from pruning.sparse_ls_heuristics import pruning_methods
-from studies.bounds_files import best_of, check_exact_limits, padded_stack, scope_summaries, set_columns, summarise
-from studies.layer_problems import LayerData, problem_scopes
+from pruning.sparse_ls_heuristics import (
+    METHODS,
+    iht_prune,
+    magnitude_prune,
+    magnitude_refit,
+    obs_prune,
+    pruning_methods,
+)
+from studies.bounds_files import (
+    bar_shown,
+    best_of,
+    check_exact_limits,
+    padded_stack,
+    scope_summaries,
+    set_columns,
+    summarise,
+)
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes
 
 __all__ = [
+    "METHODS",
     "PruneBoundsConfig",
     "PruneProblemSet",
     "config_record",
     "kept_weights",
     "problem_arrays",
     "prune_bounds_layer",
+    "run_stem",
     "solve_pruning_problems",
 ]
 
@@ -63,7 +82,8 @@ class PruneBoundsConfig:
 
     ``node_limit`` is the exact solver's work limit per problem (None: its
     :data:`~pruning.sparse_ls.DEFAULT_NODE_LIMIT`); ``time_limit`` an optional wall-clock limit per
-    problem in seconds (None: none, the results do not depend on timing).
+    problem in seconds (None: none, the results do not depend on timing). ``methods``: the pruning
+    methods to report, a non-empty subset of :data:`METHODS` (kept in that order).
     """
 
     sparsity: float = 0.75
@@ -71,10 +91,15 @@ class PruneBoundsConfig:
     node_limit: int | None = None
     time_limit: float | None = None
     max_exact_dim: int = 48
-    max_whole_dim: int = 128
+    max_whole_dim: int = DEFAULT_MAX_WHOLE_DIM
     num_output_channels: int = -1
+    methods: tuple[str, ...] = METHODS
 
     def __post_init__(self) -> None:
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {self.methods!r}")
+        object.__setattr__(self, "methods", tuple(method for method in METHODS if method in self.methods))
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         check_exact_limits(self.node_limit, self.time_limit)
@@ -127,14 +152,36 @@ class PruneProblemSet:
         return self.relaxation_lb if self.exact_lb is None else torch.maximum(self.relaxation_lb, self.exact_lb)
 
 
-def solve_pruning_problems(grams: torch.Tensor, weights: torch.Tensor, k: int, config: PruneBoundsConfig) -> dict:
-    """Relaxation bound, every method and (for small ``n``) the exact optimum; inputs on the CPU, float64."""
+def chosen_methods(grams: torch.Tensor, weights: torch.Tensor, k: int, methods: tuple[str, ...]) -> dict:
+    """``{method: x}`` for ``methods`` (in :data:`METHODS` order), each as
+    :func:`~pruning.sparse_ls_heuristics.pruning_methods` computes it; that runs all when ``swap`` is chosen."""
+    if "swap" in methods:
+        points = pruning_methods(grams, weights, k)
+    else:
+        single = {
+            "magnitude": lambda: magnitude_prune(weights, k),
+            "magnitude_refit": lambda: magnitude_refit(grams, weights, k),
+            "obs": lambda: obs_prune(grams, weights, k),
+            "iht": lambda: iht_prune(grams, weights, k),
+        }
+        points = {method: single[method]() for method in methods}
+    return {method: points[method] for method in METHODS if method in methods}
+
+
+def solve_pruning_problems(
+    grams: torch.Tensor, weights: torch.Tensor, k: int, config: PruneBoundsConfig, progress=None
+) -> dict:
+    """Relaxation bound, the chosen methods and (for small ``n``) the exact optimum; inputs on the CPU, float64.
+
+    ``progress``: the caller's bar of problem sets; when it is shown, the exact solver shows a bar
+    of its finished problems below it.
+    """
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     relaxation_lb = lower_bound(grams, weights, k)
     seconds["bound"] = time.perf_counter() - start
     start = time.perf_counter()
-    points = pruning_methods(grams, weights, k)
+    points = chosen_methods(grams, weights, k, config.methods)
     seconds["methods"] = time.perf_counter() - start
     errors = {method: reconstruction_error(grams, weights, x) for method, x in points.items()}
     x, ub = best_of(points, errors)
@@ -143,7 +190,7 @@ def solve_pruning_problems(grams: torch.Tensor, weights: torch.Tensor, k: int, c
     if weights.shape[1] <= config.max_exact_dim:
         start = time.perf_counter()
         exact = solve_exact_batch(grams, weights, k, time_limit=config.time_limit,
-                                  node_limit=config.exact_node_limit)
+                                  node_limit=config.exact_node_limit, progress=bar_shown(progress))
         seconds["exact"] = time.perf_counter() - start
         exact_x = torch.as_tensor(np.stack([e.x for e in exact]), dtype=torch.float64)
         exact_error = reconstruction_error(grams, weights, exact_x)
@@ -163,7 +210,7 @@ def prune_bounds_layer(data: LayerData, config: PruneBoundsConfig, progress=None
         grams = data.channel_grams(live, inputs).cpu()
         weights = data.weights[live][:, inputs].cpu()
         k = kept_weights(len(inputs), config.sparsity)
-        sets.append(_solve_set(scope, index, inputs, live.cpu(), grams, weights, k, config))
+        sets.append(_solve_set(scope, index, inputs, live.cpu(), grams, weights, k, config, progress))
         if progress is not None:
             progress.update(1)
     summary = {
@@ -178,12 +225,12 @@ def prune_bounds_layer(data: LayerData, config: PruneBoundsConfig, progress=None
     return {"summary": summary, "sets": sets}
 
 
-def _solve_set(scope, index, inputs, channels, grams, weights, k, config) -> PruneProblemSet:
+def _solve_set(scope, index, inputs, channels, grams, weights, k, config, progress=None) -> PruneProblemSet:
     r = torch.einsum("bi,bij,bj->b", weights, grams, weights)
     solvable = (r > 0).nonzero()[:, 0]
     batch = weights.shape[0]
     exact = weights.shape[1] <= config.max_exact_dim
-    methods = ("magnitude", "magnitude_refit", "obs", "iht", "swap") + (("exact",) if exact else ())
+    methods = config.methods + (("exact",) if exact else ())
     zeros = torch.zeros(batch, dtype=torch.float64)
     problem_set = PruneProblemSet(
         scope=scope, chunk=index, inputs=(int(inputs[0]), int(inputs[-1])), channels=channels, grams=grams,
@@ -193,7 +240,7 @@ def _solve_set(scope, index, inputs, channels, grams, weights, k, config) -> Pru
     )
     if len(solvable) == 0:
         return problem_set
-    solved = solve_pruning_problems(grams[solvable], weights[solvable], k, config)
+    solved = solve_pruning_problems(grams[solvable], weights[solvable], k, config, progress)
     problem_set.relaxation_lb[solvable] = solved["relaxation_lb"]
     for method in methods:
         problem_set.errors[method][solvable] = solved["errors"][method]
@@ -236,6 +283,13 @@ def problem_arrays(layer_sets: list[tuple[int, PruneProblemSet]], layer_names: l
     return arrays
 
 
+def run_stem(model_name: str, config: PruneBoundsConfig) -> str:
+    """The name of a run's files: ``prune_bounds_<model>_sparsity<s>_opt<d>`` (``<s>`` exact, e.g. ``0.875``), plus
+    ``_methods-<m1>+<m2>`` when not all methods run."""
+    stem = f"prune_bounds_{model_name}_sparsity{config.sparsity:g}_opt{config.opt_dim}"
+    return stem + ("_methods-" + "+".join(config.methods) if config.methods != METHODS else "")
+
+
 def config_record(config: PruneBoundsConfig) -> dict:
     """The config as a JSON-ready dict, with the node limit actually used (the solver's default for None)."""
-    return {**asdict(config), "node_limit": config.exact_node_limit}
+    return {**asdict(config), "node_limit": config.exact_node_limit, "methods": list(config.methods)}

@@ -10,10 +10,12 @@ of a layer, with the step ``s_c`` of the layer's quantizer, the integer weights 
 
 * a certified lower bound ``lb`` on ``min f`` (the Park-Boyd SDP relaxation's dual, by our batched
   solver or cvxpy; never below the trivial bound 0, since ``f`` is a squared norm),
-* the error of each post-training method: ``rtn`` (round to nearest), ``sdp_rounding`` (the
-  paper's: ``3n`` Gaussian samples around the relaxation's primal point with covariance
-  ``X - xx'``, rounded, then 1-opt), ``gptq`` (sequential rounding with error feedback, from
-  ``w / s``), ``adaround`` (then 1-opt),
+* the error of each post-training method chosen (``methods``, default all of :data:`METHODS`):
+  ``rtn`` (round to nearest), ``sdp_rounding`` (the paper's: ``3n`` Gaussian samples around the
+  relaxation's primal point with covariance ``X - xx'``, rounded, then 1-opt), ``gptq``
+  (sequential rounding with error feedback, from ``w / s``), ``adaround`` (then 1-opt). The
+  methods do not depend on each other, so a method's numbers are the same whichever others run;
+  the best point (``z``, ``ub``) is the best of those chosen,
 * optionally (``exact``) the true minimum by branch and bound (:mod:`quantization.qp_exact`),
   whose certified bound replaces the relaxation's where it is larger (``exact_lb``). Its limit per
   problem is a count of nodes (``node_limit``, default :data:`quantization.qp_exact.DEFAULT_NODE_LIMIT`),
@@ -36,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +48,7 @@ from quantization.ptq_rounding import adaround, one_opt, randomized_rounding, se
 from quantization.qp_bounds import (
     QuadraticProblems,
     certify_multipliers,
+    continuous_minimiser,
     default_origin,
     solve_dual,
     solve_sdp_cvxpy,
@@ -52,8 +56,16 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import DEFAULT_NODE_LIMIT, solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import best_of, check_exact_limits, padded_stack, scope_summaries, set_columns, summarise
-from studies.layer_problems import LayerData, problem_scopes
+from studies.bounds_files import (
+    best_of,
+    check_exact_limits,
+    padded_stack,
+    problem_bar,
+    scope_summaries,
+    set_columns,
+    summarise,
+)
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes
 
 __all__ = [
     "METHODS",
@@ -65,6 +77,7 @@ __all__ = [
     "layer_step_sizes",
     "problem_arrays",
     "quant_bounds_layer",
+    "run_stem",
     "solve_problems",
 ]
 
@@ -72,6 +85,9 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "sdp_rounding", "gptq", "adaround")
 SOLVERS = ("ours", "clarabel", "scs")
+# Std per coordinate of the samples around -P^+ q where the relaxation gave no finite point
+# (randomized_rounding's default spread).
+FALLBACK_STD = 0.3
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,8 @@ class QuantBoundsConfig:
 
     ``node_limit`` is the exact solver's work limit per problem (None: its
     :data:`~quantization.qp_exact.DEFAULT_NODE_LIMIT`); ``time_limit`` an optional wall-clock limit
-    per problem in seconds (None: none, the results do not depend on timing).
+    per problem in seconds (None: none, the results do not depend on timing). ``methods``: the
+    post-training methods to run, a non-empty subset of :data:`METHODS` (kept in that order).
     """
 
     n_bits: int = 4
@@ -93,11 +110,16 @@ class QuantBoundsConfig:
     exact: bool = False
     node_limit: int | None = None
     time_limit: float | None = None
-    max_whole_dim: int = 256
+    max_whole_dim: int = DEFAULT_MAX_WHOLE_DIM
     num_output_channels: int = -1
     seed: int = 0
+    methods: tuple[str, ...] = METHODS
 
     def __post_init__(self) -> None:
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {self.methods!r}")
+        object.__setattr__(self, "methods", tuple(method for method in METHODS if method in self.methods))
         if self.range_method not in ("mse", "minmax"):
             raise ValueError(f"range_method must be 'mse' or 'minmax', got {self.range_method!r}")
         if self.solver not in SOLVERS:
@@ -185,6 +207,10 @@ def _cvxpy_bounds(problems: QuadraticProblems, solver: str, box: bool) -> tuple:
     centers = origin + 0.5
     covariances = torch.zeros(batch, n, n, dtype=torch.float64)
     status = []
+
+    def as_batch(values) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float64, device=problems.P.device)[None]
+
     for index in range(batch):
         try:
             solution = solve_sdp_cvxpy(problems, index, solver=solver.upper(), box=box)
@@ -196,7 +222,6 @@ def _cvxpy_bounds(problems: QuadraticProblems, solver: str, box: bool) -> tuple:
         if solution.lam is None:
             continue
         single = problems.select(index)
-        as_batch = lambda values: torch.as_tensor(values, dtype=torch.float64, device=single.P.device)[None]  # noqa: E731
         bound, _, lam_c, mu_c = certify_multipliers(
             single, as_batch(solution.lam), None if solution.mu is None else as_batch(solution.mu), as_batch(solution.origin)
         )
@@ -212,17 +237,39 @@ def _cvxpy_bounds(problems: QuadraticProblems, solver: str, box: bool) -> tuple:
     return lb.to(device), lam.to(device), mu.to(device), origin.to(device), status, centers.to(device), covariances.to(device)
 
 
+def _sampling_start(
+    problems: QuadraticProblems, center: torch.Tensor, covariance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relaxation's point ``x`` (clipped to the box) and covariance ``X - xx'`` to sample around.
+
+    A problem the relaxation could not solve (status ``numerical``: NaN or infinite ``x`` or ``X``)
+    samples around the box-clipped continuous minimiser ``clamp(-P^+ q, lo, hi)`` with std
+    :data:`FALLBACK_STD` per coordinate instead.
+    """
+    usable = torch.isfinite(center).all(-1) & torch.isfinite(covariance).flatten(1).all(-1)
+    if not bool(usable.all()):
+        logger.debug("%d problem(s) without a finite relaxation point sample around -P^+ q", int((~usable).sum()))
+        fallback = continuous_minimiser(problems.P, problems.q)
+        identity = torch.eye(problems.n, dtype=covariance.dtype, device=covariance.device)
+        center = torch.where(usable[:, None], center, fallback)
+        covariance = torch.where(usable[:, None, None], covariance, FALLBACK_STD**2 * identity)
+    return torch.clamp(center, problems.lo, problems.hi), covariance
+
+
 def solve_problems(
     problems: QuadraticProblems,
     w_over_s: torch.Tensor,
     config: QuantBoundsConfig,
     generator: torch.Generator,
+    progress=None,
 ) -> dict:
-    """Lower bound, every method and (optionally) the exact optimum for a batch of boxed problems.
+    """Lower bound, the chosen methods and (optionally) the exact optimum for a batch of boxed problems.
 
     ``problems`` must carry the ``n_bits`` box (the methods' feasible set); the relaxation uses it
     only with ``config.box``. Returns a dict with ``lb, lam, mu, origin, status, errors, z, ub``,
     the exact solver's ``exact_status`` and ``exact_lb`` (when run) and ``seconds`` per stage.
+    ``progress``: the caller's bar of problem sets; when it is shown, a bar of the exact solver's
+    problems is shown below it.
     """
     seconds: dict[str, float] = {}
     relaxed = problems if config.box else problems.without_box()
@@ -235,31 +282,36 @@ def solve_problems(
         center, covariance = solution.x, solution.covariance
     else:
         lb, lam, mu, origin, status, center, covariance = _cvxpy_bounds(relaxed, config.solver, config.box)
-    center = torch.clamp(center, problems.lo, problems.hi)
+    center, covariance = _sampling_start(problems, center, covariance)
     lb = lb.clamp_min(0.0)  # f is a squared norm: 0 is always a certified bound (also for -inf)
     seconds["bound"] = time.perf_counter() - start
 
     lo, hi, P, q, r = problems.lo, problems.hi, problems.P, problems.q, problems.r
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "rtn": lambda: torch.clamp(torch.round(w_over_s), lo, hi),
+        "sdp_rounding": lambda: one_opt(
+            P, q, r, randomized_rounding(P, q, r, lo, hi, 3 * n, generator, center=center, spread=covariance), lo, hi
+        ),
+        "gptq": lambda: sequential_rounding(P, q, lo, hi, start=w_over_s),
+        "adaround": lambda: adaround(P, q, r, w_over_s, lo, hi),
+    }
     points: dict[str, torch.Tensor] = {}
-    start = time.perf_counter()
-    points["rtn"] = torch.clamp(torch.round(w_over_s), lo, hi)
-    seconds["rtn"] = time.perf_counter() - start
-    start = time.perf_counter()
-    sampled = randomized_rounding(P, q, r, lo, hi, 3 * n, generator, center=center, spread=covariance)
-    points["sdp_rounding"] = one_opt(P, q, r, sampled, lo, hi)
-    seconds["sdp_rounding"] = time.perf_counter() - start
-    start = time.perf_counter()
-    points["gptq"] = sequential_rounding(P, q, lo, hi, start=w_over_s)
-    seconds["gptq"] = time.perf_counter() - start
-    start = time.perf_counter()
-    points["adaround"] = adaround(P, q, r, w_over_s, lo, hi)
-    seconds["adaround"] = time.perf_counter() - start
+    for method in config.methods:  # only sdp_rounding draws from the generator
+        start = time.perf_counter()
+        points[method] = methods[method]()
+        seconds[method] = time.perf_counter() - start
     errors = {method: problems.objective(z) for method, z in points.items()}
     z, ub = best_of(points, errors)
     result = {"lb": lb, "lam": lam, "mu": mu, "origin": origin, "status": status, "errors": errors, "z": z, "ub": ub}
     if config.exact:
         start = time.perf_counter()
-        exact = solve_exact_batch(problems, time_limit=config.time_limit, node_limit=config.exact_node_limit, z0=z)
+        exact = []
+        with problem_bar(progress, problems.batch_size, "exact optima") as bar:
+            for index in range(problems.batch_size):  # one at a time (as solve_exact_batch does), for the bar
+                single = problems.select(torch.arange(index, index + 1, device=P.device))
+                exact += solve_exact_batch(single, time_limit=config.time_limit, node_limit=config.exact_node_limit,
+                                           z0=z[index : index + 1])
+                bar.update(1)
         seconds["exact"] = time.perf_counter() - start
         exact_z = torch.as_tensor(np.stack([e.z for e in exact]), dtype=torch.float64, device=P.device)
         exact_value = problems.objective(exact_z)
@@ -284,7 +336,8 @@ def layer_problem_sets(data: LayerData, channels: torch.Tensor, step: torch.Tens
 def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None) -> dict:
     """All problem sets of one layer, solved: ``{"summary": ..., "sets": [ProblemSet, ...]}``.
 
-    ``progress`` (e.g. a tqdm bar) is advanced by one per problem set.
+    ``progress`` (e.g. a tqdm bar) is advanced by one per problem set; with ``exact``, and when
+    the bar is shown, a bar of the set's problems is shown below it.
     """
     generator = torch.Generator(device=data.weights.device).manual_seed(config.seed)
     count, live, dead = data.live_channels(config.num_output_channels)
@@ -294,7 +347,7 @@ def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None
         step = step_all[live]
         for scope, index, inputs, problems, w_over_s in layer_problem_sets(data, live, step, config):
             solvable = problems.r > 0
-            result = _solve_with_zero_energy(problems, w_over_s, solvable, config, generator)
+            result = _solve_with_zero_energy(problems, w_over_s, solvable, config, generator, progress)
             sets.append(
                 ProblemSet(
                     scope=scope, chunk=index, inputs=inputs, channels=live.cpu(), step_size=step.cpu(),
@@ -326,13 +379,14 @@ def _solve_with_zero_energy(
     solvable: torch.Tensor,
     config: QuantBoundsConfig,
     generator: torch.Generator,
+    progress=None,
 ) -> dict:
     """:func:`solve_problems` on the problems with ``r > 0``; the others get ``lb = 0`` and RTN for every method."""
     batch, n = problems.batch_size, problems.n
     rtn = torch.clamp(torch.round(w_over_s), problems.lo, problems.hi)
     rtn_value = problems.objective(rtn)
     zeros = torch.zeros(batch, n, dtype=torch.float64, device=w_over_s.device)
-    methods = METHODS + (("exact",) if config.exact else ())
+    methods = config.methods + (("exact",) if config.exact else ())
     result = {
         "lb": torch.zeros(batch, dtype=torch.float64, device=w_over_s.device),
         "lam": zeros.clone(), "mu": zeros.clone(), "origin": zeros.clone(),
@@ -345,7 +399,7 @@ def _solve_with_zero_energy(
     index = solvable.nonzero()[:, 0]
     if len(index) == 0:
         return result
-    solved = solve_problems(problems.select(index), w_over_s[index], config, generator)
+    solved = solve_problems(problems.select(index), w_over_s[index], config, generator, progress)
     for key in ("lb", "lam", "mu", "origin", "z", "ub") + (("exact_lb",) if config.exact else ()):
         result[key][index] = solved[key]
     for method in methods:
@@ -364,9 +418,21 @@ def _chunk_record(problem_set: ProblemSet) -> dict:
             **summarise([problem_set])}
 
 
+def run_stem(model_name: str, config: QuantBoundsConfig) -> str:
+    """The name of a run's files: ``quant_bounds_<model>_<b>bits_opt<d>_<range>`` and, where they differ from the
+    defaults, ``_per_channel``, ``_box``, ``_<solver>``, ``_exact`` and ``_methods-<m1>+<m2>``."""
+    parts = [f"quant_bounds_{model_name}_{config.n_bits}bits_opt{config.opt_dim}_{config.range_method}"]
+    parts += ["per_channel"] if config.per_channel else []
+    parts += ["box"] if config.box else []
+    parts += [config.solver] if config.solver != "ours" else []
+    parts += ["exact"] if config.exact else []
+    parts += ["methods-" + "+".join(config.methods)] if config.methods != METHODS else []
+    return "_".join(parts)
+
+
 def config_record(config: QuantBoundsConfig) -> dict:
     """The config as a JSON-ready dict, with the node limit actually used (the solver's default for None)."""
-    return {**asdict(config), "node_limit": config.exact_node_limit}
+    return {**asdict(config), "node_limit": config.exact_node_limit, "methods": list(config.methods)}
 
 
 def problem_arrays(layer_sets: list[tuple[int, ProblemSet]], layer_names: list[str]) -> dict[str, np.ndarray]:

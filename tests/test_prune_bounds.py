@@ -101,7 +101,7 @@ def test_prune_cli_files_recheck(tmp_path: Path) -> None:
     assert scope["lower_bound"] <= scope["errors"]["exact"] * (1 + 1e-9) <= scope["errors"]["obs"] * (1 + 1e-9)
     assert scope["errors"]["magnitude"] > scope["errors"]["magnitude_refit"] >= scope["errors"]["exact"] * (1 - 1e-9)
     assert len(pd.read_csv(tmp_path / f"{name}.csv")) == 1 + 15
-    with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as stored:
+    with np.load(tmp_path / f"{name}_problems" / f"000_{LAYER}.npz", allow_pickle=False) as stored:
         G, w, x, ub, lb, k = (stored[key] for key in ("G", "w", "x", "ub", "lb", "k"))
         assert list(stored["status"]) == ["optimal"] * 30
     errors = np.einsum("bi,bij,bj->b", w - x, G, w - x)
@@ -137,3 +137,83 @@ def test_compare_bounds_table_and_figure(tmp_path: Path) -> None:
     assert (tmp_path / "quant_bounds_efficientnet_lite0_3bits_opt120.json").exists()
     assert (tmp_path / "prune_bounds_efficientnet_lite0_6bits_opt120.json").exists()
     assert set(table["prune_status"]) == {"not_solved:4"}  # chunks above --max-exact-dim: certified bound only
+    assert "INT3 vs 81.25% sparse" in result.output and "INT6 vs 62.5% sparse" in result.output  # exact percents
+
+
+FAST = ["--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "2", "--opt-dim", "16",
+        "--max-whole-dim", "0", "--no-progress"]
+
+
+def test_prune_runs_at_two_sparsities_keep_their_own_files(tmp_path: Path) -> None:
+    outputs = {}
+    for sparsity in ("0.75", "0.875"):
+        result = run("prune-bounds-data-opt", *FAST, "--sparsity", sparsity, "--max-exact-dim", "0",
+                     "--output-dir", str(tmp_path))
+        assert result.exit_code == 0, result.output
+        outputs[sparsity] = result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        f"prune_bounds_efficientnet_lite0_sparsity{s}_opt16.{ext}" for s in ("0.75", "0.875")
+        for ext in ("json", "csv", "png", "pdf")
+    )
+    first, second = (tmp_path / f"prune_bounds_efficientnet_lite0_sparsity{s}_opt16.png" for s in ("0.75", "0.875"))
+    assert first.read_bytes() != second.read_bytes()
+    assert json.loads((tmp_path / "prune_bounds_efficientnet_lite0_sparsity0.875_opt16.json").read_text())[
+        "config"]["sparsity"] == 0.875
+    assert "results in" in outputs["0.875"] and "sparsity0.875_opt16.png" in outputs["0.875"]
+
+
+def test_prune_methods_option(tmp_path: Path) -> None:
+    """--methods magnitude,obs reports those two only, with the numbers of the all-methods run."""
+    records = {}
+    for run_name, extra in (("all", []), ("two", ["--methods", "obs,magnitude"])):
+        result = run("prune-bounds-data-opt", *FAST, *extra, "--output-dir", str(tmp_path / run_name))
+        assert result.exit_code == 0, result.output
+        (path,) = (tmp_path / run_name).glob("*.json")
+        records[run_name] = json.loads(path.read_text())
+    assert path.name == "prune_bounds_efficientnet_lite0_sparsity0.75_opt16_methods-magnitude+obs.json"
+    two, full = (records[name]["layers"][0]["scopes"]["chunk"] for name in ("two", "all"))
+    assert set(two["errors"]) == {"magnitude", "obs", "exact", "best"}
+    assert set(full["errors"]) == {"magnitude", "magnitude_refit", "obs", "iht", "swap", "exact", "best"}
+    for method in ("magnitude", "obs", "exact"):
+        assert two["errors"][method] == full["errors"][method]
+    assert two["lower_bound"] == full["lower_bound"] and two["errors"]["best"] == full["errors"]["best"]  # all exact
+    bad = run("prune-bounds-data-opt", "--methods", "magnitude,sparsegpt", "--output-dir", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "unknown method 'sparsegpt'; choose from magnitude, magnitude_refit, obs, iht, swap" in bad.output
+
+
+def _help(command: str) -> str:
+    return " ".join(CliRunner().invoke(cli_module.cli, [command, "--help"], terminal_width=200).output.split())
+
+
+def test_help_names_the_files_that_are_written(tmp_path: Path) -> None:
+    """Every file name pattern of the commands' help against the files a run writes."""
+    quant, prune, compare = (_help(c) for c in ("quant-bounds-data-opt", "prune-bounds-data-opt", "compare-bounds"))
+    for text in (quant, prune):
+        for pattern in ("<run>.json", "<run>.csv", "<run>.png", "<run>.pdf", "<run>_problems/", "<index>_<layer>.npz",
+                        "index.json"):
+            assert pattern in text, pattern
+    assert "<run> = quant_bounds_<model>_<b>bits_opt<d>_<range>" in quant
+    assert "<run> = prune_bounds_<model>_sparsity<s>_opt<d>" in prune
+    assert "compare_bounds_<model>_opt<d>.csv, .png and .pdf" in compare
+    assert "<side>_bounds_<model>_<b>bits_opt<d>.json, .csv, .png and .pdf" in compare
+    assert "<side>_bounds_<model>_<b>bits_opt<d>_problems/" in compare
+
+    result = run("prune-bounds-data-opt", *FAST, "--save-problems", "--output-dir", str(tmp_path / "prune"))
+    assert result.exit_code == 0, result.output
+    stem = "prune_bounds_efficientnet_lite0_sparsity0.75_opt16"
+    written = sorted(str(p.relative_to(tmp_path / "prune")) for p in (tmp_path / "prune").rglob("*"))
+    assert written == sorted([f"{stem}.json", f"{stem}.csv", f"{stem}.png", f"{stem}.pdf", f"{stem}_problems",
+                              f"{stem}_problems/index.json", f"{stem}_problems/000_{LAYER}.npz"])
+
+    result = run("compare-bounds", *FAST[:-3], "--n-bits", "4", "--max-exact-dim", "0", "--no-progress",
+                 "--save-problems", "--output-dir", str(tmp_path / "compare"))
+    assert result.exit_code == 0, result.output
+    sides = [f"{side}_bounds_efficientnet_lite0_4bits_opt16" for side in ("quant", "prune")]
+    expected = [f"compare_bounds_efficientnet_lite0_opt16.{ext}" for ext in ("csv", "png", "pdf")]
+    expected += [f"{s}.{ext}" for s in sides for ext in ("json", "csv", "png", "pdf")]
+    expected += [f"{s}_problems{part}" for s in sides for part in ("", "/index.json", f"/000_{LAYER}.npz")]
+    assert sorted(str(p.relative_to(tmp_path / "compare")) for p in (tmp_path / "compare").rglob("*")) == sorted(
+        expected)
+    assert "INT4 vs 75% sparse" in result.output

@@ -1,6 +1,7 @@
 """The quantization-bounds study: layer data, chunking, bounds vs brute force, aggregation, files and CLI."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ from torch import nn
 
 import post_training_quant_acts_sqnr as cli_module
 from quantization.qp_bounds import QuadraticProblems, decoupled_coordinates, dual_bound
+from studies import quant_bounds
 from studies.layer_problems import collect_layer_data, input_chunks
 from studies.quant_bounds import METHODS, QuantBoundsConfig, layer_step_sizes, quant_bounds_layer, solve_problems
 
@@ -60,7 +62,15 @@ def test_bounds_bracket_the_brute_force_optimum(box: bool, rank: int | None) -> 
         z = result["z"][b]
         assert torch.equal(z, z.round()) and bool((z >= problems.lo[b]).all() and (z <= problems.hi[b]).all())
     if rank is not None and not box:  # rank-deficient P without the box: only the trivial bound 0 is certified
-        assert set(result["status"]) == {"infeasible"} and bool((result["lb"] == 0).all())
+        # P = s^2 A'A with rank(A) = 3 < n is singular, but rounding leaves its smallest eigenvalue a tiny
+        # number of either sign. solve_dual's contract: "infeasible" where no strictly dual-feasible start
+        # exists (lambda_min(P) <= 0 in float64), "numerical" where a start exists but the final multipliers
+        # cannot be certified (the certification margin exceeds rounding-size eigenvalues). Both give no bound.
+        eigenvalues = torch.linalg.eigvalsh(problems.P)
+        assert bool((eigenvalues[:, 0].abs() <= 1e-12 * eigenvalues[:, -1]).all())  # singular up to rounding
+        assert set(result["status"]) <= {"infeasible", "numerical"}
+        _, certified = dual_bound(problems, result["lam"], None, result["origin"])
+        assert not bool(certified.any()) and bool((result["lb"] == 0).all())
     if rank is None or box:  # certified (a rank-deficient P's bound may still be the trivial 0)
         assert set(result["status"]) == {"optimal"}
     if rank is None:
@@ -178,8 +188,16 @@ def test_cli_writes_certified_results(tmp_path: Path) -> None:
     assert list(table["scope"]) == ["layer_chunk"] + ["chunk"] * 8
     assert (tmp_path / f"{name}.png").exists()
 
+    # One npz per layer, named by the index.
+    index = json.loads((tmp_path / f"{name}_problems" / "index.json").read_text())
+    assert index["run"] == name and index["layer_names"] == [LAYER]
+    assert index["layers"] == [{"index": 0, "layer": LAYER, "file": f"000_{LAYER}.npz", "problems": 24,
+                                "whole_channel_problems": 0}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{name}.json", f"{name}.csv", f"{name}.png", f"{name}.pdf", f"{name}_problems"]
+    )
     # Every stored bound is the dual bound of its stored multipliers, and dual-feasible (Cholesky).
-    with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as arrays:
+    with np.load(tmp_path / f"{name}_problems" / f"000_{LAYER}.npz", allow_pickle=False) as arrays:
         stored = {key: arrays[key] for key in arrays.files}
     assert stored["P"].shape == (24, 32, 32) and list(stored["n"][-3:]) == [16] * 3
     for i in range(24):
@@ -221,8 +239,6 @@ def test_cli_images_dir_with_too_few_images_and_a_failing_layer(tmp_path: Path, 
         Image.new("RGB", (40, 30), color).save(images_dir / f"class{k}" / "a.png")
     (images_dir / "class0" / "broken.png").write_bytes(b"not an image")
 
-    import studies.quant_bounds as quant_bounds
-
     original = quant_bounds.quant_bounds_layer
 
     def failing(data, config, progress=None):
@@ -241,3 +257,145 @@ def test_cli_images_dir_with_too_few_images_and_a_failing_layer(tmp_path: Path, 
     assert record["failed_layers"] == [{"layer": DEPTHWISE, "error": "RuntimeError: solver exploded"}]
     assert [layer["layer"] for layer in record["layers"]] == [LAYER]
     assert "FAILED" in result.output
+
+
+def test_cli_methods_choose_the_feasible_methods(tmp_path: Path) -> None:
+    """--methods rtn: only rtn in every output, with the numbers of the all-methods run."""
+    common = ["--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "2", "--opt-dim", "120",
+              "--save-problems", "--no-progress", "--device", "cpu"]
+    for run, extra in (("all", []), ("rtn", ["--methods", "rtn"])):
+        result = run_cli(*common, *extra, "--output-dir", str(tmp_path / run))
+        assert result.exit_code == 0, result.output
+    base = "quant_bounds_efficientnet_lite0_4bits_opt120_mse"
+    stems = {"all": tmp_path / "all" / base, "rtn": tmp_path / "rtn" / f"{base}_methods-rtn"}
+    records = {run: json.loads(Path(f"{stem}.json").read_text()) for run, stem in stems.items()}
+    assert records["rtn"]["config"]["methods"] == ["rtn"] and records["all"]["config"]["methods"] == list(METHODS)
+    for run, record in records.items():
+        for scope in [record["layers"][0]["scopes"]["chunk"], *record["layers"][0]["chunks"]]:
+            assert set(scope["errors"]) == ({"rtn", "best"} if run == "rtn" else {*METHODS, "best"})
+            assert set(scope["sqnr_db"]) == set(scope["errors"])
+    all_chunks, rtn_chunks = (records[run]["layers"][0]["chunks"] for run in ("all", "rtn"))
+    for full, alone in zip(all_chunks, rtn_chunks, strict=True):
+        assert alone["errors"]["rtn"] == full["errors"]["rtn"]  # the same numbers, bit for bit
+        assert alone["errors"]["best"] == alone["errors"]["rtn"] >= full["errors"]["best"]
+        assert alone["lower_bound"] == full["lower_bound"]
+    columns = pd.read_csv(f"{stems['rtn']}.csv").columns
+    assert [c for c in columns if c.startswith("error_")] == ["error_rtn", "error_best"]
+    assert [c for c in columns if c.startswith("sqnr_") and c.endswith("_db") and "bound" not in c] == [
+        "sqnr_rtn_db", "sqnr_best_db"]
+    assert Path(f"{stems['rtn']}.png").exists() and Path(f"{stems['rtn']}.pdf").exists()
+    stored = {}
+    for run, stem in stems.items():
+        with np.load(stem.parent / f"{stem.name}_problems" / f"000_{LAYER}.npz", allow_pickle=False) as arrays:
+            stored[run] = {key: arrays[key] for key in arrays.files}
+    assert [key for key in stored["rtn"] if key.startswith("error_")] == ["error_rtn"]
+    np.testing.assert_array_equal(stored["rtn"]["error_rtn"], stored["all"]["error_rtn"])
+    np.testing.assert_array_equal(stored["rtn"]["lb"], stored["all"]["lb"])
+
+
+def test_cli_rejects_unknown_methods_in_one_line(tmp_path: Path) -> None:
+    bad = run_cli("--methods", "rtn,gptqq", "--output-dir", str(tmp_path))
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "unknown method 'gptqq'; choose from rtn, sdp_rounding, gptq, adaround" in bad.output
+    empty = run_cli("--methods", "rtn,,gptq", "--output-dir", str(tmp_path))
+    assert empty.exit_code == 2 and "--methods" in empty.output
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_cli_constants_agree_with_the_studies() -> None:
+    """The help's method lists and --max-whole-dim default are the studies' (one default for both configs)."""
+    from pruning.sparse_ls_heuristics import METHODS as PRUNE_METHODS
+    from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM
+    from studies.prune_bounds import PruneBoundsConfig
+
+    assert cli_module.QUANT_METHODS == METHODS and cli_module.PRUNE_METHODS == PRUNE_METHODS
+    assert cli_module.MAX_WHOLE_DIM == DEFAULT_MAX_WHOLE_DIM == 128
+    assert QuantBoundsConfig().max_whole_dim == PruneBoundsConfig().max_whole_dim == DEFAULT_MAX_WHOLE_DIM
+    assert QuantBoundsConfig(methods=("gptq", "rtn")).methods == ("rtn", "gptq")  # kept in METHODS order
+    with pytest.raises(ValueError, match="methods"):
+        QuantBoundsConfig(methods=("rtn", "exact"))
+    with pytest.raises(ValueError, match="methods"):
+        QuantBoundsConfig(methods=())
+
+
+def test_problem_files_one_per_layer_hold_the_problems(tmp_path: Path) -> None:
+    """run_layers with --save-problems: one npz per finished layer and an index; the arrays are the solved problems."""
+    from studies.bounds_files import RunFiles, layer_problem_files, read_layer_problems
+    from studies.bounds_run import run_layers
+    from studies.quant_bounds import problem_arrays
+
+    torch.manual_seed(0)
+    model = TinyNet().double()
+    data = collect_layer_data(model, ["conv", "fc"], torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    config = QuantBoundsConfig(n_bits=3, opt_dim=9, max_whole_dim=64)
+    solved = {}
+
+    def solve(layer):
+        solved[layer.name] = quant_bounds_layer(layer, config)
+        return solved[layer.name]
+
+    files = RunFiles(tmp_path, "quant_bounds_tiny_3bits_opt9.5")  # a dot in the stem
+    stale = files.layer_problems(7, "gone")
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    (files.problems_index).write_text(json.dumps({"layers": [{"file": stale.name}]}))
+    run_layers(data, solve, problem_arrays, {"model": "tiny"}, files, "INT3")
+    assert not stale.exists()  # the earlier run's files of this stem are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"quant_bounds_tiny_3bits_opt9.5{suffix}" for suffix in (".json", ".csv", ".png", ".pdf", "_problems")
+    )
+    index = json.loads(files.problems_index.read_text())
+    assert index["layer_names"] == ["conv", "fc"] and [e["layer"] for e in index["layers"]] == ["conv", "fc"]
+    paths = layer_problem_files(files)
+    assert sorted(p.name for p in files.problems_dir.iterdir()) == sorted(["index.json", "000_conv.npz", "001_fc.npz"])
+    for layer_index, (name, path) in enumerate(paths.items()):
+        stored = read_layer_problems(path)
+        assert list(stored["layer_names"]) == ["conv", "fc"]
+        for scope, prefix in (("chunk", ""), ("whole_channel", "whole_channel_")):
+            sets = [s for s in solved[name]["sets"] if s.scope == scope]
+            if not sets:
+                assert prefix + "P" not in stored
+                continue
+            rows = 0
+            for s in sets:  # row by row against the solved problems in memory
+                for b in range(s.batch_size):
+                    i, n = rows + b, s.n
+                    assert int(stored[prefix + "n"][i]) == n and int(stored[prefix + "layer"][i]) == layer_index
+                    assert int(stored[prefix + "channel"][i]) == int(s.channels[b])
+                    np.testing.assert_array_equal(stored[prefix + "P"][i, :n, :n], s.problems.P[b].numpy())
+                    assert not stored[prefix + "P"][i, n:].any() and not stored[prefix + "P"][i, :, n:].any()
+                    np.testing.assert_array_equal(stored[prefix + "q"][i, :n], s.problems.q[b].numpy())
+                    np.testing.assert_array_equal(stored[prefix + "z"][i, :n], s.z[b].numpy())
+                    for key, value in (("r", s.problems.r), ("lb", s.lb), ("ub", s.ub), ("step_size", s.step_size)):
+                        assert stored[prefix + key][i] == float(value[b]), key
+                    for method in METHODS:
+                        assert stored[prefix + f"error_{method}"][i] == float(s.errors[method][b])
+                rows += s.batch_size
+            assert len(stored[prefix + "n"]) == rows == next(
+                e for e in index["layers"] if e["layer"] == name
+            )["problems" if scope == "chunk" else "whole_channel_problems"]
+
+
+def test_a_relaxation_without_a_finite_point_still_gets_every_method(monkeypatch) -> None:
+    """A problem whose relaxation ends ``numerical`` with a NaN point (seen on AVX-512 CPUs) samples around
+    ``clamp(-P^+ q)`` instead of crashing in the covariance factorisation; the other problems keep theirs."""
+    problems, w_over_s = random_problems(batch=4, n=5, n_bits=3, seed=3)
+    config = QuantBoundsConfig(n_bits=3, box=True)
+    reference = solve_problems(problems, w_over_s, config, torch.Generator().manual_seed(0))
+    solve_dual = quant_bounds.solve_dual
+
+    def nan_point(relaxed, tol):
+        solution = solve_dual(relaxed, tol=tol)
+        solution.x[1] = float("nan")
+        solution.covariance[1] = float("nan")
+        return dataclasses.replace(solution, status=tuple("numerical" if i == 1 else s for i, s in enumerate(solution.status)))
+
+    monkeypatch.setattr(quant_bounds, "solve_dual", nan_point)
+    result = solve_problems(problems, w_over_s, config, torch.Generator().manual_seed(0))
+    assert result["status"][1] == "numerical"
+    z = result["z"]
+    assert torch.isfinite(z).all() and bool(((z >= problems.lo) & (z <= problems.hi)).all())
+    best = torch.stack([result["errors"][m] for m in METHODS]).amin(0)
+    torch.testing.assert_close(result["ub"], best)
+    assert float(result["errors"]["sdp_rounding"][1]) <= float(result["errors"]["rtn"][1]) + 1e-12
+    torch.testing.assert_close(result["lb"][[0, 2, 3]], reference["lb"][[0, 2, 3]])
