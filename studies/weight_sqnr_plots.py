@@ -7,11 +7,14 @@ per-bit-width summary (CSV and markdown) and the figures:
 
 * quantization SQNR against pruning SQNR, one point per tensor (the paper's scatter), also
   with the pruning SQNR corrected for quantization's natural sparsity;
-* the SQNR gap (quantization - pruning) against the tensors' sample kurtosis.
+* the SQNR gap (quantization - pruning) against the tensors' excess kurtosis;
+* the paper's own data (``data/paper_weights_sqnr.csv.gz``, :mod:`studies.paper_data`) as its
+  Fig. 3 with our tensors drawn over it, and both summaries side by side.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (never ``pyplot``), so no
 GUI backend is involved, and every file is written atomically.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,10 +28,10 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from studies.compression import pruning_sparsity
+from studies.paper_data import is_flat_result, parse_flat_result
 from studies.result_files import result_glob
 from utils.io import atomic_open, read_json, write_bytes_atomic, write_csv
 
@@ -74,6 +77,15 @@ NOTE_STYLE = {
 SCATTER_STEM = "weights_sqnr_scatter"
 SCATTER_CORRECTED_STEM = "weights_sqnr_scatter_corrected"
 GAP_STEM = "weights_sqnr_gap_vs_kurtosis"
+PAPER_SCATTER_STEM = "paper_weights_sqnr_scatter"
+COMPARISON_CSV = "paper_vs_ours_summary.csv"
+COMPARISON_MD = "paper_vs_ours_summary.md"
+COMPARISON_COLUMNS = (
+    "n_bits", "sparsity", "paper_n_tensors", "ours_n_tensors",
+    "paper_quant_wins_share", "ours_quant_wins_share",
+    "paper_quant_wins_share_corrected", "ours_quant_wins_share_corrected",
+    "paper_median_gap", "ours_median_gap",
+)  # fmt: skip
 SUMMARY_CSV = "weights_sqnr_summary.csv"
 SUMMARY_MD = "weights_sqnr_summary.md"
 
@@ -82,17 +94,32 @@ SUMMARY_MD = "weights_sqnr_summary.md"
 
 
 def complete_results(input_dir: str | os.PathLike, pattern: str = RESULT_GLOB) -> Iterator[dict]:
-    """Parsed result files under ``input_dir`` that are valid and complete; others are logged and skipped."""
+    """Parsed result files under ``input_dir`` that are valid and complete; others are logged and skipped.
+
+    Each file may be in the weight study's format (settings plus ``"layers"`` and ``"complete"``)
+    or in the paper's flat format (:mod:`studies.paper_data`, model and bit-width from the file
+    name); the format is detected per file. Every skipped file gets one warning naming it.
+    """
     for path in sorted(Path(input_dir).glob(pattern)):
         data = read_json(path)
-        if not isinstance(data, dict):
+        if data is None:
             log.warning("skipping %s: not valid JSON (was the run killed?)", path)
-        elif data.get("complete") is not True:
-            log.warning("skipping %s: the run did not complete", path)
-        elif not well_formed(data):
-            log.warning("skipping %s: model, n_bits or layers missing or malformed", path)
+        elif not isinstance(data, dict):
+            log.warning("skipping %s: neither the weight study's format nor the paper's flat format", path)
+        elif is_flat_result(data):  # only mappings as values: never the study's format ("complete": true)
+            try:
+                yield parse_flat_result(path, data)
+            except ValueError as error:
+                log.warning("skipping %s: paper's flat format, but %s", path, error)
+        elif "layers" in data or "complete" in data:
+            if data.get("complete") is not True:
+                log.warning("skipping %s: the run did not complete", path)
+            elif not well_formed(data):
+                log.warning("skipping %s: model, n_bits or layers missing or malformed", path)
+            else:
+                yield data
         else:
-            yield data
+            log.warning("skipping %s: neither the weight study's format nor the paper's flat format", path)
 
 
 def well_formed(data: dict) -> bool:
@@ -306,47 +333,149 @@ def label_diagonal(ax, limits: tuple[float, float]) -> None:
     ax.text(at + offset, at - offset, "quantization better", **style)
 
 
-def label_zero_line(ax, gap: np.ndarray) -> None:
-    """Keep ``gap = 0`` well inside the y-range and write which method wins on each side of it."""
-    low, high = (min(gap.min(), 0.0), max(gap.max(), 0.0)) if gap.size else (-1.0, 1.0)
-    pad = 0.08 * max(high - low, 1.0)
-    ax.set_ylim(low - pad, high + pad)
-    style = {"transform": blended_transform_factory(ax.transAxes, ax.transData), "ha": "right"}
-    style |= NOTE_STYLE
-    ax.text(0.99, 0.15 * pad, "quantization better", va="bottom", **style)
-    ax.text(0.99, -0.15 * pad, "pruning better", va="top", **style)
+def zero_line_legend_handles() -> list[Line2D]:
+    """Legend entries for the dashed ``gap = 0`` line and which method wins on each side (never over data)."""
+    blank = {"linestyle": "", "marker": ""}
+    return [
+        Line2D([], [], linestyle="--", color="0.3", linewidth=1.0, label="gap = 0"),
+        Line2D([], [], label="above: quantization better", **blank),
+        Line2D([], [], label="below: pruning better", **blank),
+    ]
 
 
 def gap_vs_kurtosis_figure(frame: pd.DataFrame) -> Figure:
-    """SQNR gap (quantization - pruning, dB) against the tensors' sample kurtosis, coloured by bit-width.
+    """SQNR gap (quantization - pruning, dB) against the tensors' excess kurtosis, coloured by bit-width.
 
-    The x-axis is the non-excess kurtosis (excess + 3, always >= 1), on a log scale when it
-    spans a decade or more.
+    The x-axis is the excess kurtosis ``m4 / m2^2 - 3`` as stored (0 for a Gaussian, never below
+    -2), on a symmetric log scale (linear within +-1) when it reaches 10 in magnitude. Which
+    method wins above and below ``gap = 0`` is said in the legend, outside the axes.
     """
     frame = finite_rows(frame, ["quant_sqnr", "pruning_sqnr", "sample_kurtosis"], "gap vs kurtosis")
-    kurtosis = frame["sample_kurtosis"].to_numpy(dtype=float) + 3.0
+    kurtosis = frame["sample_kurtosis"].to_numpy(dtype=float)
     gap = (frame["quant_sqnr"] - frame["pruning_sqnr"]).to_numpy(dtype=float)
     colors = bit_colors(frame["n_bits"].unique())
-    log_x = kurtosis.size > 0 and kurtosis.min() > 0 and kurtosis.max() >= 10.0 * kurtosis.min()
+    symlog_x = kurtosis.size > 0 and np.abs(kurtosis).max() >= 10.0
 
     fig = Figure(figsize=GAP_SIZE_IN, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     scatter_by_bits(ax, frame, kurtosis, gap, colors)
     ax.axhline(0.0, linestyle="--", color="0.3", linewidth=1.0, zorder=3)
-    if log_x:
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    if symlog_x:
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    label_zero_line(ax, gap)
-    ax.set_xlabel("sample kurtosis, non-excess (excess + 3)" + (", log scale" if log_x else ""))
+    low, high = (min(gap.min(), 0.0), max(gap.max(), 0.0)) if gap.size else (-1.0, 1.0)
+    pad = 0.05 * max(high - low, 1.0)
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xlabel("excess kurtosis $m_4/m_2^2 - 3$" + (" (symmetric log scale)" if symlog_x else ""))
     ax.set_ylabel("SQNR gap: quantization $-$ pruning (dB)")
     ax.set_title(f"Quantization's SQNR advantage vs kurtosis: {models_label(frame['model'])}", fontsize="medium")
     ax.grid(True, which="major", color="0.9", linewidth=0.6, zorder=0)
     ax.set_axisbelow(True)
     legend_at = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}
-    ax.legend(handles=bit_legend_handles(colors), fontsize="small", frameon=False, **legend_at)
+    handles = bit_legend_handles(colors) + zero_line_legend_handles()
+    ax.legend(handles=handles, fontsize="small", frameon=False, **legend_at)
     return fig
+
+
+def paper_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's table (:func:`studies.paper_data.read_paper_table`) in the layout of :func:`load_results`.
+
+    Columns the paper did not record (``numel``, ``quant_step_size``) are NaN; its kurtosis is
+    already excess kurtosis, like ours.
+    """
+    frame = pd.DataFrame({column: table.get(column, np.nan) for column in COLUMNS[4:]})
+    frame = frame.astype(float)
+    frame.insert(0, "model", table["model"].astype(object).to_numpy())
+    frame.insert(1, "layer", table["layer"].astype(object).to_numpy())
+    frame.insert(2, "n_bits", table["n_bits"].astype(np.int64).to_numpy())
+    frame.insert(3, "sparsity", pruning_sparsity(frame["n_bits"]))
+    return frame.sort_values(["model", "n_bits"], kind="stable", ignore_index=True)
+
+
+def paper_scatter_figure(paper: pd.DataFrame, ours: pd.DataFrame) -> Figure:
+    """The paper's Fig. 3 from its own data (small translucent dots), our tensors drawn over it (diamonds).
+
+    Quantization SQNR (x) against pruning SQNR (y) per tensor, coloured by bit-width, with ``y = x``.
+    """
+    columns = ["quant_sqnr", "pruning_sqnr"]
+    paper = finite_rows(paper, columns, "paper scatter")
+    ours = finite_rows(ours, columns, "our scatter") if not ours.empty else ours
+    colors = bit_colors(sorted(set(paper["n_bits"]) | set(ours["n_bits"])))
+
+    fig = Figure(figsize=SCATTER_SIZE_IN, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    paper_bits, our_bits = paper["n_bits"].to_numpy(), ours["n_bits"].to_numpy()
+    for n_bits, color in colors.items():
+        mask = paper_bits == n_bits
+        ax.scatter(
+            paper["quant_sqnr"].to_numpy()[mask], paper["pruning_sqnr"].to_numpy()[mask],
+            s=4.0, color=color, alpha=0.35, linewidths=0, rasterized=True,
+        )  # fmt: skip
+    for n_bits, color in colors.items():
+        mask = our_bits == n_bits
+        ax.scatter(
+            ours["quant_sqnr"].to_numpy()[mask], ours["pruning_sqnr"].to_numpy()[mask],
+            s=14.0, marker="D", color=color, edgecolors="black", linewidths=0.4, zorder=4, rasterized=True,
+        )  # fmt: skip
+    values = np.concatenate([frame[column].to_numpy(dtype=float) for frame in (paper, ours) for column in columns])
+    low, high = (min(values.min(), 0.0), values.max()) if values.size else (0.0, 1.0)
+    pad = 0.03 * max(high - low, 1.0)
+    limits = (low - pad, high + pad)
+    ax.plot(limits, limits, linestyle="--", color="0.3", linewidth=1.0, zorder=3)
+    ax.set_xlim(limits)
+    ax.set_ylim(limits)
+    ax.set_aspect("equal", adjustable="box")
+    label_diagonal(ax, limits)
+
+    ax.set_xlabel("quantization SQNR (dB)")
+    ax.set_ylabel("pruning SQNR (dB)")
+    ax.set_title("Weight SQNR per tensor: the paper's data and ours", fontsize="medium")
+    ax.grid(True, color="0.9", linewidth=0.6, zorder=0)
+    ax.set_axisbelow(True)
+    sources = [
+        Line2D([], [], linestyle="", marker="o", markersize=4, color="0.55",
+               label=f"paper: {models_label(paper['model'])} (Kuzmin et al.)"),
+        Line2D([], [], linestyle="", marker="D", markersize=4, markerfacecolor="white", markeredgecolor="black",
+               label=f"ours: {models_label(ours['model'])}" if not ours.empty else "ours: none"),
+    ]  # fmt: skip
+    ax.legend(handles=bit_legend_handles(colors) + sources, loc="upper left", fontsize="x-small", framealpha=0.9)
+    return fig
+
+
+def comparison_table(paper: pd.DataFrame, ours: pd.DataFrame) -> pd.DataFrame:
+    """The per-bit-width summaries of the paper's data and ours side by side (:data:`COMPARISON_COLUMNS`)."""
+    parts = []
+    for source, frame in (("paper", paper), ("ours", ours)):
+        table = summary_table(frame) if not frame.empty else pd.DataFrame(columns=list(SUMMARY_COLUMNS))
+        table = table.drop(columns="sparsity").set_index("n_bits").add_prefix(f"{source}_")
+        parts.append(table)
+    table = parts[0].join(parts[1], how="outer").reset_index()
+    table["n_bits"] = table["n_bits"].astype(np.int64)
+    table.insert(1, "sparsity", pruning_sparsity(table["n_bits"]))
+    return table[list(COMPARISON_COLUMNS)]
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    """The side-by-side summary as a markdown table (numbers right-aligned)."""
+    columns = list(COMPARISON_COLUMNS)
+    lines = [
+        "| " + " | ".join(comparison_header(column) for column in columns) + " |",
+        "|" + "|".join("---:" for _ in columns) + "|",
+    ]
+    for row in table[columns].itertuples(index=False):
+        cells = [format_cell(column.split("_", 1)[1] if column.startswith(("paper_", "ours_")) else column, value)
+                 for column, value in zip(columns, row)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_header(column: str) -> str:
+    """``paper_median_gap`` -> ``median gap (dB), paper``."""
+    for source in ("paper", "ours"):
+        if column.startswith(f"{source}_"):
+            return f"{SUMMARY_HEADERS[column[len(source) + 1 :]]}, {source}"
+    return SUMMARY_HEADERS[column]
 
 
 # ----------------------------------------------------------------------------- output
@@ -369,6 +498,17 @@ def write_summary(table: pd.DataFrame, output_dir: str | os.PathLike) -> list[Pa
     with atomic_open(md_path) as handle:
         handle.write(summary_markdown(table))
     return [csv_path, md_path]
+
+
+def write_paper_outputs(paper: pd.DataFrame, ours: pd.DataFrame, output_dir: str | os.PathLike) -> list[Path]:
+    """Write the paper's Fig. 3 with our tensors over it and the side-by-side summary (CSV and markdown)."""
+    output_dir = Path(output_dir)
+    table = comparison_table(paper, ours)
+    csv_path, md_path = output_dir / COMPARISON_CSV, output_dir / COMPARISON_MD
+    write_csv(csv_path, table)
+    with atomic_open(md_path) as handle:
+        handle.write(comparison_markdown(table))
+    return [csv_path, md_path] + save_figure(paper_scatter_figure(paper, ours), output_dir, PAPER_SCATTER_STEM)
 
 
 def write_figures(frame: pd.DataFrame, output_dir: str | os.PathLike) -> list[Path]:
