@@ -8,9 +8,50 @@ from pathlib import Path
 
 import click
 
-from utils.cli import DeviceType, IntListType, default_device, setup_logging
+from utils.cli import DeviceType, IntListType, NameListType, default_device, setup_logging
 
 DEFAULT_MODEL = "efficientnet_lite0"
+
+# For the help and the option checks only, so that --help does not import torch's solvers: the methods of
+# studies.quant_bounds.METHODS and pruning.sparse_ls_heuristics.METHODS, and studies.layer_problems'
+# DEFAULT_MAX_WHOLE_DIM (the configs' default, which the CLI leaves in place unless given;
+# tests/test_quant_bounds.py checks all three agree).
+QUANT_METHODS = ("rtn", "sdp_rounding", "gptq", "adaround")
+PRUNE_METHODS = ("magnitude", "magnitude_refit", "obs", "iht", "swap")
+MAX_WHOLE_DIM = 128
+
+
+class MethodListType(NameListType):
+    """A comma-separated subset of ``choices`` (e.g. ``rtn,gptq``); an unknown name fails with the choices listed."""
+
+    name = "method-list"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, value, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = super().convert(value, param, ctx)
+        unknown = [name for name in names if name not in self.choices]
+        if unknown:
+            self.fail(f"unknown method {unknown[0]!r}; choose from {', '.join(self.choices)} (comma-separated)",
+                      param, ctx)
+        return tuple(name for name in self.choices if name in names)
+
+
+def _methods_option(choices: tuple[str, ...], what: str) -> Callable[[Callable], Callable]:
+    return click.option(
+        "--methods", type=MethodListType(choices), default=None,
+        help=f"Comma-separated {what} to run and report: {', '.join(choices)} [default: all].",
+    )
+
+
+def _max_whole_dim_option(what: str) -> Callable[[Callable], Callable]:
+    return click.option(
+        "--max-whole-dim", type=click.IntRange(0), default=None,
+        help=f"Also {what} whole channels (one problem each) when the fan-in is at most this [default: {MAX_WHOLE_DIM}].",
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +65,9 @@ def _load_model(model_name: str):
 
     try:
         return load_model(model_name)
-    except (UnknownModelError, WeightsUnavailableError) as error:
+    except UnknownModelError as error:
+        raise click.BadParameter(str(error), param_hint="'--model-name'") from None
+    except WeightsUnavailableError as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -62,7 +105,9 @@ def layer_data_options(command: Callable) -> Callable:
                      "Default: scikit-image's sample photos."),
         click.option("--device", type=DeviceType(), default=default_device(), show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--save-problems", is_flag=True, help="Also write every problem and its solutions to an .npz."),
+        click.option("--save-problems", is_flag=True,
+                     help="Also write every problem and its solutions: OUTPUT_DIR/<run>_problems/ holds one "
+                     "<index>_<layer>.npz per finished layer and index.json naming them."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
@@ -149,21 +194,25 @@ def prepare_layers(model_name, layer_names, num_samples, images_dir, device, see
 @click.option("--solver", type=click.Choice(["ours", "clarabel", "scs"], case_sensitive=False), default="ours",
               show_default=True, help="SDP backend: our batched torch solver, or cvxpy per problem (the reference).")
 @click.option("--exact", is_flag=True, help="Also prove the true minimum of every chunk by branch and bound.")
-@click.option("--max-whole-dim", type=click.IntRange(0), default=128, show_default=True,
-              help="Also solve whole channels (one problem each) when the fan-in is at most this.")
+@_methods_option(QUANT_METHODS, "PTQ methods (feasible points)")
+@_max_whole_dim_option("solve")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("plots_data/quant_bounds"), show_default=True)
 def quant_bounds_data_opt(
     model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, node_limit, time_limit,
-    device, seed, save_problems, progress, n_bits, range_search_method, per_channel, box, solver, exact,
+    device, seed, save_problems, progress, n_bits, range_search_method, per_channel, box, solver, exact, methods,
     max_whole_dim, output_dir,
 ) -> None:
     """Certified bounds on the post-training quantization error of each layer, beside real PTQ methods.
 
     Per output channel and chunk of inputs, the error ||A w - s A z||^2 of integer weights z is an
     integer QP; its SDP relaxation gives a certified lower bound (an upper bound on any method's
-    SQNR), and round-to-nearest, the paper's SDP rounding, GPTQ and AdaRound give feasible points.
-    Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
+    SQNR), and round-to-nearest, the paper's SDP rounding, GPTQ and AdaRound (--methods) give
+    feasible points.
+
+    Writes OUTPUT_DIR/<run>.json, <run>.csv, <run>.png and <run>.pdf (with --save-problems also
+    <run>_problems/), <run> = quant_bounds_<model>_<b>bits_opt<d>_<range> followed by _per_channel,
+    _box, _<solver>, _exact and _methods-<m1>+<m2> where those options differ from the defaults.
     """
     if _listed_only(model_name, list_only, num_output_channels):
         return
@@ -171,28 +220,31 @@ def quant_bounds_data_opt(
         raise click.UsageError("--node-limit and --time-limit limit the exact solver: give --exact")
     from tqdm import tqdm
 
+    from studies.bounds_files import RunFiles
     from studies.bounds_run import run_layers
-    from studies.quant_bounds import QuantBoundsConfig, config_record, problem_arrays, quant_bounds_layer
+    from studies.quant_bounds import QuantBoundsConfig, config_record, problem_arrays, quant_bounds_layer, run_stem
 
     config = QuantBoundsConfig(
         n_bits=n_bits, opt_dim=opt_dim, range_method=range_search_method.lower(), per_channel=per_channel, box=box,
         solver=solver.lower(), exact=exact, node_limit=node_limit, time_limit=time_limit,
-        max_whole_dim=max_whole_dim, num_output_channels=num_output_channels, seed=seed,
+        num_output_channels=num_output_channels, seed=seed,
+        **_given(methods=methods, max_whole_dim=max_whole_dim),
     )
     layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
-    name = "_".join(
-        [f"quant_bounds_{model_name}_{n_bits}bits_opt{opt_dim}_{config.range_method}"]
-        + (["per_channel"] if per_channel else []) + (["box"] if box else [])
-        + ([config.solver] if config.solver != "ours" else []) + (["exact"] if exact else [])
-    )
+    files = RunFiles(output_dir, run_stem(model_name, config))
     header = _header("quantization", model_name, config_record(config), calibration, device)
-    with tqdm(total=_set_count(layers, opt_dim, max_whole_dim), desc="problem sets", unit="set",
+    with tqdm(total=_set_count(layers, opt_dim, config.max_whole_dim), desc="problem sets", unit="set",
               disable=not progress) as bar:
         record = run_layers(
             layers, lambda data: quant_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
-            header, output_dir, name, f"INT{n_bits}",
+            header, files, f"INT{n_bits}",
         )
-    _echo_summary(record, output_dir, name, save_problems)
+    _echo_summary(record, files, save_problems)
+
+
+def _given(**options) -> dict:
+    """The options that were given (not None): the others keep the config's defaults."""
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def _sparsity(n_bits: int | None, sparsity: float | None) -> float:
@@ -210,42 +262,48 @@ def _sparsity(n_bits: int | None, sparsity: float | None) -> float:
               help="Share of the weights removed from every chunk (instead of --n-bits).")
 @click.option("--max-exact-dim", type=click.IntRange(0), default=48, show_default=True,
               help="Solve chunks of at most this many inputs exactly (larger ones: certified bound only).")
-@click.option("--max-whole-dim", type=click.IntRange(0), default=128, show_default=True,
-              help="Also bound whole channels (one problem each) when the fan-in is at most this.")
+@_methods_option(PRUNE_METHODS, "pruning methods (feasible points; swap starts from the best of the other four)")
+@_max_whole_dim_option("bound")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("plots_data/prune_bounds"), show_default=True)
 def prune_bounds_data_opt(
     model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, node_limit, time_limit,
-    device, seed, save_problems, progress, n_bits, sparsity, max_exact_dim, max_whole_dim, output_dir,
+    device, seed, save_problems, progress, n_bits, sparsity, max_exact_dim, methods, max_whole_dim, output_dir,
 ) -> None:
     """Exact post-training pruning of each layer (sparse least squares), certified bounds and real methods.
 
     Per output channel and chunk of inputs, the best k-sparse weights minimise ||A (w - x)||^2; the
     branch and bound proves the optimum (or reports the gap at its limit), the perspective
-    relaxation bounds it, and magnitude pruning (with and without refit), OBS and IHT are compared.
-    Writes OUTPUT_DIR/<run>.json, .csv, .png (and .npz with --save-problems).
+    relaxation bounds it, and magnitude pruning (with and without refit), OBS, IHT and a swap
+    search (--methods) are compared.
+
+    Writes OUTPUT_DIR/<run>.json, <run>.csv, <run>.png and <run>.pdf (with --save-problems also
+    <run>_problems/), <run> = prune_bounds_<model>_sparsity<s>_opt<d> (e.g. sparsity0.875),
+    followed by _methods-<m1>+<m2> when not all methods run.
     """
     if _listed_only(model_name, list_only, num_output_channels):
         return
     from tqdm import tqdm
 
+    from studies.bounds_files import RunFiles, format_percent
     from studies.bounds_run import run_layers
-    from studies.prune_bounds import PruneBoundsConfig, config_record, problem_arrays, prune_bounds_layer
+    from studies.prune_bounds import PruneBoundsConfig, config_record, problem_arrays, prune_bounds_layer, run_stem
 
     config = PruneBoundsConfig(
         sparsity=_sparsity(n_bits, sparsity), opt_dim=opt_dim, node_limit=node_limit, time_limit=time_limit,
-        max_exact_dim=max_exact_dim, max_whole_dim=max_whole_dim, num_output_channels=num_output_channels,
+        max_exact_dim=max_exact_dim, num_output_channels=num_output_channels,
+        **_given(methods=methods, max_whole_dim=max_whole_dim),
     )
     layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
-    name = f"prune_bounds_{model_name}_sparsity{config.sparsity:g}_opt{opt_dim}"
+    files = RunFiles(output_dir, run_stem(model_name, config))
     header = _header("pruning", model_name, config_record(config), calibration, device)
-    with tqdm(total=_set_count(layers, opt_dim, max_whole_dim), desc="problem sets", unit="set",
+    with tqdm(total=_set_count(layers, opt_dim, config.max_whole_dim), desc="problem sets", unit="set",
               disable=not progress) as bar:
         record = run_layers(
             layers, lambda data: prune_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
-            header, output_dir, name, f"pruning {config.sparsity:.0%}",
+            header, files, f"pruning {format_percent(config.sparsity)}",
         )
-    _echo_summary(record, output_dir, name, save_problems)
+    _echo_summary(record, files, save_problems)
 
 
 @cli.command("compare-bounds")
@@ -263,15 +321,18 @@ def compare_bounds(
 ) -> None:
     """The paper's comparison: per layer and bit-width, quantization's SQNR range against pruning's.
 
-    Runs both bounds (whole channels skipped) for every b and writes OUTPUT_DIR/compare_bounds_<model>.csv
-    and .png, plus each side's JSON/CSV per b (and .npz with --save-problems).
+    Runs both bounds (whole channels skipped) for every b and writes the comparison
+    OUTPUT_DIR/compare_bounds_<model>_opt<d>.csv, .png and .pdf, plus each side's run files per b:
+    <side>_bounds_<model>_<b>bits_opt<d>.json, .csv, .png and .pdf with <side> quant and prune
+    (with --save-problems also <side>_bounds_<model>_<b>bits_opt<d>_problems/).
     """
     if _listed_only(model_name, list_only, num_output_channels):
         return
     from tqdm import tqdm
 
+    from studies.bounds_files import RunFiles, format_percent
     from studies.bounds_run import run_layers
-    from studies.compare_bounds import comparison_rows, plot_comparison
+    from studies.compare_bounds import comparison_rows, plot_comparison, run_stem, side_stem
     from studies.prune_bounds import PruneBoundsConfig, prune_bounds_layer
     from studies.prune_bounds import config_record as prune_record
     from studies.prune_bounds import problem_arrays as prune_arrays
@@ -299,8 +360,8 @@ def compare_bounds(
                 header = _header(kind, model_name, record_of(config), calibration, device)
                 sides.append(run_layers(
                     layers, lambda data, c=config, f=solve: f(data, c, bar), arrays if save_problems else None,
-                    header, output_dir, f"{kind}_bounds_{model_name}_{n_bits}bits_opt{opt_dim}",
-                    f"INT{n_bits}" if kind == "quant" else f"pruning {prune.sparsity:.0%}",
+                    header, RunFiles(output_dir, side_stem(kind, model_name, n_bits, opt_dim)),
+                    f"INT{n_bits}" if kind == "quant" else f"pruning {format_percent(prune.sparsity)}",
                 ))
             prune_by_layer = {layer["layer"]: layer for layer in sides[1]["layers"]}
             results.extend(
@@ -310,16 +371,17 @@ def compare_bounds(
     if not results:
         raise click.ClickException("no layer finished on both sides; see the log")
     table = comparison_rows(results)
-    name = f"compare_bounds_{model_name}_opt{opt_dim}"
-    write_csv(output_dir / f"{name}.csv", table)
-    plot_comparison(table, output_dir / name, f"{model_name}: post-training quantization vs pruning")
+    files = RunFiles(output_dir, run_stem(model_name, opt_dim))
+    write_csv(files.csv, table)
+    plot_comparison(table, files.figures, f"{model_name}: post-training quantization vs pruning")
     for _, row in table.iterrows():
         click.echo(
-            f"{row['layer']} INT{row['n_bits']} vs {row['sparsity']:.0%} sparse: quantization "
+            f"{row['layer']} INT{row['n_bits']} vs {format_percent(row['sparsity'])} sparse: quantization "
             f"[{_db(row['quant_best_db'])}, {_db(row['quant_bound_db'])}], pruning "
             f"[{_db(row['prune_best_db'])}, {_db(row['prune_bound_db'])}] -> {row['provably_better']}"
         )
-    click.echo(f"results in {output_dir}/{name}.csv, .png")
+    names = [files.csv.name] + [path.name for path in files.figures]
+    click.echo(f"results in {output_dir}: {', '.join(names)} (and each side's run files per bit-width)")
 
 
 def _header(kind: str, model_name: str, config: dict, calibration: dict, device) -> dict:
@@ -334,7 +396,7 @@ def _set_count(layers: dict, opt_dim: int, max_whole_dim: int) -> int:
     return sum(k + (k > 1 and d.fan_in <= max_whole_dim) for k, d in zip(counts, layers.values()))
 
 
-def _echo_summary(record: dict, output_dir: Path, name: str, save_problems: bool) -> None:
+def _echo_summary(record: dict, files, save_problems: bool) -> None:
     for layer in record["layers"]:
         scope = layer["scopes"]["chunk"]
         upper, best = scope["sqnr_upper_bound_db"], scope["sqnr_db"]["best"]
@@ -344,7 +406,7 @@ def _echo_summary(record: dict, output_dir: Path, name: str, save_problems: bool
         )
     for failed in record["failed_layers"]:
         click.echo(f"{failed['layer']}: FAILED ({failed['error']})")
-    click.echo(f"results in {output_dir}/{name}.json, .csv, .png" + (", .npz" if save_problems else ""))
+    click.echo(f"results in {files.output_dir}: {', '.join(files.written(save_problems))}")
 
 
 def _db(value: float | None) -> str:

@@ -9,23 +9,24 @@ import click
 from studies.result_files import table_file_name
 from utils.cli import DeviceType, IntListType, NameListType, default_device, setup_logging
 
-DEFAULT_MODEL = "efficientnet_lite0"
+# Real ImageNet models whose weights ship in pip packages (requirements.txt): studied offline by default.
+DEFAULT_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def resolve_models(requested: list[str] | None) -> list[str]:
-    """Expand the ``--models`` choice into registry names (the default: every model at hand)."""
-    from models.registry import is_weights_available, list_models
+    """Expand the ``--models`` choice into registry names (the default: the bundled models + every model at hand)."""
+    from models.registry import UnknownModelError, check_model_name, is_weights_available, list_models
 
     known = list_models()
     if requested is None:
-        return [DEFAULT_MODEL] + [name for name in known if name != DEFAULT_MODEL and is_weights_available(name)]
+        return list(DEFAULT_MODELS) + [n for n in known if n not in DEFAULT_MODELS and is_weights_available(n)]
     if "all" in requested:
         return known
-    unknown = [name for name in requested if name not in known]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown model '{unknown[0]}'. Valid names: all, {', '.join(known)}", param_hint="'--models'"
-        )
+    for name in requested:
+        try:
+            check_model_name(name)
+        except UnknownModelError as error:
+            raise click.BadParameter(f"{error} (or 'all' for the whole zoo)", param_hint="'--models'") from None
     return requested
 
 
@@ -35,7 +36,8 @@ def resolve_models(requested: list[str] | None) -> list[str]:
     type=NameListType(),
     default=None,
     help="Comma-separated model names, or 'all' for the whole zoo (downloads missing weights). "
-    "Default: efficientnet_lite0 plus every zoo model whose weights are in the local torch hub cache.",
+    "Default: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 (weights in pip packages) plus every "
+    "zoo model whose weights are in the local torch hub cache.",
 )
 @click.option("--bits", type=IntListType(2, 16), default="2,3,4,5,6,7,8", show_default=True,
               help="Bit-widths b, as a list (2,4,8) or a range (2-8); pruning uses sparsity 1 - b/16.")

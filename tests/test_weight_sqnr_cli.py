@@ -120,7 +120,9 @@ def test_quantization_beats_pruning_on_real_weights_at_moderate_compression(lite
     assert (wins[wins.index >= 4] > 0.9).all(), wins.to_dict()
 
 
-def test_rerun_skips_complete_files_and_recomputes_truncated_ones(lite0_results: Path, tmp_path: Path) -> None:
+def test_rerun_skips_complete_files_and_recomputes_truncated_ones(
+    lite0_results: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for path in lite0_results.glob("*.json"):
         (tmp_path / path.name).write_bytes(path.read_bytes())
     before = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")}
@@ -135,6 +137,8 @@ def test_rerun_skips_complete_files_and_recomputes_truncated_ones(lite0_results:
     assert changed == {truncated.name}
     assert strict_json(truncated) == original
     assert not list(tmp_path.glob(".*.tmp"))
+    recomputed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recomputing")]
+    assert recomputed == [f"recomputing {truncated}: truncated or corrupt (not a JSON object)"]
 
 
 def test_plot_script_on_real_results(lite0_results: Path, tmp_path: Path) -> None:
@@ -211,7 +215,8 @@ def test_cached_torchvision_weights_are_studied_by_default(
 
     result = run("--bits", "4", "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    assert "studied 2 model(s)" in result.output
+    names = "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, squeezenet1_1"
+    assert f"studied 4 model(s) at bits 4: {names}" in result.output
     data = strict_json(tmp_path / "out" / "squeezenet1_1_4_bits_mse.json")
     assert data["weights"] == "pretrained" and len(data["layers"]) == 26
     assert no_network == []
@@ -241,7 +246,12 @@ def test_random_init_is_explicit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--models", "not_a_model"], "Valid names: all, alexnet"),
+        (["--models", "not_a_model"], "unknown model 'not_a_model'"),
+        (["--models", "resnet181"], "did you mean resnet18"),
+        (["--models", "raft_large"], "'raft_large' is a torchvision optical-flow model outside the zoo"),
+        (["--models", "quantized_resnet18"], "quantized (INT8 inference) model outside the zoo"),
+        (["--bits", "8-2"], "the range '8-2' must be ascending: use 2-8"),
+        (["--bits", "2,6-4"], "the range '6-4' must be ascending: use 4-6"),
         (["--bits", "1"], "1 is outside 2..16"),
         (["--bits", "17"], "17 is outside 2..16"),
         (["--bits", "2,,4"], "not a comma-separated list"),
@@ -283,3 +293,45 @@ def test_table_gathers_every_result_of_the_setting(tiny_model: TinyNet, tmp_path
     table = pd.read_csv(tmp_path / "weights_sqnr_mse.csv")
     assert table.groupby("model").size().to_dict() == {"efficientnet_lite0": 50, "tiny": 6}
     assert len(pd.read_csv(tmp_path / "weights_sqnr_mse_per_channel.csv")) == 6
+
+
+class Killed(RuntimeError):
+    """Stands for the process being killed."""
+
+
+def test_each_bit_width_is_written_as_it_completes_and_a_rerun_resumes(
+    tiny_model: TinyNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed during bit-width 5 leaves bits 3 and 4 on disk; the rerun computes only 5 and 6."""
+    from studies import weight_sqnr
+
+    original = weight_sqnr.study_tensor
+    studied: list[int] = []
+
+    def study_tensor(weight, bits, *args, **kwargs):
+        studied.extend(bits)
+        if bits == [5] and kill:
+            raise Killed
+        return original(weight, bits, *args, **kwargs)
+
+    monkeypatch.setattr(weight_sqnr, "study_tensor", study_tensor)
+    kill = True
+    killed = run("--models", "tiny", "--bits", "3-6", "--output-dir", str(tmp_path))
+    assert isinstance(killed.exception, Killed)
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == ["tiny_3_bits_mse.json", "tiny_4_bits_mse.json"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    before = {path.name: path.read_bytes() for path in tmp_path.glob("*.json")}
+
+    kill, studied = False, []
+    result = run("--models", "tiny", "--bits", "3-6", "--output-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert set(studied) == {5, 6}  # the completed bit-widths are not recomputed
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert len(pd.read_csv(tmp_path / "weights_sqnr_mse.csv")) == 4 * 6  # 4 bit-widths x 6 layers
+
+    # The same numbers as one uninterrupted run.
+    fresh = tmp_path / "fresh"
+    assert run("--models", "tiny", "--bits", "3-6", "--output-dir", str(fresh)).exit_code == 0
+    for n_bits in range(3, 7):
+        name = f"tiny_{n_bits}_bits_mse.json"
+        assert strict_json(tmp_path / name) == strict_json(fresh / name)

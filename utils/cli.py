@@ -22,12 +22,15 @@ class IntListType(click.ParamType):
         if isinstance(value, list):
             return value
         numbers: list[int] = []
-        try:
-            for part in str(value).split(","):
-                start, _, stop = part.strip().partition("-")
-                numbers.extend(range(int(start), int(stop or start) + 1))
-        except ValueError:
-            self.fail(f"'{value}' is not a comma-separated list of integers (or ranges like 2-8)", param, ctx)
+        for part in str(value).split(","):
+            start, _, stop = part.strip().partition("-")
+            try:
+                first, last = int(start), int(stop or start)
+            except ValueError:
+                self.fail(f"'{value}' is not a comma-separated list of integers (or ranges like 2-8)", param, ctx)
+            if last < first:
+                self.fail(f"the range '{part.strip()}' must be ascending: use {last}-{first}", param, ctx)
+            numbers.extend(range(first, last + 1))
         if not numbers:
             self.fail("the list is empty", param, ctx)
         bad = [n for n in numbers if not self.low <= n <= self.high]
