@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantization.grid_error import accumulation_dtype
 from quantization.quantizers import QuantScheme, channel_view, fake_quantize, integer_range, params_from_range
 from quantization.range_estimators import RunningMinMax, current_minmax, mse_range
 
@@ -21,6 +22,11 @@ class RangeEstimator(str, enum.Enum):
     CURRENT_MINMAX = "current_minmax"
     RUNNING_MINMAX = "running_minmax"
     MSE = "mse"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is quantized in: at least float32 (float16/bfloat16 -> float32, float64 kept)."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,13 @@ class FakeQuantizer(nn.Module):
     forward pass first sets the step size and zero point from the configured range
     estimator; afterwards the step size is a trainable parameter (when ``learn_step_size``).
     With ``grad_scaling`` the step-size gradient is scaled by ``1 / sqrt(numel * q_max)`` (LSQ).
+
+    Half-precision inputs (float16/bfloat16, e.g. activations under autocast) are quantized in
+    float32 and the result cast back to the input's dtype: the step size stays a float32
+    parameter, and in half precision ``x / s`` would be rounded before ``round`` (bfloat16 keeps 8
+    significant bits, so ``x / s`` near 63 is off by up to 0.25 levels) and the step-size
+    gradient ``round(x/s + z) - z - x/s`` (its autograd form ``(x / s) / s`` overflows float16
+    for ``|x| / s^2 > 65504``: a NaN gradient wherever the clamp zeroes the incoming one).
     """
 
     def __init__(self, config: QuantizerConfig) -> None:
@@ -72,9 +85,10 @@ class FakeQuantizer(nn.Module):
             min_val, max_val = mse_range(x, self.config.n_bits, self.config.scheme, ch_axis)
         else:
             min_val, max_val = current_minmax(x, ch_axis)
-        params = params_from_range(min_val, max_val, self.config.n_bits, self.config.scheme)
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        # The range is computed in float64: keep the step positive after the cast (all-zero input).
+        wide = accumulation_dtype(x.device)  # (hi - lo) / (q_max - q_min) of float16 extremes, not in float16
+        params = params_from_range(min_val.to(wide), max_val.to(wide), self.config.n_bits, self.config.scheme)
+        dtype = compute_dtype(x.dtype)
+        # The step is computed in float64: keep it positive after the cast (all-zero input).
         self.step_size.data = params.step_size.to(dtype).clamp_min(torch.finfo(dtype).tiny)
         self.zero_point = params.zero_point.to(dtype)
 
@@ -96,7 +110,9 @@ class FakeQuantizer(nn.Module):
             step_size = channel_view(step_size, x.dim(), self.config.ch_axis)
             zero_point = channel_view(zero_point, x.dim(), self.config.ch_axis)
         grad_scale = 1.0 / math.sqrt(x.numel() * self.q_max) if self.config.grad_scaling else 1.0
-        return fake_quantize(x, step_size, zero_point, self.q_min, self.q_max, grad_scale)
+        dtype = torch.promote_types(compute_dtype(x.dtype), step_size.dtype)
+        out = fake_quantize(x.to(dtype), step_size.to(dtype), zero_point.to(dtype), self.q_min, self.q_max, grad_scale)
+        return out.to(x.dtype) if x.is_floating_point() else out
 
     def extra_repr(self) -> str:
         c = self.config

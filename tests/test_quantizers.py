@@ -492,6 +492,70 @@ def test_fake_quantizer_fp16(estimator, per_channel):
     assert fq.step_size.grad is not None and torch.isfinite(fq.step_size.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("estimator", [RangeEstimator.MSE, RangeEstimator.CURRENT_MINMAX])
+def test_fake_quantizer_half_precision_activations_match_float32(dtype, estimator):
+    """Issue 10: activations in float16/bfloat16 (as under AMP) are quantized as their float32 values.
+
+    The step size stays a float32 parameter equal to the one estimated on the upcast values, the
+    output is the float64 fake-quantization of those values (cast to ``dtype``), and the step-size
+    gradient is LSQ's ``g sum(round(v) - v inside, q_bound - z outside)``, ``v = x / s + z``, in float64.
+    Before, float16 gave a NaN step gradient (``(x / s) / s`` overflows where the clamp zeroes the
+    incoming gradient) and estimating turned the parameter into ``dtype``.
+    """
+    generator = torch.Generator().manual_seed(10)
+    x_low = ((torch.randn(4, 8, 6, 6, generator=generator) + 0.3).relu() * 4.0).to(dtype).requires_grad_()
+    config = QuantizerConfig(n_bits=6, scheme=QuantScheme.ASYMMETRIC, range_estimator=estimator, grad_scaling=True)
+    reference = FakeQuantizer(config)
+    reference.estimate_range(x_low.detach().float())
+    fq = FakeQuantizer(config)
+    out = fq(x_low)
+    assert fq.step_size.dtype == fq.zero_point.dtype == torch.float32 and out.dtype == dtype
+    assert torch.equal(fq.step_size.detach(), reference.step_size.detach())
+    assert torch.equal(fq.zero_point, reference.zero_point)
+    fq.freeze_range()
+    for step in (fq.step_size.item(), 1e-2, 1e-3):  # small steps: most values clamped, |x| / s^2 >> 65504
+        fq.step_size.data.fill_(step)
+        fq.step_size.grad, x_low.grad = None, None
+        out = fq(x_low)
+        out.float().sum().backward()
+        x = x_low.detach().double().numpy()
+        s, z = float(fq.step_size.detach().double()), float(fq.zero_point.double())
+        q_min, q_max = 0, 63
+        v = x / s + z
+        expected = s * (np.clip(np.round(v), q_min, q_max) - z)
+        np.testing.assert_allclose(out.detach().double().numpy(), torch.tensor(expected).to(dtype).double().numpy())
+        per_value = np.where(v < q_min, q_min - z, np.where(v > q_max, q_max - z, np.round(v) - v))
+        grad_s = per_value.sum() / math.sqrt(x.size * q_max)
+        assert torch.isfinite(fq.step_size.grad)
+        assert fq.step_size.grad.item() == pytest.approx(grad_s, rel=1e-4, abs=1e-4)
+        grad_x = x_low.grad.double().numpy()
+        assert np.all(grad_x[(v > q_min) & (v < q_max)] == 1.0) and np.all(grad_x[(v < q_min) | (v > q_max)] == 0.0)
+        x32 = x_low.detach().float().requires_grad_()
+        fq(x32).sum().backward()
+        assert torch.equal(x_low.grad.float(), x32.grad)  # as the float32 values' (ends of the range included)
+
+
+def test_fake_quantizer_under_cpu_autocast_keeps_a_float32_step():
+    """Estimating and training under ``torch.autocast`` (bfloat16 conv outputs) leaves float32 parameters."""
+    generator = torch.Generator().manual_seed(11)
+    conv = nn.Conv2d(3, 4, 3)
+    fq = FakeQuantizer(QuantizerConfig(n_bits=6, scheme=QuantScheme.ASYMMETRIC, range_estimator=RangeEstimator.MSE))
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        activation = conv(x)
+        out = fq(activation)
+    assert activation.dtype == out.dtype == torch.bfloat16
+    reference = FakeQuantizer(fq.config)
+    reference.estimate_range(activation.detach().float())
+    assert fq.step_size.dtype == torch.float32 and torch.equal(fq.step_size.detach(), reference.step_size.detach())
+    fq.freeze_range()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fq(conv(x)).float().square().sum()
+    loss.backward()
+    assert fq.step_size.grad.dtype == torch.float32 and torch.isfinite(fq.step_size.grad)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("estimator", [RangeEstimator.CURRENT_MINMAX, RangeEstimator.RUNNING_MINMAX])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
