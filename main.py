@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from training.cli_options import compression_options, model_data_options, runtime_options, training_options
 from utils.cli import DeviceType, default_device, setup_logging
@@ -41,14 +42,16 @@ def predict(model_name: str, images: tuple[Path, ...], top_k: int, device: torch
     """Classify images with a pretrained ImageNet model (a check that its weights load correctly)."""
     from PIL import Image, UnidentifiedImageError
 
-    from models import UnknownModelError, WeightsUnavailableError, load_model, model_task
+    from models import UnknownModelError, WeightsUnavailableError, check_model_name, load_model
     from utils.images import SAMPLE_PHOTOS, imagenet_class_names, imagenet_eval_transform, load_sample_photo
 
     try:
-        if model_task(model_name) != "classification":
-            raise click.BadParameter(f"'{model_name}' is a {model_task(model_name)} model", param_hint="'--model-name'")
+        check_model_name(model_name, "classification")
+    except UnknownModelError as error:
+        raise click.BadParameter(str(error), param_hint="'--model-name'") from None
+    try:
         model = load_model(model_name).to(device)
-    except (UnknownModelError, WeightsUnavailableError) as error:
+    except WeightsUnavailableError as error:
         raise click.ClickException(str(error)) from None
     transform = imagenet_eval_transform()
     try:
@@ -65,6 +68,37 @@ def predict(model_name: str, images: tuple[Path, ...], top_k: int, device: torch
         values, indices = row.topk(top_k)
         ranked = ", ".join(f"{i} {names[i]} ({p:.1%})" for p, i in zip(values.tolist(), indices.tolist()))
         click.echo(f"{label}: {ranked}")
+
+
+def _check_output(path: str | Path | None, kind: str, option: str) -> None:
+    """A usage error (exit 2) unless ``path`` can be written as a ``kind`` (``file`` or ``dir``); nothing is created."""
+    from utils.io import OutputPathError, check_output_path
+
+    if path is None:
+        return
+    try:
+        check_output_path(path, kind)
+    except OutputPathError as error:
+        raise click.BadParameter(str(error), param_hint=f"'{option}'") from None
+
+
+def _given_options(ctx: click.Context) -> set[str]:
+    """The options the user set (command line or environment), not left at their defaults."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in given}
+
+
+def _check_pruning_epochs(options: dict, given: set[str]) -> None:
+    """Refuse a pruning epoch given by the user that the run does not reach (a default one is moved, with a warning)."""
+    if options["prune_method"] == "none":
+        return
+    for name in ("prune_epoch_start", "prune_last_epoch"):
+        if name in given and options[name] >= options["max_epochs"]:
+            raise click.BadParameter(
+                f"epoch {options[name]} is not in a run of --max-epochs {options['max_epochs']} "
+                f"(epochs count from 0: at most {options['max_epochs'] - 1})",
+                param_hint=f"'--{name.replace('_', '-')}'",
+            )
 
 
 def _compression_errors():
@@ -84,23 +118,34 @@ def _compression_errors():
 @compression_options
 @training_options
 @runtime_options
-def train_compressed(**options) -> None:
+@click.pass_context
+def train_compressed(ctx: click.Context, **options) -> None:
     """Fine-tune a pretrained classifier with quantization-aware training and/or gradual magnitude pruning.
 
-    The same command runs distributed under `torchrun --nproc_per_node N main.py train-compressed ...`.
+    A dataset with other classes than the model's (e.g. 10 instead of ImageNet's 1000) gets a new
+    classifier head. best.pt is chosen among the epochs at the final sparsity only. The same
+    command runs distributed under `torchrun --nproc_per_node N main.py train-compressed ...`.
     """
+    from training.builders import UnknownArchitectureError
     from training.cli_options import config_from_options
     from training.distributed import is_main_process
     from training.run import train
 
+    _check_pruning_epochs(options, _given_options(ctx))
+    _check_output(options["save_checkpoint_dir"], "dir", "--save-checkpoint-dir")
+    _check_output(options["tb_logging_dir"], "dir", "--tb-logging-dir")
     try:
         summary = train(config_from_options(**options))
+    except UnknownArchitectureError as error:
+        raise click.BadParameter(str(error), param_hint="'--architecture'") from None
     except _compression_errors() as error:
         raise click.ClickException(str(error)) from None
     final = summary["final"]
     if final and is_main_process():
+        best = (f"best.pt: top-1 {summary['best_val_top1']:.2f}% at epoch {summary['best_epoch']}"
+                if summary["best_epoch"] is not None else "no best.pt: no epoch at the final sparsity")  # fmt: skip
         click.echo(f"val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%  loss {final['val_loss']:.4f}  "
-                   f"sparsity {final['sparsity']:.4f}  (best top-1 {summary['best_val_top1']:.2f}%)")  # fmt: skip
+                   f"sparsity {final['sparsity']:.4f}  ({best})")  # fmt: skip
 
 
 @cli.command()
@@ -108,21 +153,31 @@ def train_compressed(**options) -> None:
 @compression_options
 @runtime_options
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
-              help="A train-compressed checkpoint (file, or folder with last.pt); its options define the model. "
-                   "Without it: the pretrained model compressed without training.")  # fmt: skip
+              help="A train-compressed checkpoint (file, or folder with last.pt). Its options define the model and "
+                   "its compression (--architecture, --n-bits, --image-size, ...: giving another value is an error); "
+                   "only --images-dir, --batch-size, --num-workers, --device, --amp, --channels-last, "
+                   "--progress-bar, --seed and --deterministic apply. Without it: the pretrained model "
+                   "compressed without training.")  # fmt: skip
 @click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write top-1, top-5, loss, per-layer sparsity and bits here.")  # fmt: skip
-def evaluate(checkpoint: Path | None, output_json: Path | None, **options) -> None:
+@click.pass_context
+def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | None, **options) -> None:
     """Score a checkpoint, or the post-training compressed pretrained model, on --images-dir/val."""
+    from training.builders import UnknownArchitectureError
     from training.cli_options import config_from_options
     from training.distributed import is_main_process
-    from training.run import evaluate_run
+    from training.run import OptionConflictError, evaluate_run
     from utils.io import write_json
 
+    _check_output(output_json, "file", "--output-json")
     try:
-        result = evaluate_run(config_from_options(**options), checkpoint)
+        result = evaluate_run(config_from_options(**options), checkpoint, _given_options(ctx))
         if output_json is not None and is_main_process():
             write_json(output_json, result)
+    except OptionConflictError as error:
+        raise click.UsageError(str(error)) from None
+    except UnknownArchitectureError as error:
+        raise click.BadParameter(str(error), param_hint="'--architecture'") from None
     except _compression_errors() as error:
         raise click.ClickException(str(error)) from None
     if not is_main_process():

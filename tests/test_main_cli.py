@@ -43,7 +43,9 @@ def test_predict_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     cases = [
         (["predict", "--image", str(not_an_image)], 1, "cannot read image"),
         (["predict", "--model-name", "fcn_resnet50"], 2, "is a segmentation model"),
-        (["predict", "--model-name", "nope"], 1, "unknown model 'nope'"),
+        (["predict", "--model-name", "fasterrcnn_resnet50_fpn"], 2, "is a detection model, not a classification"),
+        (["predict", "--model-name", "raft_small"], 2, "is a torchvision optical-flow model outside the zoo"),
+        (["predict", "--model-name", "nope"], 2, "unknown model 'nope'"),
         (["predict", "--top-k", "0"], 2, "--top-k"),
     ]
     for args, code, message in cases:
@@ -60,5 +62,28 @@ def test_list_layers() -> None:
     assert lines[0].split() == ["_conv_stem", "Conv2d", "(32,", "3,", "3,", "3)"]
     assert lines[-1].split() == ["_fc", "Linear", "(1000,", "1280)"]
     unknown = CliRunner().invoke(post_training_cli, ["list-layers", "--model-name", "nope"])
-    assert unknown.exit_code == 1 and "unknown model 'nope'" in unknown.output
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.output
 
+
+
+def test_output_paths_are_checked_without_creating_anything(tmp_path: Path) -> None:
+    import pytest
+
+    from utils.io import OutputPathError, check_output_path
+
+    a_file = tmp_path / "somefile.txt"
+    a_file.write_text("x")
+    assert check_output_path(tmp_path / "new" / "deeper" / "report.json") == tmp_path / "new" / "deeper" / "report.json"
+    assert check_output_path(tmp_path / "runs" / "a", "dir") == tmp_path / "runs" / "a"
+    assert check_output_path(a_file) == a_file and check_output_path(tmp_path, "dir") == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile.txt"]  # nothing created
+    cases = [
+        (a_file / "r.json", "file", f"cannot create '{a_file / 'r.json'}': '{a_file}' is a file, not a folder"),
+        (a_file / "x" / "y", "dir", f"'{a_file}' is a file, not a folder"),
+        (a_file, "dir", f"'{a_file}' is a file, not a folder"),
+        (tmp_path, "file", f"'{tmp_path}' is a folder, not a file"),
+    ]
+    for path, kind, message in cases:
+        with pytest.raises(OutputPathError) as error:
+            check_output_path(path, kind)
+        assert message in str(error.value)

@@ -5,7 +5,10 @@ epochs, with 4-bit weights or with gradual pruning.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -246,13 +249,23 @@ def test_evaluate_post_training_starting_point(small_digits: Path, tmp_path: Pat
         assert layer["sparsity"] == num_pruned(layer["numel"], 0.3) / layer["numel"], name
 
 
-def test_bad_inputs_are_one_line_errors(small_digits: Path, tmp_path: Path) -> None:
+def test_bad_inputs_are_one_line_errors(small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default --save-checkpoint-dir is relative: runs/train_compressed
     no_val = tmp_path / "no_val"
     (no_val / "train" / "a").mkdir(parents=True)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not a checkpoint")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": {}, "options": argparse.Namespace(n_bits=4), "epoch": 1}, pickled)
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    (weights_dir / "resnet18-f37072fd.pth").write_bytes(b"garbage")
+    a_file = tmp_path / "somefile.txt"
+    a_file.write_text("not a folder")
     base = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--save-checkpoint-dir", str(tmp_path / "o"),
             "--batch-size", "32"]  # fmt: skip
+    pruning = base + ["--prune-method", "zhu_gupta", "--max-epochs", "2"]
+    evaluate = ["evaluate", "--images-dir", str(small_digits), "--no-progress-bar", "--num-workers", "0"]
     cases = [
         (["train-compressed", "--images-dir", str(no_val)], 1, "has no val/ folder"),
         (["train-compressed", "--images-dir", str(tmp_path / "nowhere")], 1, "is not a folder"),
@@ -262,15 +275,132 @@ def test_bad_inputs_are_one_line_errors(small_digits: Path, tmp_path: Path) -> N
         (base + ["--learning-rate-schedule", "cosine:fast"], 2, "eta_min 'fast' is not a number"),
         (base + ["--learning-rate-schedule", "step:3"], 2, "--learning-rate-schedule"),
         (base + ["--quant-learning-rate-schedule", "multistep:5:2"], 2, "increasing epochs"),
-        (base + ["--architecture", "resnet19"], 1, "unknown --architecture 'resnet19'"),
+        (base + ["--architecture", "resnet19"], 2, "unknown --architecture 'resnet19'"),
         (base + ["--prune-method", "zhu_gupta", "--s-i", "0.5", "--s-f", "0.2"], 1, "--s-i 0.5"),
         (base + ["--batch-size", "1000"], 1, "too few for one batch"),
-        (["evaluate", "--images-dir", str(small_digits), "--checkpoint", str(garbage)], 1, "cannot read checkpoint"),
+        (evaluate + ["--checkpoint", str(garbage)], 1, f"cannot read checkpoint {garbage}: not a torch file"),
+        (evaluate + ["--checkpoint", str(pickled)], 1, "holds pickled Python objects (argparse.Namespace)"),
+        (base + ["--pretrained", "--model-dir", str(weights_dir)], 1, "cannot read pretrained weights"),
+        (pruning + ["--prune-last-epoch", "15"], 2, "'--prune-last-epoch': epoch 15 is not in a run of --max-epochs 2"),
+        (pruning + ["--prune-epoch-start", "2"], 2, "(epochs count from 0: at most 1)"),
+    ]
+    output_cases = [
+        (base + ["--save-checkpoint-dir", str(a_file)], 2, "somefile.txt' is a file"),
+        (base + ["--tb-logging-dir", str(a_file / "tb")], 2, "'--tb-logging-dir': cannot create"),
+        (evaluate + ["--output-json", str(a_file / "report.json")], 2, "somefile.txt' is a file, not a folder"),
+        (evaluate + ["--output-json", str(tmp_path)], 2, "is a directory"),  # click's own check
+        (evaluate + ["--output-json", str(a_file / "a" / "b.json")], 2, "'--output-json': cannot create"),
     ]
     if not run.tensorboard_available():
         cases.append((base + ["--tb-logging-dir", str(tmp_path / "tb")], 1, "needs the tensorboard package"))
     for args, code, message in cases:
-        result = CliRunner().invoke(cli, args)
-        assert result.exit_code == code, (args, result.output)
-        assert message in result.output and "Traceback" not in result.output, (args, result.output)
-        assert len(result.output.strip().splitlines()) == 1 or code == 2, result.output
+        _assert_one_line_error(args, code, message)
+    with monkeypatch.context() as patch:  # output paths are checked before any work
+        patch.setattr(run, "evaluate_run", lambda *a, **k: pytest.fail("evaluated despite a bad --output-json"))
+        patch.setattr(run, "train", lambda *a, **k: pytest.fail("trained despite a bad output folder"))
+        for args, code, message in output_cases:
+            _assert_one_line_error(args, code, message)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()  # bad inputs create no folder
+
+
+def _assert_one_line_error(args: list[str], code: int, message: str) -> None:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, (args, result.output)
+    assert message in result.output and "Traceback" not in result.output, (args, result.output)
+    assert "weights_only" not in result.output  # never an advice to load unsafely
+    assert len(result.output.strip().splitlines()) == 1 or code == 2, result.output
+
+
+def _scripted_top1(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    """Make the validation top-1 of successive epochs ``values`` (the other metrics stay real)."""
+    real = run.evaluate
+    scripted = iter(values)
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: dataclasses.replace(real(*a, **k), top1=next(scripted)))
+
+
+def test_best_checkpoint_is_at_the_final_sparsity(small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Epoch 0 scores higher but is still at the ramp's sparsity: best.pt is epoch 1, at --s-f exactly."""
+    out = tmp_path / "prune"
+    s_f = 0.6
+    _scripted_top1(monkeypatch, [90.0, 50.0])
+    with caplog.at_level(logging.INFO):
+        output = _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
+                          "--max-epochs", "2", "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", str(s_f),
+                          "--prune-last-epoch", "1", "--delta-t", "2", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["val_top1"]) == [90.0, 50.0] and metrics["sparsity"].iloc[0] < s_f - 0.05
+    best, last = _checkpoint(out / "best.pt"), _checkpoint(out / "last.pt")
+    assert best["epoch"] == 2 and best["best_epoch"] == 1 and best["best_top1"] == 50.0
+    for key, value in last["model"].items():
+        assert torch.equal(value, best["model"][key]), key
+    masks = {key[: -len(".weight_mask")]: value for key, value in best["model"].items() if key.endswith("weight_mask")}
+    for name, mask in masks.items():
+        assert int((~mask).sum()) == num_pruned(mask.numel(), s_f), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["best_val_top1"] == 50.0
+    assert summary["best_checkpoint"] == str(out / "best.pt")
+    assert "(best.pt: top-1 50.00% at epoch 1)" in output
+
+    # what the run told the user: header, new head, unreadable images, where the outputs went
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("train-compressed: resnet18 (random init)") and
+               "10 classes, 241 training and 81 validation images" in m for m in messages), messages  # fmt: skip
+    assert any(m.startswith("compression: float weights, float activations, zhu_gupta pruning (layer) from sparsity 0 "
+                            "in epoch 0 to 0.6 at the end of epoch 1") for m in messages), messages  # fmt: skip
+    assert any(f"checkpoints and metrics in {out}" in m for m in messages)
+    assert any("replaced the 1000-way classifier head 'fc' by a new 10-way one" in m for m in messages)
+    assert best["model"]["fc.weight"].shape == (10, 512) and best["num_classes"] == 10
+    skipped = [r for r in caplog.records if r.levelno == logging.WARNING and "unreadable images" in r.getMessage()]
+    assert len(skipped) == 1 and "broken.png" in skipped[0].getMessage()  # warned once, with the paths
+    assert skipped[0].getMessage().startswith(f"{int(metrics['skipped_images'].iloc[0])} unreadable images")
+    assert any(f"wrote last {out / 'last.pt'}, best {out / 'best.pt'} (epoch 1, val top-1 50.00%), "
+               f"{out / 'metrics.csv'} and {out / 'summary.json'}" in m for m in messages), messages  # fmt: skip
+
+
+def test_best_checkpoint_without_pruning_is_any_epoch(small_digits: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    out = tmp_path / "qat"
+    _scripted_top1(monkeypatch, [90.0, 50.0])
+    output = _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
+                      "--max-epochs", "2", "--n-bits", "4", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    assert _checkpoint(out / "best.pt")["epoch"] == 1 and "(best.pt: top-1 90.00% at epoch 0)" in output
+
+
+def test_default_prune_last_epoch_of_a_short_run_is_moved_with_a_warning(
+    small_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs",
+                 "1", "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", "0.5", "--delta-t", "2",
+                 "--no-reestimate-bn-stats", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert ("--prune-last-epoch 15 is beyond this run's last epoch (--max-epochs 1): pruning reaches --s-f 0.5 at "
+            "the end of epoch 0 instead") in warnings  # fmt: skip
+    assert _checkpoint(out / "best.pt")["epoch"] == 1  # the one epoch ends at --s-f
+
+
+def test_evaluate_a_checkpoint_refuses_other_model_options(small_digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
+             "--n-bits", "4", "--no-reestimate-bn-stats", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    evaluate = ["evaluate", "--images-dir", str(small_digits), "--checkpoint", str(out), "--num-workers", "0",
+                "--no-progress-bar"]  # fmt: skip
+    conflicting = ["--n-bits", "3", "--architecture", "mobilenet_v2", "--batch-size", "8"]
+    refused = CliRunner().invoke(cli, evaluate + conflicting)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert f"--checkpoint {out} fixes every model and compression option" in refused.output
+    assert "drop --architecture mobilenet_v2 (checkpoint: resnet18); --n-bits 3 (checkpoint: 4)" in refused.output
+    assert "only --images-dir, --batch-size," in refused.output
+    # the checkpoint's own values, the paper's alias of the architecture and the evaluation options are fine
+    same = _invoke(evaluate + ["--n-bits", "4", "--architecture", "resnet18_quantized", "--batch-size", "8"])
+    assert same.startswith("top-1 ") and "(80 images)" in same
+
+
+def test_optimizer_choices_and_defaults_agree() -> None:
+    result = CliRunner().invoke(cli, ["train-compressed", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--optimizer [sgd|adam] [default: sgd]" in text and "--quant-optimizer [sgd|adam] [default: adam]" in text
+    assert "best.pt: the best validation top-1 among the epochs at the final sparsity" in text

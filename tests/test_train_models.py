@@ -10,6 +10,7 @@ from torch import nn
 from train_helpers import write_digits_dataset
 
 from models import load_model
+from models.heads import classifier_head, replace_classifier_head
 from models.quantized import (
     CompressionSpec,
     QuantSetup,
@@ -22,6 +23,7 @@ from models.quantized import (
 )
 from quantization.fake_quant import QuantizerConfig, RangeEstimator
 from quantization.quantizers import QuantScheme
+from training.builders import build_compressed_model
 from training.config import TrainConfig
 from training.run import train
 from utils.images import sample_photo_batch
@@ -161,13 +163,11 @@ def test_each_paper_architecture_trains_a_step(name: str, tiny_digits: Path, tmp
 
 
 def test_less_common_options_run(tiny_digits: Path, tmp_path: Path) -> None:
-    # amp=False: with AMP and MSE activation ranges this run's loss turns NaN at step 2-3 when the
-    # full suite runs before it (not alone); open bug, see the issue-10 session note.
     config = TrainConfig(
         architecture="resnet18", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=4,
         num_workers=1, max_epochs=2, optimizer="Adam", learning_rate=1e-4, learning_rate_schedule="multistep:1",
         sep_quant_optimizer=False, per_channel=True, qmethod="asymmetric_uniform", grad_scaling=True, fold_bn=True,
-        act_quant=True, act_quant_method="mse", n_bits_act=6, quant_setup="FP_logits", amp=False, channels_last=True,
+        act_quant=True, act_quant_method="mse", n_bits_act=6, quant_setup="FP_logits", amp=True, channels_last=True,
         prune_method="zhu_gupta", prune_scope="global", s_i=0.2, s_f=0.4, delta_t=1, deterministic=True,
         progress_bar=False, save_checkpoint_dir=str(tmp_path),
     )  # fmt: skip
@@ -200,3 +200,41 @@ def test_model_dir_weights_are_used(tiny_digits: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(cli, args + ["--model-dir", str(tmp_path / "empty")])
     assert empty.exit_code == 1 and "has no resnet18-f37072fd.pth" in empty.output
+
+
+@pytest.mark.parametrize("name, head", [("resnet18", "fc"), ("mobilenet_v2", "classifier.1"),
+                                        ("efficientnet_lite0", "_fc"), ("squeezenet1_0", "classifier.1")])  # fmt: skip
+def test_classifier_head_is_found_and_replaced(name: str, head: str) -> None:
+    model = load_model(name, pretrained=False)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    found, layer, outputs = classifier_head(model, 64)
+    assert (found, outputs) == (head, 1000)
+    inputs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, args, _out: inputs.append(args[0]))
+    with torch.no_grad():
+        logits = model.eval()(x)
+    handle.remove()
+    if isinstance(layer, nn.Linear):  # the logits are this layer's output, computed independently
+        assert torch.allclose(logits, inputs[0] @ layer.weight.T + layer.bias, atol=1e-5)
+    assert replace_classifier_head(model, 1000, 64) is None  # ImageNet's 1000 classes: the head is kept
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+
+    assert replace_classifier_head(model, 7, 64) == (head, 1000)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+    after = model.state_dict()
+    changed = {key for key, value in before.items()
+               if after[key].shape != value.shape or not torch.equal(after[key], value)}  # fmt: skip
+    assert changed == {f"{head}.weight", f"{head}.bias"}  # nothing but the head is touched
+
+
+def test_a_run_keeps_the_pretrained_head_for_1000_classes_only() -> None:
+    config = TrainConfig(architecture="efficientnet_lite0", image_size=32, weight_quant=False, seed=3)
+    pretrained = load_model("efficientnet_lite0").state_dict()
+    imagenet = build_compressed_model(config, num_classes=1000).state_dict()
+    assert torch.equal(imagenet["_fc.weight"], pretrained["_fc.weight"])
+    ten = build_compressed_model(config, num_classes=10).state_dict()
+    again = build_compressed_model(config, num_classes=10).state_dict()
+    assert ten["_fc.weight"].shape == (10, 1280) and torch.equal(ten["_fc.weight"], again["_fc.weight"])  # seeded
+    assert torch.equal(ten["_conv_head.weight"], pretrained["_conv_head.weight"])  # the backbone stays pretrained

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import list_models, load_model, model_weights
+from models import UnknownModelError, check_model_name, load_model, model_weights
+from models.heads import HeadError, replace_classifier_head
 from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
+from training.checkpoint import read_torch_file
 from training.config import PAPER_ARCHITECTURES, TrainConfig
 from training.lr_schedule import lr_factor, parse_lr_schedule
 
@@ -38,12 +40,20 @@ def configure_determinism(seed: int, deterministic: bool, device: torch.device) 
         torch.backends.cudnn.benchmark = True
 
 
+class UnknownArchitectureError(SetupError):
+    """``--architecture`` is not a classifier of the model zoo (a usage error: the CLI exits with code 2)."""
+
+
 def check_architecture(config: TrainConfig) -> None:
-    """Raise :class:`SetupError` unless ``--architecture`` names a classifier of the model zoo."""
-    if config.base_architecture not in list_models("classification"):
+    """Raise :class:`UnknownArchitectureError` unless ``--architecture`` names a classifier of the model zoo."""
+    try:
+        check_model_name(config.base_architecture, "classification")
+    except UnknownModelError as error:
         paper = ", ".join(f"{name}[_quantized]" for name in PAPER_ARCHITECTURES)
-        raise SetupError(f"unknown --architecture '{config.architecture}'; use {paper} or another "
-                         "classifier of `main.py list-models --task classification`")  # fmt: skip
+        what = (f"--architecture '{config.architecture}' is {error.known_as}, not a classifier" if error.known_as
+                else f"unknown --architecture '{config.architecture}'")  # fmt: skip
+        raise UnknownArchitectureError(f"{what}; use {paper} or another "
+                                       "classifier of `main.py list-models --task classification`") from None  # fmt: skip
 
 
 def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.Module:
@@ -59,11 +69,12 @@ def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.M
     if not path.is_file():
         raise SetupError(f"--model-dir {config.model_dir} has no {file_name} (the pretrained weights of {name})")
     model = load_model(name, pretrained=False)
+    state = read_torch_file(path, "pretrained weights")
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as error:  # noqa: BLE001 - any unreadable or mismatching file is one message
+        model.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - any mismatching file is one message
         first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise SetupError(f"cannot load {path}: {first_line}") from None
+        raise SetupError(f"cannot load {path} into {name}: {first_line}") from None
     return model
 
 
@@ -77,20 +88,41 @@ def compression_spec(config: TrainConfig) -> CompressionSpec:
     )
 
 
-def build_compressed_model(config: TrainConfig, pretrained: bool | None = None, for_state_dict: bool = False) -> nn.Module:
+def build_compressed_model(
+    config: TrainConfig, pretrained: bool | None = None, for_state_dict: bool = False, num_classes: int | None = None
+) -> nn.Module:
     """The base model with its Conv2d/Linear layers replaced by compressed ones (on CPU, eval mode).
 
     ``for_state_dict``: the model only receives a saved state next (resume, evaluation of a
     checkpoint), so the weights are random and the weight ranges are initialised by cheap
-    min/max instead of the configured (possibly MSE) search.
+    min/max instead of the configured (possibly MSE) search. ``num_classes``: when the base
+    model predicts another number of classes (e.g. 1000 ImageNet classes for a 10-class
+    dataset), its classifier head is replaced by a new one, initialised from ``config.seed``.
     """
     if for_state_dict:
         pretrained = False
         config = dataclasses.replace(config, weight_quant_method="current_minmax")
     model = load_base_model(config, pretrained)
+    if num_classes is not None:
+        replaced = replace_head(model, num_classes, config)
+        if replaced is not None and not for_state_dict:  # (a saved state overwrites the new head next)
+            head, outputs = replaced
+            logger.info("%s: the dataset has %d classes: replaced the %d-way classifier head '%s' by a new %d-way one "
+                        "(random init, --seed %d)", config.architecture, num_classes, outputs, head, num_classes,
+                        config.seed)  # fmt: skip
     example = torch.zeros(2, 3, config.image_size, config.image_size)
     compress_model(model, compression_spec(config), example)
     return model
+
+
+def replace_head(model: nn.Module, num_classes: int, config: TrainConfig) -> tuple[str, int] | None:
+    """:func:`models.heads.replace_classifier_head` seeded by ``config.seed``; ``(name, old outputs)`` or ``None``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            return replace_classifier_head(model, num_classes, config.image_size)
+        except HeadError as error:
+            raise SetupError(f"{config.architecture}: {error}") from None
 
 
 def output_classes(model: nn.Module, image_size: int) -> int:

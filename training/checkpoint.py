@@ -8,8 +8,9 @@ the run's options. Files are written atomically: a killed run leaves the previou
 """
 from __future__ import annotations
 
-import pickle
 import random
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,31 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_bytes_atomic(path, lambda handle: torch.save(state, handle))
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_torch_file(path: Path, what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; raises :class:`CheckpointError` with a one-line reason.
+
+    The message (``cannot read <what> <path>: <reason>``) never relays torch's advice to retry
+    with ``weights_only=False``: a file that needs it holds pickled Python objects, and those
+    are not loaded, whatever its source.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - garbage makes the unpickler raise arbitrary errors
+        if isinstance(error, OSError):
+            reason = error.strerror or type(error).__name__
+        elif not zipfile.is_zipfile(path):
+            reason = "not a torch file"
+        elif (unsafe := _UNSAFE_GLOBAL.search(str(error))) is not None:
+            reason = f"it holds pickled Python objects ({unsafe.group(1)}), which are never loaded"
+        else:
+            reason = "a damaged torch file, or one that holds more than tensors and plain containers"
+        raise CheckpointError(f"cannot read {what} {path}: {reason}") from None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; raises :class:`CheckpointError` with a one-line reason."""
     path = Path(path)
@@ -63,11 +89,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         path = path / LAST
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
-        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
+    state = read_torch_file(path, "checkpoint")
     if not isinstance(state, dict) or not {"model", "options", "epoch"} <= state.keys():
-        raise CheckpointError(f"{path} is not a train-compressed checkpoint")
+        raise CheckpointError(f"{path} is not a checkpoint written by train-compressed")
     return state

@@ -104,7 +104,7 @@ compression_options = _options(
 
 training_options = _options(
     click.option("--max-epochs", type=click.IntRange(1), default=DEFAULTS.max_epochs, show_default=True),
-    click.option("--optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optimizer, show_default=True),
+    click.option("--optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optimizer.lower(), show_default=True),
     click.option("--learning-rate", type=POSITIVE, default=DEFAULTS.learning_rate, show_default=True),
     click.option("--momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=DEFAULTS.momentum,
                  show_default=True, help="SGD momentum."),
@@ -114,7 +114,8 @@ training_options = _options(
                                          "stepped every iteration."),
     click.option("--sep-quant-optimizer/--no-sep-quant-optimizer", default=DEFAULTS.sep_quant_optimizer,
                  show_default=True, help="Own optimizer for the quantizer step sizes."),
-    click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.quant_optimizer, show_default=True),
+    click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.quant_optimizer.lower(),
+                 show_default=True),
     click.option("--quant-learning-rate", type=POSITIVE, default=DEFAULTS.quant_learning_rate, show_default=True),
     click.option("--quant-weight-decay", type=NON_NEGATIVE, default=DEFAULTS.quant_weight_decay, show_default=True),
     click.option("--quant-learning-rate-schedule", type=LrScheduleType(),
@@ -123,14 +124,18 @@ training_options = _options(
                  help="Keep batch norms in eval mode while training (running statistics)."),
     click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.sync_bn, show_default=True,
                  help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
-    click.option("--prune-epoch-start", type=click.IntRange(0), default=DEFAULTS.prune_epoch_start, show_default=True),
+    click.option("--prune-epoch-start", type=click.IntRange(0), default=DEFAULTS.prune_epoch_start, show_default=True,
+                 help="Pruning starts at the first step of this (0-based) epoch."),
     click.option("--prune-last-epoch", type=click.IntRange(0), default=DEFAULTS.prune_last_epoch, show_default=True,
-                 help="s_f is reached at the last step of this (0-based) epoch."),
+                 help="s_f is reached at the last step of this (0-based) epoch; it must be below --max-epochs "
+                      "(the default is moved to the last epoch of a shorter run, with a warning)."),
     click.option("--delta-t", type=click.IntRange(1), default=DEFAULTS.delta_t, show_default=True,
                  help="Steps between mask updates."),
     click.option("--save-checkpoint-dir", type=click.Path(file_okay=False, path_type=str),
                  default=DEFAULTS.save_checkpoint_dir, show_default=True,
-                 help="Checkpoints (last.pt, best.pt), metrics.csv and summary.json."),
+                 help="Checkpoints, metrics.csv and summary.json. last.pt: after every epoch; best.pt: the best "
+                      "validation top-1 among the epochs at the final sparsity (from the end of --prune-last-epoch "
+                      "on; every epoch without pruning), never an under-compressed model."),
     click.option("--resume", type=click.Path(exists=True, path_type=str), default=None,
                  help="Continue from a checkpoint file (or a folder holding last.pt)."),
     click.option("--tb-logging-dir", type=click.Path(file_okay=False, path_type=str), default=None,

@@ -71,8 +71,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """The sample of an image file that cannot be decoded (skipped by :func:`collate_skipping`)."""
+
+    path: str
+
+
 class ClassFolderDataset(DatasetFolder):
-    """Images in class folders with per-sample seeded transforms; unreadable files give ``None``.
+    """Images in class folders with per-sample seeded transforms; unreadable files give :class:`Unreadable`.
 
     ``class_to_idx`` fixes the label of each class name (the validation split uses the
     training split's labels even if it lacks some classes).
@@ -99,14 +106,14 @@ class ClassFolderDataset(DatasetFolder):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
         path, target = self.samples[index]
         try:
             with open(path, "rb") as handle:
                 image = Image.open(handle).convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as error:
             logger.debug("skipping unreadable image %s: %s", path, error)
-            return None
+            return Unreadable(path)
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only (torch.manual_seed would also queue CUDA seeding, at a cost per call).
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
@@ -118,15 +125,32 @@ class Batch:
     images: torch.Tensor
     targets: torch.Tensor
     skipped: int
+    skipped_paths: tuple[str, ...] = ()
 
 
-def collate_skipping(items: list[tuple[torch.Tensor, int] | None]) -> Batch:
-    """Stack the readable samples; count the unreadable ones."""
-    good = [item for item in items if item is not None]
-    skipped = len(items) - len(good)
+def collate_skipping(items: list[tuple[torch.Tensor, int] | Unreadable]) -> Batch:
+    """Stack the readable samples; count the unreadable ones and keep their paths."""
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    bad = tuple(item.path for item in items if isinstance(item, Unreadable))
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
-    return Batch(torch.stack([image for image, _ in good]), torch.tensor([t for _, t in good]), skipped)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), len(bad), bad)
+    return Batch(torch.stack([image for image, _ in good]), torch.tensor([t for _, t in good]), len(bad), bad)
+
+
+class SkipRecorder:
+    """Iterates a loader's batches like the loader itself and keeps the paths of the images they skipped."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.paths: set[str] = set()
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            self.paths.update(batch.skipped_paths)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class ShardSampler(Sampler[int]):

@@ -2,8 +2,10 @@
 
 Outputs of a training run (in ``--save-checkpoint-dir``, written by rank 0, atomically):
 
-* ``last.pt`` after every epoch and ``best.pt`` whenever the validation top-1 improves
-  (see :mod:`training.checkpoint`);
+* ``last.pt`` after every epoch and ``best.pt``: the epoch with the best validation top-1
+  among those that end at the final compression (the last pruning-mask update, at ``--s-f``,
+  done; without pruning every epoch qualifies), so that ``best.pt`` is never an
+  under-compressed model (see :mod:`training.checkpoint`);
 * ``metrics.csv``: one row per epoch (train loss/top-1, validation loss/top-1/top-5, the
   learning rate, the mean sparsity, skipped images, epoch time);
 * ``summary.json`` at the end: final and best metrics, per-layer sparsity and bit-widths, options;
@@ -15,6 +17,7 @@ import importlib.util
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from training.builders import (
 )
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig, differing_options
-from training.data import DataLoaders, TrainUse, build_loaders
+from training.data import DataLoaders, SkipRecorder, TrainUse, build_loaders, check_images_dir
 from training.distributed import (
     DistributedContext,
     barrier,
@@ -45,7 +48,7 @@ from training.distributed import (
     shutdown_distributed,
 )
 from training.engine import Metrics, NonFiniteLossError, StepOptions, evaluate, image_batches, train_one_epoch
-from utils.io import ensure_writable_dir, write_csv, write_json
+from utils.io import OutputPathError, check_output_path, ensure_writable_dir, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,18 @@ METRICS_CSV = "metrics.csv"
 SUMMARY_JSON = "summary.json"
 
 
+# The options of a checkpoint evaluation that are not taken from the checkpoint.
+EVALUATION_OPTIONS = ("images_dir", "batch_size", "num_workers", "device", "amp", "channels_last", "progress_bar",
+                      "seed", "deterministic")  # fmt: skip
+SHOWN_SKIPPED_PATHS = 5
+
+
 class TrainingError(RuntimeError):
     """A run that cannot start or continue (one-line message for the command line)."""
+
+
+class OptionConflictError(TrainingError):
+    """Options given on the command line that contradict a checkpoint's (a usage error)."""
 
 
 def tensorboard_available() -> bool:
@@ -74,10 +87,12 @@ def _loaders(config: TrainConfig, context: DistributedContext, train_use: TrainU
     )  # fmt: skip
 
 
-def _check_classes(model: nn.Module, config: TrainConfig, num_classes: int) -> None:
+def _check_classes(model: nn.Module, config: TrainConfig, num_classes: int) -> int:
+    """The number of classes ``model`` predicts: at least the dataset's ``num_classes``, else :class:`TrainingError`."""
     outputs = output_classes(model, config.image_size)
     if num_classes > outputs:
         raise TrainingError(f"the dataset has {num_classes} classes but {config.architecture} predicts {outputs}")
+    return outputs
 
 
 def _reestimate_bn(model: nn.Module, loaders: DataLoaders, config: TrainConfig, options: StepOptions) -> None:
@@ -97,8 +112,10 @@ class RunState:
 
     epoch: int = 0  # next epoch to run
     step: int = 0
-    best_top1: float = -math.inf
+    best_top1: float = -math.inf  # among the epochs at the final compression
+    best_epoch: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    num_classes: int = 1000  # outputs of the model's head
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -110,6 +127,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.tb_logging_dir and not tensorboard_available():
         raise TrainingError("--tb-logging-dir needs the tensorboard package (pip install tensorboard)")
     check_architecture(config)
+    check_images_dir(Path(config.images_dir))
+    outputs = {"--save-checkpoint-dir": config.save_checkpoint_dir, "--tb-logging-dir": config.tb_logging_dir}
+    for option, folder in outputs.items():
+        if folder:
+            try:
+                check_output_path(folder, "dir")
+            except OutputPathError as error:
+                raise TrainingError(f"{option}: {error}") from None
+    if config.prune and config.prune_last_epoch >= config.max_epochs:
+        logger.warning("--prune-last-epoch %d is beyond this run's last epoch (--max-epochs %d): pruning reaches "
+                       "--s-f %g at the end of epoch %d instead", config.prune_last_epoch, config.max_epochs,
+                       config.s_f, config.max_epochs - 1)  # fmt: skip
     context = init_distributed(torch.device(config.device))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -122,15 +151,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     configure_determinism(config.seed, config.deterministic, context.device)
     out_dir = Path(config.save_checkpoint_dir)
-    if context.is_main:
-        ensure_writable_dir(out_dir)
     checkpoint = _load_resume_checkpoint(config) if config.resume else None
     options = _step_options(config, context)
     loaders = _loaders(config, context, TrainUse.TRAINING)
     steps_per_epoch = len(loaders.train)
-    model = build_compressed_model(config, for_state_dict=checkpoint is not None)
-    _check_classes(model, config, loaders.num_classes)
-    state = RunState()
+    if context.is_main:
+        _log_header(config, loaders, context, out_dir)
+    num_classes = _head_classes(checkpoint, loaders.num_classes, config)
+    model = build_compressed_model(config, for_state_dict=checkpoint is not None, num_classes=num_classes)
+    state = RunState(num_classes=_check_classes(model, config, loaders.num_classes))
+    if context.is_main:  # every input is checked: now the output folder may be created
+        ensure_writable_dir(out_dir)
     model.to(context.device)
     if checkpoint is None:
         loaders.set_epoch(0)
@@ -150,7 +181,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     pruner = build_pruner(model, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp and context.device.type == "cuda")
     if checkpoint is not None:
-        state = _restore(checkpoint, optimizers, schedulers, scaler)
+        state = _restore(checkpoint, optimizers, schedulers, scaler, state.num_classes)
         logger.info("resumed from %s at epoch %d", config.resume, state.epoch)
     trained = (
         DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
@@ -158,12 +189,14 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
         else model
     )
     writer = _tensorboard_writer(config) if context.is_main else None
+    train_batches, val_batches = SkipRecorder(loaders.train), SkipRecorder(loaders.val)
+    warned_skipped = False
     for epoch in range(state.epoch, config.max_epochs):
         start = time.perf_counter()
         loaders.set_epoch(epoch)
         try:
             train_metrics, state.step = train_one_epoch(
-                trained, loaders.train, list(optimizers.values()), list(schedulers.values()), scaler, pruner,
+                trained, train_batches, list(optimizers.values()), list(schedulers.values()), scaler, pruner,
                 state.step, context, options, config.freeze_bn, description=f"epoch {epoch}",
             )  # fmt: skip
         except NonFiniteLossError as error:
@@ -171,12 +204,18 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
             kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
             raise TrainingError(f"{error} (epoch {epoch}): stopping; {kept}") from None
         _reestimate_bn(model, loaders, config, options)
-        val = evaluate(model, loaders.val, context, options)
+        val = evaluate(model, val_batches, context, options)
         row = _metrics_row(epoch, train_metrics, val, optimizers, model, time.perf_counter() - start)
         state.history.append(row)
         state.epoch = epoch + 1
-        is_best = val.top1 > state.best_top1
-        state.best_top1 = max(state.best_top1, val.top1)
+        # best.pt only among epochs at the final compression (the last mask update, at s_f, is done)
+        at_final_compression = pruner is None or state.step > pruner.schedule.last_update_step
+        is_best = at_final_compression and val.top1 > state.best_top1
+        if is_best:
+            state.best_top1, state.best_epoch = val.top1, epoch
+        if row["skipped_images"] and not warned_skipped:
+            _warn_skipped(int(row["skipped_images"]), train_batches.paths | val_batches.paths, f"in epoch {epoch}")
+            warned_skipped = True
         logger.info("epoch %d: train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | sparsity %.4f",
                     epoch, train_metrics.loss, train_metrics.top1, val.loss, val.top1, val.top5, row["sparsity"])  # fmt: skip
         if context.is_main:
@@ -195,7 +234,61 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     summary = _summary(model, state, config)
     if context.is_main:
         write_json(out_dir / SUMMARY_JSON, summary)
+        _log_outputs(out_dir, state)
     return summary
+
+
+def _head_classes(checkpoint: dict[str, Any] | None, dataset_classes: int, config: TrainConfig) -> int | None:
+    """The number of classes the model's head gets: the dataset's, or a resumed checkpoint's (None: unchanged head)."""
+    if checkpoint is None:
+        return dataset_classes
+    saved = checkpoint.get("num_classes")
+    if saved is not None and saved != dataset_classes:
+        raise TrainingError(f"{config.resume} was trained on {saved} classes but --images-dir has {dataset_classes}")
+    return saved
+
+
+def _describe_compression(config: TrainConfig) -> str:
+    """One line: weight and activation bits, pruning schedule."""
+    if config.weight_quant:
+        channel = "per channel" if config.per_channel else "per tensor"
+        weights = f"{config.n_bits}-bit weights ({channel}, --quant-setup {config.quant_setup})"
+    else:
+        weights = "float weights"
+    activations = f"{config.n_bits_act}-bit activations" if config.act_quant else "float activations"
+    if config.prune:
+        last = min(config.prune_last_epoch, config.max_epochs - 1)
+        pruning = (f"{config.prune_method} pruning ({config.prune_scope}) from sparsity {config.s_i:g} in epoch "
+                   f"{min(config.prune_epoch_start, last)} to {config.s_f:g} at the end of epoch {last}")  # fmt: skip
+    else:
+        pruning = "no pruning"
+    return f"{weights}, {activations}, {pruning}"
+
+
+def _log_header(config: TrainConfig, loaders: DataLoaders, context: DistributedContext, out_dir: Path) -> None:
+    start = "pretrained" if config.pretrained else "random init"
+    logger.info("train-compressed: %s (%s) on %s: %d classes, %d training and %d validation images",
+                config.architecture, start, config.images_dir, loaders.num_classes, len(loaders.train.dataset),
+                len(loaders.val.dataset))  # fmt: skip
+    logger.info("compression: %s", _describe_compression(config))
+    processes = f", {context.world_size} processes" if context.is_distributed else ""
+    logger.info("device %s%s, %d epochs, batch %d; checkpoints and metrics in %s",
+                context.device, processes, config.max_epochs, config.batch_size, out_dir)  # fmt: skip
+
+
+def _log_outputs(out_dir: Path, state: RunState) -> None:
+    if state.best_epoch is not None:
+        best = f"best {out_dir / BEST} (epoch {state.best_epoch}, val top-1 {state.best_top1:.2f}%)"
+    else:
+        best = "no best.pt (no epoch ended at the final sparsity)"
+    logger.info("wrote last %s, %s, %s and %s", out_dir / LAST, best, out_dir / METRICS_CSV, out_dir / SUMMARY_JSON)
+
+
+def _warn_skipped(count: int, paths: Collection[str], when: str) -> None:
+    shown = sorted(paths)[:SHOWN_SKIPPED_PATHS]
+    more = ", ..." if count > len(shown) else ""
+    logger.warning("%d unreadable images skipped %s (column skipped_images of metrics.csv): %s%s",
+                   count, when, ", ".join(shown), more)  # fmt: skip
 
 
 def _freeze_input_quantizers(model: nn.Module) -> None:
@@ -224,12 +317,14 @@ def _checkpoint_payload(model, optimizers, schedulers, scaler, state: RunState, 
         "epoch": state.epoch,
         "step": state.step,
         "best_top1": state.best_top1,
+        "best_epoch": state.best_epoch,
         "history": state.history,
+        "num_classes": state.num_classes,
         "options": config.as_dict(),
     }
 
 
-def _restore(checkpoint: dict[str, Any], optimizers, schedulers, scaler) -> RunState:
+def _restore(checkpoint: dict[str, Any], optimizers, schedulers, scaler, num_classes: int) -> RunState:
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(checkpoint["optimizers"][name])
     for name, scheduler in schedulers.items():
@@ -237,7 +332,12 @@ def _restore(checkpoint: dict[str, Any], optimizers, schedulers, scaler) -> RunS
     if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    return RunState(checkpoint["epoch"], checkpoint["step"], checkpoint["best_top1"], list(checkpoint["history"]))
+    if "best_epoch" in checkpoint:
+        best_top1, best_epoch = checkpoint["best_top1"], checkpoint["best_epoch"]
+    else:  # older checkpoints chose the best epoch at any sparsity
+        best_top1, best_epoch = -math.inf, None
+    history = list(checkpoint["history"])
+    return RunState(checkpoint["epoch"], checkpoint["step"], best_top1, best_epoch, history, num_classes)
 
 
 def _metrics_row(epoch: int, train_metrics: Metrics, val: Metrics, optimizers, model: nn.Module, seconds: float) -> dict:
@@ -265,9 +365,15 @@ def _tensorboard_writer(config: TrainConfig):
 
 def _summary(model: nn.Module, state: RunState, config: TrainConfig) -> dict[str, Any]:
     final = state.history[-1] if state.history else {}
+    found = state.best_epoch is not None
+    out_dir = Path(config.save_checkpoint_dir)
     return {
         "final": final,
-        "best_val_top1": state.best_top1 if state.history else None,
+        "best_val_top1": state.best_top1 if found else None,
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": str(out_dir / BEST) if found else None,
+        "last_checkpoint": str(out_dir / LAST),
+        "metrics_csv": str(out_dir / METRICS_CSV),
         "epochs": state.epoch,
         "steps": state.step,
         "layers": layer_report(model),
@@ -281,20 +387,46 @@ def _summary(model: nn.Module, state: RunState, config: TrainConfig) -> dict[str
 def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
     """The compressed model of a checkpoint (CPU, eval mode) and the options it was trained with."""
     checkpoint = load_checkpoint(checkpoint_path)
-    config = TrainConfig(**checkpoint["options"])
-    model = build_compressed_model(config, for_state_dict=True)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        config = TrainConfig(**checkpoint["options"])
+    except TypeError:
+        raise TrainingError(f"{checkpoint_path} was written by another train-compressed (unknown options)") from None
+    model = build_compressed_model(config, for_state_dict=True, num_classes=checkpoint.get("num_classes"))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise TrainingError(f"{checkpoint_path}: its weights do not fit the model its options describe") from None
     _freeze_input_quantizers(model)
     return model.eval(), config
 
 
-def evaluate_run(config: TrainConfig, checkpoint: Path | None) -> dict[str, Any]:
+def conflicting_options(given: Collection[str], config: TrainConfig, trained: TrainConfig) -> list[str]:
+    """``--option VALUE (checkpoint: VALUE)`` for each given option outside :data:`EVALUATION_OPTIONS` that differs."""
+    conflicts = []
+    for key in config.as_dict():  # in the options' order
+        if key not in given or key in EVALUATION_OPTIONS:
+            continue
+        now, then = getattr(config, key), getattr(trained, key)
+        if key == "architecture":
+            same = config.base_architecture == trained.base_architecture
+        else:
+            same = now == then
+        if not same:
+            conflicts.append(f"--{key.replace('_', '-')} {now} (checkpoint: {then})")
+    return conflicts
+
+
+def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection[str] = ()) -> dict[str, Any]:
     """Top-1/top-5/loss, per-layer sparsity and bits on ``images_dir/val``.
 
-    With ``checkpoint``: the trained model, compressed as its options say. Without: the
-    pretrained model compressed without training (weights quantized from their MSE/min-max
-    ranges, activation ranges from ``num_est_batches`` training batches, magnitude-pruned once
-    to ``s_f``, batch norms re-estimated on training batches) - the post-training starting point.
+    With ``checkpoint``: the trained model, compressed as its options say; only the options of
+    :data:`EVALUATION_OPTIONS` come from ``config``, and an option named in ``given`` (set by the
+    user) whose value differs from the checkpoint's raises :class:`OptionConflictError`.
+    Without: the pretrained model compressed without training (weights quantized from their
+    MSE/min-max ranges, activation ranges from ``num_est_batches`` training batches,
+    magnitude-pruned once to ``s_f``, batch norms re-estimated on training batches) - the
+    post-training starting point, scored with the model's own head (class folder ``i`` in
+    sorted order is the model's class ``i``).
     """
     if checkpoint is None:
         check_architecture(config)
@@ -305,8 +437,14 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None) -> dict[str, Any]
         options = _step_options(config, context)
         if checkpoint is not None:
             model, trained_config = restore_model(checkpoint)
-            runtime = ("images_dir", "batch_size", "num_workers", "device", "amp", "channels_last", "progress_bar")
-            config = replace(trained_config, **{key: getattr(config, key) for key in runtime})
+            conflicts = conflicting_options(given, config, trained_config)
+            if conflicts:
+                raise OptionConflictError(
+                    f"--checkpoint {checkpoint} fixes every model and compression option (only "
+                    f"{', '.join('--' + key.replace('_', '-') for key in EVALUATION_OPTIONS)} apply); "
+                    f"drop {'; '.join(conflicts)}"
+                )
+            config = replace(trained_config, **{key: getattr(config, key) for key in EVALUATION_OPTIONS})
             loaders = _loaders(config, context, TrainUse.NONE)
             _check_classes(model, config, loaders.num_classes)
             model.to(context.device)
@@ -318,7 +456,10 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None) -> dict[str, Any]
             estimating = (Path(config.images_dir) / "train").is_dir() and (config.act_quant or config.reestimate_bn_stats)
             loaders = _loaders(config, context, TrainUse.ESTIMATION if estimating else TrainUse.NONE)
             model = build_compressed_model(config)
-            _check_classes(model, config, loaders.num_classes)
+            outputs = _check_classes(model, config, loaders.num_classes)
+            if outputs != loaders.num_classes:
+                logger.warning("the dataset has %d classes, %s predicts %d: class folder i (sorted) is scored as the "
+                               "model's class i", loaders.num_classes, config.architecture, outputs)  # fmt: skip
             model.to(context.device)
             if config.prune:
                 set_magnitude_masks(compressed_layers(model), config.s_f, PruningScope(config.prune_scope))
@@ -329,7 +470,10 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None) -> dict[str, Any]
             _reestimate_bn(model, loaders, config, options)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
-        metrics = evaluate(model, loaders.val, context, options)
+        val_batches = SkipRecorder(loaders.val)
+        metrics = evaluate(model, val_batches, context, options)
+        if metrics.skipped:
+            _warn_skipped(metrics.skipped, val_batches.paths, f"in {Path(config.images_dir) / 'val'}")
         return {
             "architecture": config.architecture,
             "checkpoint": str(checkpoint) if checkpoint is not None else None,

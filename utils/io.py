@@ -94,3 +94,40 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as error:
         raise OSError(f"cannot write to output directory '{path}': {error.strerror or error}") from None
     return path
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (one-line message)."""
+
+
+def check_output_path(path: str | os.PathLike, kind: str = "file") -> Path:
+    """Check, without creating anything, that ``path`` can be written as a ``kind`` (``"file"`` or ``"dir"``).
+
+    The path itself may be missing (it and its missing parent folders are created when the
+    output is written), but it must not be of the other kind, and its nearest existing ancestor
+    must be a writable folder. Call it before a long computation, so that a bad output path
+    fails at once rather than after the work.
+
+    Raises:
+        OutputPathError: with a one-line reason.
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    path = Path(path)
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise OutputPathError(f"'{path}' is a folder, not a file")
+        if kind == "dir" and not path.is_dir():
+            raise OutputPathError(f"'{path}' is a file, not a folder")
+        folder = path if kind == "dir" else (path.parent if str(path.parent) else Path("."))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputPathError(f"cannot write to '{path}': no write permission in '{folder}'")
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot create '{path}': '{ancestor}' is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create '{path}': no write permission in '{ancestor}'")
+    return path
