@@ -148,12 +148,14 @@ def _listed_only(model_name: str, list_only: bool, num_output_channels: int) -> 
     return list_only
 
 
-def prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir):
-    """Model, calibration images and the layers' data, with one-line errors for bad input."""
+def prepare_run(model_name, layer_names, num_samples, images_dir, device, seed, output_dir, save_problems, progress):
+    """The layers' data (model and calibration images loaded) and the run's setup, with one-line errors for bad
+    input: ``(layers, studies.bounds_run.RunSetup)``."""
     import torch
 
     from models.layer_inputs import PatchMismatchError, resolve_layers
     from models.layers import weight_layers
+    from studies.bounds_run import RunSetup
     from studies.layer_problems import collect_layer_data
     from utils.calibration import load_calibration_images
     from utils.io import ensure_writable_dir
@@ -179,7 +181,7 @@ def prepare_layers(model_name, layer_names, num_samples, images_dir, device, see
     except (ValueError, PatchMismatchError) as error:
         raise click.ClickException(str(error)) from None
     calibration = {"images_dir": None if images_dir is None else str(images_dir), "images": len(images), "seed": seed}
-    return layers, calibration
+    return layers, RunSetup(model_name, output_dir, calibration, str(device), save_problems, progress)
 
 
 @cli.command("quant-bounds-data-opt")
@@ -218,11 +220,7 @@ def quant_bounds_data_opt(
         return
     if not exact and (node_limit is not None or time_limit is not None):
         raise click.UsageError("--node-limit and --time-limit limit the exact solver: give --exact")
-    from tqdm import tqdm
-
-    from studies.bounds_files import RunFiles
-    from studies.bounds_run import run_layers
-    from studies.quant_bounds import QuantBoundsConfig, config_record, problem_arrays, quant_bounds_layer, run_stem
+    from studies.quant_bounds import QuantBoundsConfig, run_quant_bounds
 
     config = QuantBoundsConfig(
         n_bits=n_bits, opt_dim=opt_dim, range_method=range_search_method.lower(), per_channel=per_channel, box=box,
@@ -230,15 +228,9 @@ def quant_bounds_data_opt(
         num_output_channels=num_output_channels, seed=seed,
         **_given(methods=methods, max_whole_dim=max_whole_dim),
     )
-    layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
-    files = RunFiles(output_dir, run_stem(model_name, config))
-    header = _header("quantization", model_name, config_record(config), calibration, device)
-    with tqdm(total=_set_count(layers, opt_dim, config.max_whole_dim), desc="problem sets", unit="set",
-              disable=not progress) as bar:
-        record = run_layers(
-            layers, lambda data: quant_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
-            header, files, f"INT{n_bits}",
-        )
+    layers, setup = prepare_run(model_name, layer_names, num_samples, images_dir, device, seed, output_dir, save_problems,
+                                progress)
+    record, files = run_quant_bounds(layers, config, setup)
     _echo_summary(record, files, save_problems)
 
 
@@ -248,9 +240,12 @@ def _given(**options) -> dict:
 
 
 def _sparsity(n_bits: int | None, sparsity: float | None) -> float:
+    """``--sparsity``, or the compression of ``--n-bits`` (default 4)."""
+    from studies.compression import pruning_sparsity
+
     if n_bits is not None and sparsity is not None:
         raise click.UsageError("give --n-bits or --sparsity, not both")
-    return 1.0 - (4 if n_bits is None else n_bits) / 16 if sparsity is None else sparsity
+    return pruning_sparsity(4 if n_bits is None else n_bits) if sparsity is None else sparsity
 
 
 @cli.command("prune-bounds-data-opt")
@@ -283,26 +278,16 @@ def prune_bounds_data_opt(
     """
     if _listed_only(model_name, list_only, num_output_channels):
         return
-    from tqdm import tqdm
-
-    from studies.bounds_files import RunFiles, format_percent
-    from studies.bounds_run import run_layers
-    from studies.prune_bounds import PruneBoundsConfig, config_record, problem_arrays, prune_bounds_layer, run_stem
+    from studies.prune_bounds import PruneBoundsConfig, run_prune_bounds
 
     config = PruneBoundsConfig(
         sparsity=_sparsity(n_bits, sparsity), opt_dim=opt_dim, node_limit=node_limit, time_limit=time_limit,
         max_exact_dim=max_exact_dim, num_output_channels=num_output_channels,
         **_given(methods=methods, max_whole_dim=max_whole_dim),
     )
-    layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
-    files = RunFiles(output_dir, run_stem(model_name, config))
-    header = _header("pruning", model_name, config_record(config), calibration, device)
-    with tqdm(total=_set_count(layers, opt_dim, config.max_whole_dim), desc="problem sets", unit="set",
-              disable=not progress) as bar:
-        record = run_layers(
-            layers, lambda data: prune_bounds_layer(data, config, bar), problem_arrays if save_problems else None,
-            header, files, f"pruning {format_percent(config.sparsity)}",
-        )
+    layers, setup = prepare_run(model_name, layer_names, num_samples, images_dir, device, seed, output_dir, save_problems,
+                                progress)
+    record, files = run_prune_bounds(layers, config, setup)
     _echo_summary(record, files, save_problems)
 
 
@@ -328,52 +313,19 @@ def compare_bounds(
     """
     if _listed_only(model_name, list_only, num_output_channels):
         return
-    from tqdm import tqdm
+    from studies.bounds_files import format_percent
+    from studies.compare_bounds import CompareBoundsConfig, NoComparisonError, run_compare_bounds
 
-    from studies.bounds_files import RunFiles, format_percent
-    from studies.bounds_run import run_layers
-    from studies.compare_bounds import comparison_rows, plot_comparison, run_stem, side_stem
-    from studies.prune_bounds import PruneBoundsConfig, prune_bounds_layer
-    from studies.prune_bounds import config_record as prune_record
-    from studies.prune_bounds import problem_arrays as prune_arrays
-    from studies.quant_bounds import QuantBoundsConfig, quant_bounds_layer
-    from studies.quant_bounds import config_record as quant_record
-    from studies.quant_bounds import problem_arrays as quant_arrays
-    from utils.io import write_csv
-
-    layers, calibration = prepare_layers(model_name, layer_names, num_samples, images_dir, device, seed, output_dir)
-    per_side = _set_count(layers, opt_dim, 0)
-    results = []
-    with tqdm(total=2 * per_side * len(bit_widths), desc="problem sets", unit="set", disable=not progress) as bar:
-        for n_bits in bit_widths:
-            quant = QuantBoundsConfig(n_bits=n_bits, opt_dim=opt_dim, max_whole_dim=0, node_limit=node_limit,
-                                      time_limit=time_limit, exact=0 < opt_dim <= max_exact_dim,
-                                      num_output_channels=num_output_channels, seed=seed)
-            prune = PruneBoundsConfig(sparsity=1 - n_bits / 16, opt_dim=opt_dim, node_limit=node_limit,
-                                      time_limit=time_limit, max_exact_dim=max_exact_dim, max_whole_dim=0,
-                                      num_output_channels=num_output_channels)
-            sides = []
-            for kind, config, solve, record_of, arrays in (
-                ("quant", quant, quant_bounds_layer, quant_record, quant_arrays),
-                ("prune", prune, prune_bounds_layer, prune_record, prune_arrays),
-            ):
-                header = _header(kind, model_name, record_of(config), calibration, device)
-                sides.append(run_layers(
-                    layers, lambda data, c=config, f=solve: f(data, c, bar), arrays if save_problems else None,
-                    header, RunFiles(output_dir, side_stem(kind, model_name, n_bits, opt_dim)),
-                    f"INT{n_bits}" if kind == "quant" else f"pruning {format_percent(prune.sparsity)}",
-                ))
-            prune_by_layer = {layer["layer"]: layer for layer in sides[1]["layers"]}
-            results.extend(
-                (n_bits, layer, prune_by_layer[layer["layer"]])
-                for layer in sides[0]["layers"] if layer["layer"] in prune_by_layer
-            )
-    if not results:
-        raise click.ClickException("no layer finished on both sides; see the log")
-    table = comparison_rows(results)
-    files = RunFiles(output_dir, run_stem(model_name, opt_dim))
-    write_csv(files.csv, table)
-    plot_comparison(table, files.figures, f"{model_name}: post-training quantization vs pruning")
+    config = CompareBoundsConfig(
+        bit_widths=tuple(bit_widths), opt_dim=opt_dim, max_exact_dim=max_exact_dim, node_limit=node_limit,
+        time_limit=time_limit, num_output_channels=num_output_channels, seed=seed,
+    )
+    layers, setup = prepare_run(model_name, layer_names, num_samples, images_dir, device, seed, output_dir, save_problems,
+                                progress)
+    try:
+        table, files = run_compare_bounds(layers, config, setup)
+    except NoComparisonError as error:
+        raise click.ClickException(str(error)) from None
     for _, row in table.iterrows():
         click.echo(
             f"{row['layer']} INT{row['n_bits']} vs {format_percent(row['sparsity'])} sparse: quantization "
@@ -382,18 +334,6 @@ def compare_bounds(
         )
     names = [files.csv.name] + [path.name for path in files.figures]
     click.echo(f"results in {output_dir}: {', '.join(names)} (and each side's run files per bit-width)")
-
-
-def _header(kind: str, model_name: str, config: dict, calibration: dict, device) -> dict:
-    """What a bounds run's JSON records besides its layers."""
-    return {"kind": kind, "model": model_name, "config": config, "calibration": calibration, "device": str(device)}
-
-
-def _set_count(layers: dict, opt_dim: int, max_whole_dim: int) -> int:
-    from studies.layer_problems import input_chunks
-
-    counts = [len(input_chunks(d.fan_in, d.kernel_elements, opt_dim)) for d in layers.values()]
-    return sum(k + (k > 1 and d.fan_in <= max_whole_dim) for k, d in zip(counts, layers.values()))
 
 
 def _echo_summary(record: dict, files, save_problems: bool) -> None:

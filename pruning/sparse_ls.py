@@ -59,7 +59,6 @@ import heapq
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,12 +84,12 @@ from pruning.sparse_ls_heuristics import (
     swap_search,
 )
 from pruning.support_enumeration import enumerate_supports, support_count
+from utils.branch_and_bound import BranchAndBoundResult
 
 # The solver and, re-exported for one import, the pieces it is built from.
 __all__ = [
     "DEFAULT_NODE_LIMIT",
     "METHODS",
-    "SparseLSResult",
     "available_backends",
     "diagonal_split",
     "lower_bound",
@@ -111,34 +110,6 @@ _ROUND_NODES = 64  # nodes processed together per round (all problems)
 _NEWTON_ITERATIONS = 5  # per node; a child continues from its parent's point
 _ENUMERATION_SUPPORTS = 2048  # nodes with at most this many supports C(|U|, k') are enumerated
 DEFAULT_NODE_LIMIT = 100_000
-
-
-@dataclass(frozen=True)
-class SparseLSResult:
-    """The result of :func:`solve_exact` for one problem.
-
-    Attributes:
-        x: ``(n,)`` float64, the best weights found (at most ``k`` nonzeros, the refit on ``support``).
-        support: ``(n,)`` bool, the kept inputs (at most ``k``; ``x`` is zero outside).
-        ub: ``e(x) = (w - x)' G (w - x)``.
-        lb: a certified lower bound on the optimum (``0 <= lb <= ub``).
-        status: ``"optimal"``, ``"time_limit"`` or ``"node_limit"``.
-        nodes: relaxations solved.
-        seconds: time spent on the problem (its share of the batched work).
-    """
-
-    x: np.ndarray
-    support: np.ndarray
-    ub: float
-    lb: float
-    status: str
-    nodes: int
-    seconds: float
-
-    @property
-    def gap(self) -> float:
-        """``(ub - lb) / max(ub, tiny)``."""
-        return (self.ub - self.lb) / max(abs(self.ub), np.finfo(np.float64).tiny)
 
 
 class _Search:
@@ -220,7 +191,7 @@ def solve_exact_batch(
     d=None,
     progress: bool = False,
     threads: int | None = 1,
-) -> list[SparseLSResult]:
+) -> list[BranchAndBoundResult]:
     """:func:`solve_exact` for every problem (one per row of ``weights``), searched in lockstep.
 
     Args:
@@ -239,7 +210,7 @@ def solve_exact_batch(
             keeps torch's setting.
 
     Returns:
-        One :class:`SparseLSResult` per problem, in order.
+        One :class:`~utils.branch_and_bound.BranchAndBoundResult` (with ``support``) per problem, in order.
 
     Raises:
         ValueError: bad shapes, ``k`` not an integer in ``[0, n]``, a non-finite or indefinite ``G``,
@@ -264,7 +235,7 @@ def _condition(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d, progress: bool
-                 ) -> list[SparseLSResult]:
+                 ) -> list[BranchAndBoundResult]:
     start = time.perf_counter()
     G, W, _ = as_problems(gram, weights)
     G, W = G.cpu(), W.cpu()
@@ -282,7 +253,7 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
         G = G[:1].expand(B, n, n)
     _validate(G[:1] if shared else G, n)
 
-    results: list[SparseLSResult | None] = [None] * B
+    results: list[BranchAndBoundResult | None] = [None] * B
     live = torch.diagonal(G, dim1=-2, dim2=-1) > 0  # presolve: a dead input (zero column of A) is pruned for free
     zero_weights = (W * live == 0).all(1)
     fits = live.sum(1) <= k
@@ -291,7 +262,7 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
             support = live[p] if k > 0 and bool(fits[p]) and not bool(zero_weights[p]) else torch.zeros_like(live[p])
             x = torch.where(support, W[p], 0.0)
             error = max(0.0, float(reconstruction_error(G[p], W[p], x)))
-            results[p] = SparseLSResult(x.numpy(), support.numpy(), error, error, "optimal", 0, 0.0)
+            results[p] = BranchAndBoundResult(x.numpy(), error, error, "optimal", 0, 0.0, support=support.numpy())
     todo = [p for p in range(B) if results[p] is None]
     if not todo:
         return results
@@ -377,9 +348,9 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
     final_errors = reconstruction_error(Gt, Wt, final).clamp_min(0.0).tolist()
     for t, search in enumerate(searches):
         ub = final_errors[t]
-        results[search.index] = SparseLSResult(
-            final[t].numpy(), search.support, ub, min(search.lower_bound(), ub), search.status, search.nodes,
-            search.seconds,
+        results[search.index] = BranchAndBoundResult(
+            final[t].numpy(), ub, min(search.lower_bound(), ub), search.status, search.nodes, search.seconds,
+            support=search.support,
         )
     return results
 
@@ -483,7 +454,7 @@ def solve_exact(
     node_limit: int = DEFAULT_NODE_LIMIT,
     d=None,
     threads: int | None = 1,
-) -> SparseLSResult:
+) -> BranchAndBoundResult:
     """The best ``x`` with at most ``k`` nonzeros for ``e(x) = (w - x)'G(w - x)``, with a certified gap.
 
     Args:
@@ -497,7 +468,7 @@ def solve_exact(
         threads: torch CPU threads during the search (see :func:`solve_exact_batch`).
 
     Returns:
-        :class:`SparseLSResult` with ``lb <= optimum <= ub = e(x)``.
+        :class:`~utils.branch_and_bound.BranchAndBoundResult` (with ``support``): ``lb <= optimum <= ub = e(x)``.
     """
     W = torch.as_tensor(weights)
     if W.dim() != 1:

@@ -138,12 +138,12 @@ import torch
 
 from quantization.ptq_rounding import one_opt, sequential_rounding
 from quantization.qp_bounds import QuadraticProblems
+from utils.branch_and_bound import BranchAndBoundResult
 
 __all__ = [
     "BASES",
     "DEFAULT_NODE_LIMIT",
     "EllipsoidBound",
-    "ExactResult",
     "box_multipliers",
     "ellipsoid_bound",
     "sdp_split",
@@ -177,33 +177,6 @@ _LLL_MAX_ENTRY = 2.0**16  # a reduced basis with larger entries (numerically deg
 _RACE_START = 1 << 16
 # Search bases are cached for this many distinct (P - diag(D), fixed coordinates): a layer's problems share P.
 _BASIS_CACHE_SIZE = 64
-
-
-@dataclass(frozen=True)
-class ExactResult:
-    """The result of :func:`solve_exact` for one problem.
-
-    Attributes:
-        z: ``(n,)`` float64 integers in the box, the best point found.
-        ub: ``f(z)``.
-        lb: a certified lower bound on ``min f`` over the integers of the box (``<= ub``).
-        status: ``"optimal"`` (tree exhausted), ``"time_limit"`` or ``"node_limit"``.
-        nodes: number of search-tree nodes bounded and kept (partial assignments below the pruning
-            level).
-        seconds: wall-clock time.
-    """
-
-    z: np.ndarray
-    ub: float
-    lb: float
-    status: str
-    nodes: int
-    seconds: float
-
-    @property
-    def gap(self) -> float:
-        """``(ub - lb) / max(|ub|, tiny)``."""
-        return (self.ub - self.lb) / max(abs(self.ub), np.finfo(np.float64).tiny)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -965,7 +938,7 @@ def solve_exact(
     z0=None,
     multipliers: tuple | None = None,
     basis: str = "auto",
-) -> ExactResult:
+) -> BranchAndBoundResult:
     """Minimise ``z'Pz + 2q'z + r`` over integer ``z`` in ``[lo, hi]`` by branch and bound.
 
     Args:
@@ -985,7 +958,7 @@ def solve_exact(
             (both, taking turns; the first to finish proves the optimum); module doc.
 
     Returns:
-        :class:`ExactResult`; ``lb <= min f <= ub = f(z)`` always.
+        :class:`~utils.branch_and_bound.BranchAndBoundResult`; ``lb <= min f <= ub = f(x)`` always (``x``: the best integer point).
     """
     start_time = time.perf_counter()
     if basis not in BASES:
@@ -1019,7 +992,7 @@ def solve_exact(
             search.best_z, search.ub = candidate, value
     lb = min(lb, search.ub)
     seconds = time.perf_counter() - start_time
-    return ExactResult(search.best_z, float(search.ub), float(lb), status, search.nodes, seconds)
+    return BranchAndBoundResult(search.best_z, float(search.ub), float(lb), status, search.nodes, seconds)
 
 
 def solve_exact_batch(
@@ -1028,7 +1001,7 @@ def solve_exact_batch(
     node_limit: int = DEFAULT_NODE_LIMIT,
     z0: torch.Tensor | None = None,
     basis: str = "auto",
-) -> list[ExactResult]:
+) -> list[BranchAndBoundResult]:
     """:func:`solve_exact` for every problem of ``problems`` (which must have a box), one after another.
 
     The starting points default to ``one_opt(sequential_rounding)`` computed for the whole batch at

@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from studies.analytical_sqnr import SWEEP_NU, Distribution, crossover_bits
+from studies.compression import pruning_sparsity
 from studies.weight_sqnr_plots import DPI, NOTE_STYLE, bits_label, finite_rows, models_label, save_figure
 from utils.io import write_csv
 
@@ -67,7 +68,7 @@ def kurtosis_text(kurtosis: float) -> str:
 
 def sparsity_text(n_bits: int) -> str:
     """Pruning sparsity ``1 - b/16`` in %, e.g. ``75%``."""
-    return f"{100 * (1 - n_bits / 16):g}%"
+    return f"{100 * pruning_sparsity(n_bits):g}%"
 
 
 # ----------------------------------------------------------------------------- figures

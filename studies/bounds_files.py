@@ -40,6 +40,7 @@ __all__ = [
     "layer_problem_files",
     "padded_stack",
     "plot_layer_bounds",
+    "problem_arrays",
     "problem_bar",
     "read_layer_problems",
     "reset_problems",
@@ -135,11 +136,10 @@ def sqnr_db(energy: float, error: float) -> float | None:
 
 
 def summarise(sets: Sequence) -> dict:
-    """Sums over problem sets (quantization or pruning): energy, bounds, each method's error, SQNRs in dB.
+    """Sums over problem sets (:class:`studies.problem_sets.ProblemSet`): energy, bounds, each method's error, SQNRs
+    in dB, the counts of ``status`` (and of ``exact_status`` where kept) and the ``seconds`` per stage.
 
-    Every set has ``energy``, ``relaxation_lb``, ``best_lb``, ``ub`` (``(B,)`` tensors), ``errors``
-    (method -> ``(B,)``), ``status`` (and optionally ``exact_status``) lists and ``seconds`` per
-    stage. Methods missing from some set (e.g. ``exact`` above a size limit) are left out.
+    Methods missing from some set (e.g. ``exact`` above a size limit) are left out.
     """
     energy = sum(float(s.energy.sum()) for s in sets)
     relaxation = sum(float(s.relaxation_lb.sum()) for s in sets)
@@ -159,7 +159,7 @@ def summarise(sets: Sequence) -> dict:
         "status": dict(Counter(status for s in sets for status in s.status)),
         "seconds": {},
     }
-    if getattr(sets[0], "exact_status", None):
+    if sets[0].exact_status:
         record["exact_status"] = dict(Counter(status for s in sets for status in s.exact_status))
     for s in sets:
         for stage, value in s.seconds.items():
@@ -243,6 +243,32 @@ def set_columns(chosen: Sequence[tuple[int, object]]) -> dict[str, np.ndarray]:
     for method in [m for m in sets[0].errors if all(m in s.errors for s in sets)]:
         columns[f"error_{method}"] = np.concatenate([s.errors[method].numpy() for s in sets])
     return columns
+
+
+def problem_arrays(layer_sets: Sequence[tuple[int, object]], layer_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every problem of ``(layer index, problem set)`` pairs as stacked arrays for the npz (module doc).
+
+    Per scope (keys of whole-channel problems start with ``whole_channel_``): each set's own
+    columns (:meth:`studies.problem_sets.ProblemSet.arrays`; ``(B, n[, n])`` ones zero-padded to the
+    scope's largest ``n``), then :func:`set_columns`; ``layer_names`` are the run's layers.
+    """
+    arrays: dict[str, np.ndarray] = {"layer_names": np.array(layer_names, dtype=str)}
+    for scope, prefix in (("chunk", ""), ("whole_channel", "whole_channel_")):
+        chosen = [(index, s) for index, s in layer_sets if s.scope == scope]
+        if not chosen:
+            continue
+        size = max(s.n for _, s in chosen)
+        own = [s.arrays() for _, s in chosen]
+        stacked = {key: _stacked([columns[key] for columns in own], size) for key in own[0]}
+        stacked.update(set_columns(chosen))
+        arrays.update({prefix + key: value for key, value in stacked.items()})
+    return arrays
+
+
+def _stacked(parts: Sequence[torch.Tensor | np.ndarray], size: int) -> np.ndarray:
+    if isinstance(parts[0], torch.Tensor) and parts[0].dim() > 1:
+        return padded_stack(parts, size)
+    return np.concatenate([part.numpy() if isinstance(part, torch.Tensor) else part for part in parts])
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -4,30 +4,68 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-
-from studies.bounds_files import RunFiles, plot_layer_bounds, reset_problems, write_layer_problems, write_run
+from studies.bounds_files import (
+    RunFiles,
+    plot_layer_bounds,
+    problem_arrays,
+    reset_problems,
+    write_layer_problems,
+    write_run,
+)
 from studies.layer_problems import LayerData
 
-__all__ = ["run_layers"]
+__all__ = ["RunSetup", "run_layers", "sets_bar"]
 
 logger = logging.getLogger(__name__)
 
 LayerSolver = Callable[[LayerData], dict]
-ArrayBuilder = Callable[[list, list[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a bounds study needs besides its config: where it writes and what its files record.
+
+    ``calibration`` describes the calibration data (recorded as is); ``save_problems`` also writes
+    every problem (:func:`run_layers`); ``progress`` shows a bar of problem sets.
+    """
+
+    model_name: str
+    output_dir: Path
+    calibration: dict
+    device: str
+    save_problems: bool = False
+    progress: bool = False
+
+    def files(self, stem: str) -> RunFiles:
+        """The files of the run named ``stem`` in ``output_dir``."""
+        return RunFiles(self.output_dir, stem)
+
+    def header(self, kind: str, config: dict) -> dict:
+        """What a bounds run's JSON records besides its layers (``config``: the config as a JSON-ready dict)."""
+        return {"kind": kind, "model": self.model_name, "config": config, "calibration": self.calibration,
+                "device": self.device}
+
+
+def sets_bar(total: int, shown: bool):
+    """A tqdm bar of ``total`` problem sets (hidden unless ``shown``), for the studies' layer functions."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="problem sets", unit="set", disable=not shown)
 
 
 def run_layers(
     layers: dict[str, LayerData],
     solve_layer: LayerSolver,
-    problem_arrays: ArrayBuilder | None,
+    save_problems: bool,
     header: dict,
     files: RunFiles,
     plot_label: str,
 ) -> dict:
-    """Solve every layer; after each rewrite the run's JSON and CSV (and with ``problem_arrays`` write the layer's npz
-    and the problems index), all named by ``files``.
+    """Solve every layer; after each rewrite the run's JSON and CSV (and with ``save_problems`` write the layer's npz,
+    :func:`studies.bounds_files.problem_arrays`, and the problems index), all named by ``files``.
 
     ``solve_layer(data)`` returns ``{"summary": dict, "sets": [...]}``. An exception in one layer
     is logged and recorded under ``failed_layers`` (type and message); the other layers go on and
@@ -37,18 +75,18 @@ def run_layers(
     """
     record = {**header, "layers": [], "failed_layers": []}
     layer_names = list(layers)
-    index = reset_problems(files, layer_names) if problem_arrays is not None else None
+    index = reset_problems(files, layer_names) if save_problems else None
     for layer_index, (layer_name, data) in enumerate(layers.items()):
         start = time.perf_counter()
         try:
             result = solve_layer(data)
-        except Exception as error:  # noqa: BLE001 - one failed layer must not lose the finished ones
+        except Exception as error:  # one failed layer must not lose the finished ones
             logger.exception("layer %s failed", layer_name)
             record["failed_layers"].append({"layer": layer_name, "error": f"{type(error).__name__}: {error}"})
         else:
             result["summary"]["seconds"] = time.perf_counter() - start
             record["layers"].append(result["summary"])
-            if problem_arrays is not None:
+            if save_problems:
                 arrays = problem_arrays([(layer_index, s) for s in result["sets"]], layer_names)
                 write_layer_problems(files, index, layer_index, layer_name, arrays)
         write_run(files, record)

@@ -16,11 +16,73 @@ that layer at that bit-width (and vice versa).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["comparison_rows", "plot_comparison", "run_stem", "side_stem"]
+from studies import prune_bounds, quant_bounds
+from studies.bounds_files import RunFiles, check_exact_limits
+from studies.bounds_run import RunSetup, run_layers, sets_bar
+from studies.compression import pruning_sparsity
+from studies.layer_problems import LayerData, problem_set_count
+from studies.problem_sets import config_record
+from utils.io import write_csv
+
+__all__ = [
+    "CompareBoundsConfig",
+    "NoComparisonError",
+    "comparison_rows",
+    "plot_comparison",
+    "run_compare_bounds",
+    "run_stem",
+    "side_stem",
+]
+
+
+class NoComparisonError(RuntimeError):
+    """No layer finished on both sides of the comparison."""
+
+
+@dataclass(frozen=True)
+class CompareBoundsConfig:
+    """Options of the comparison (the CLI's ``compare-bounds``, minus I/O).
+
+    Per bit-width ``b`` of ``bit_widths`` both sides run on the chunks only (no whole channels):
+    quantization at ``b`` bits, exact where ``0 < opt_dim <= max_exact_dim``, and pruning at the
+    equal compression :func:`studies.compression.pruning_sparsity`, exact on chunks of at most
+    ``max_exact_dim`` inputs. ``node_limit`` and ``time_limit`` apply to both exact solvers
+    (None: each solver's default node limit, no time limit).
+    """
+
+    bit_widths: tuple[int, ...] = tuple(range(2, 9))
+    opt_dim: int = 32
+    max_exact_dim: int = 48
+    node_limit: int | None = None
+    time_limit: float | None = None
+    num_output_channels: int = -1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.bit_widths:
+            raise ValueError("bit_widths must not be empty")
+        check_exact_limits(self.node_limit, self.time_limit)
+
+    def quant_config(self, n_bits: int) -> quant_bounds.QuantBoundsConfig:
+        """The quantization side at ``n_bits``."""
+        return quant_bounds.QuantBoundsConfig(
+            n_bits=n_bits, opt_dim=self.opt_dim, max_whole_dim=0, node_limit=self.node_limit,
+            time_limit=self.time_limit, exact=0 < self.opt_dim <= self.max_exact_dim,
+            num_output_channels=self.num_output_channels, seed=self.seed,
+        )
+
+    def prune_config(self, n_bits: int) -> prune_bounds.PruneBoundsConfig:
+        """The pruning side at the compression of ``n_bits``."""
+        return prune_bounds.PruneBoundsConfig(
+            sparsity=pruning_sparsity(n_bits), opt_dim=self.opt_dim, node_limit=self.node_limit,
+            time_limit=self.time_limit, max_exact_dim=self.max_exact_dim, max_whole_dim=0,
+            num_output_channels=self.num_output_channels,
+        )
 
 
 def run_stem(model_name: str, opt_dim: int) -> str:
@@ -32,6 +94,45 @@ def side_stem(kind: str, model_name: str, n_bits: int, opt_dim: int) -> str:
     """The name of one side's run files at bit-width ``n_bits``: ``<kind>_bounds_<model>_<b>bits_opt<d>``
     (``kind``: ``quant`` or ``prune``; pruning at sparsity ``1 - b/16``)."""
     return f"{kind}_bounds_{model_name}_{n_bits}bits_opt{opt_dim}"
+
+
+def run_compare_bounds(
+    layers: dict[str, LayerData], config: CompareBoundsConfig, setup: RunSetup
+) -> tuple[pd.DataFrame, RunFiles]:
+    """The comparison of ``layers`` (the CLI's ``compare-bounds``): both sides' runs per bit-width (files named by
+    :func:`side_stem`), then the table (:func:`comparison_rows`) as ``<stem>.csv`` and its figure, ``<stem>`` from
+    :func:`run_stem`. One bar counts the problem sets of all runs when ``setup.progress``.
+
+    Returns the table and the comparison's files; raises :class:`NoComparisonError` when no layer finished on
+    both sides.
+    """
+    results = []
+    total = 2 * len(config.bit_widths) * problem_set_count(layers.values(), config.opt_dim, 0)
+    with sets_bar(total, setup.progress) as bar:
+        for n_bits in config.bit_widths:
+            quant, prune = config.quant_config(n_bits), config.prune_config(n_bits)
+            sides = []
+            for kind, side_config, solve, label in (
+                ("quant", quant, quant_bounds.quant_bounds_layer, quant_bounds.plot_label(quant)),
+                ("prune", prune, prune_bounds.prune_bounds_layer, prune_bounds.plot_label(prune)),
+            ):
+                sides.append(run_layers(
+                    layers, lambda data, c=side_config, f=solve: f(data, c, bar), setup.save_problems,
+                    setup.header(kind, config_record(side_config)),
+                    setup.files(side_stem(kind, setup.model_name, n_bits, config.opt_dim)), label,
+                ))
+            prune_by_layer = {layer["layer"]: layer for layer in sides[1]["layers"]}
+            results.extend(
+                (n_bits, layer, prune_by_layer[layer["layer"]])
+                for layer in sides[0]["layers"] if layer["layer"] in prune_by_layer
+            )
+    if not results:
+        raise NoComparisonError("no layer finished on both sides; see the log")
+    table = comparison_rows(results)
+    files = setup.files(run_stem(setup.model_name, config.opt_dim))
+    write_csv(files.csv, table)
+    plot_comparison(table, files.figures, f"{setup.model_name}: post-training quantization vs pruning")
+    return table, files
 
 
 def _side(summary: dict, prefix: str) -> dict:

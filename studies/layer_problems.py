@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,14 @@ from torch import nn
 
 from models.layer_inputs import capture_layer_inputs, check_patches, gram_matrices, patch_matrix
 
-__all__ = ["DEFAULT_MAX_WHOLE_DIM", "LayerData", "collect_layer_data", "input_chunks", "problem_scopes"]
+__all__ = [
+    "DEFAULT_MAX_WHOLE_DIM",
+    "LayerData",
+    "collect_layer_data",
+    "input_chunks",
+    "problem_scopes",
+    "problem_set_count",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,12 @@ def problem_scopes(data: LayerData, opt_dim: int, max_whole_dim: int) -> list[tu
     if len(chunks) > 1 and data.fan_in <= max_whole_dim:
         scopes.append(("whole_channel", -1, torch.arange(data.fan_in, device=data.weights.device)))
     return scopes
+
+
+def problem_set_count(layers: Iterable[LayerData], opt_dim: int, max_whole_dim: int) -> int:
+    """The number of :func:`problem_scopes` of all ``layers`` (a study's problem sets, when every layer has live
+    channels)."""
+    return sum(len(problem_scopes(data, opt_dim, max_whole_dim)) for data in layers)
 
 
 def input_chunks(fan_in: int, kernel_elements: int, opt_dim: int) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from studies.compression import pruning_sparsity
 from utils.io import read_json, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def artefact_flags(table: pd.DataFrame) -> pd.DataFrame:
     whenever ``q < s`` (corrected: ``q < 1 - (1 - q) b/16``), so its exact MSE is positive.
     """
     kurtosis = table["sample_kurtosis"]
-    sparsity = 1.0 - table["n_bits"] / 16.0
+    sparsity = pruning_sparsity(table["n_bits"])
     quant_sparsity = table["quant_sparsity"]
     corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * table["n_bits"] / 16.0
     kurtosis_minus_3 = kurtosis < -2.0

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,25 +50,19 @@ from pruning.sparse_ls_heuristics import (
     obs_prune,
     pruning_methods,
 )
-from studies.bounds_files import (
-    bar_shown,
-    best_of,
-    check_exact_limits,
-    padded_stack,
-    scope_summaries,
-    set_columns,
-    summarise,
-)
-from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes
+from studies.bounds_files import RunFiles, bar_shown, best_of, check_exact_limits, format_percent
+from studies.bounds_run import RunSetup, run_layers, sets_bar
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_set_count
+from studies.problem_sets import ProblemSet, config_record, solve_layer, solve_with_zero_energy
 
 __all__ = [
     "METHODS",
     "PruneBoundsConfig",
     "PruneProblemSet",
-    "config_record",
     "kept_weights",
-    "problem_arrays",
+    "plot_label",
     "prune_bounds_layer",
+    "run_prune_bounds",
     "run_stem",
     "solve_pruning_problems",
 ]
@@ -115,29 +109,16 @@ def kept_weights(n: int, sparsity: float) -> int:
     return n - num_pruned(n, sparsity)
 
 
-@dataclass
-class PruneProblemSet:
-    """A batch of pruning problems of one size (one per live channel) and everything computed for them."""
+@dataclass(kw_only=True)
+class PruneProblemSet(ProblemSet):
+    """A batch of pruning problems of one size; ``status`` is the exact solver's, or ``"not_solved"`` (too large)
+    / ``"zero_energy"``."""
 
-    scope: str
-    chunk: int
-    inputs: tuple[int, int]
-    channels: torch.Tensor  # (B,)
     grams: torch.Tensor  # (B, n, n)
     weights: torch.Tensor  # (B, n)
     k: int
     r: torch.Tensor  # (B,) w'Gw
-    relaxation_lb: torch.Tensor  # (B,)
-    errors: dict[str, torch.Tensor]
     x: torch.Tensor  # (B, n) best pruned weights found
-    ub: torch.Tensor  # (B,)
-    status: list[str]  # exact solver's status, or "not_solved" (too large) / "zero_energy"
-    exact_lb: torch.Tensor | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return self.weights.shape[0]
 
     @property
     def n(self) -> int:
@@ -147,9 +128,17 @@ class PruneProblemSet:
     def energy(self) -> torch.Tensor:
         return self.r
 
-    @property
-    def best_lb(self) -> torch.Tensor:
-        return self.relaxation_lb if self.exact_lb is None else torch.maximum(self.relaxation_lb, self.exact_lb)
+    def chunk_record(self) -> dict:
+        """``chunk``, ``inputs``, ``n`` and the kept weights ``k``."""
+        return {**super().chunk_record(), "k": self.k}
+
+    def arrays(self) -> dict[str, torch.Tensor | np.ndarray]:
+        """``G`` (= A'A), ``w``, best ``x``, ``r``, ``k``, ``ub``, ``lb`` (the best certified bound) and
+        ``relaxation_lb``."""
+        return {
+            "G": self.grams, "w": self.weights, "x": self.x, "r": self.r, "k": np.full(self.batch_size, self.k),
+            "ub": self.ub, "lb": self.best_lb, "relaxation_lb": self.relaxation_lb,
+        }
 
 
 def chosen_methods(grams: torch.Tensor, weights: torch.Tensor, k: int, methods: tuple[str, ...]) -> dict:
@@ -203,84 +192,36 @@ def solve_pruning_problems(
 
 
 def prune_bounds_layer(data: LayerData, config: PruneBoundsConfig, progress=None) -> dict:
-    """All problem sets of one layer, solved: ``{"summary": ..., "sets": [PruneProblemSet, ...]}``."""
-    count, live, dead = data.live_channels(config.num_output_channels)
-    sets: list[PruneProblemSet] = []
-    for scope, index, inputs in problem_scopes(data, config.opt_dim, config.max_whole_dim) if len(live) else []:
+    """All problem sets of one layer, solved (:func:`studies.problem_sets.solve_layer`): ``{"summary": ...,
+    "sets": [PruneProblemSet, ...]}``."""
+
+    def solve_scope(scope: str, index: int, inputs: torch.Tensor, live: torch.Tensor) -> PruneProblemSet:
         grams = data.channel_grams(live, inputs).cpu()
         weights = data.weights[live][:, inputs].cpu()
-        k = kept_weights(len(inputs), config.sparsity)
-        sets.append(_solve_set(scope, index, inputs, live.cpu(), grams, weights, k, config, progress))
-        if progress is not None:
-            progress.update(1)
-    summary = {
-        **data.description(count, dead),
-        "sparsity": config.sparsity,
-        "scopes": scope_summaries(sets),
-        "chunks": [
-            {"chunk": s.chunk, "inputs": list(s.inputs), "n": s.n, "k": s.k, **summarise([s])}
-            for s in sets if s.scope == "chunk"
-        ],
-    }
-    return {"summary": summary, "sets": sets}
+        return _solve_set(scope, index, inputs, live.cpu(), grams, weights, kept_weights(len(inputs), config.sparsity),
+                          config, progress)
+
+    return solve_layer(data, config, solve_scope, {"sparsity": config.sparsity}, progress)
 
 
 def _solve_set(scope, index, inputs, channels, grams, weights, k, config, progress=None) -> PruneProblemSet:
+    """:func:`solve_pruning_problems` on the problems with ``w'Gw > 0``; the others get error 0 from every method
+    (:func:`studies.problem_sets.solve_with_zero_energy`)."""
     r = torch.einsum("bi,bij,bj->b", weights, grams, weights)
-    solvable = (r > 0).nonzero()[:, 0]
     batch = weights.shape[0]
     exact = weights.shape[1] <= config.max_exact_dim
     methods = config.methods + (("exact",) if exact else ())
     zeros = torch.zeros(batch, dtype=torch.float64)
-    problem_set = PruneProblemSet(
-        scope=scope, chunk=index, inputs=(int(inputs[0]), int(inputs[-1])), channels=channels, grams=grams,
-        weights=weights, k=k, r=r, relaxation_lb=zeros.clone(), errors={m: zeros.clone() for m in methods},
-        x=torch.zeros_like(weights), ub=zeros.clone(), status=["zero_energy"] * batch,
-        exact_lb=zeros.clone() if exact else None,
+    defaults = {
+        "relaxation_lb": zeros.clone(), "errors": {m: zeros.clone() for m in methods}, "x": torch.zeros_like(weights),
+        "ub": zeros.clone(), "status": ["zero_energy"] * batch, "exact_lb": zeros.clone() if exact else None,
+        "seconds": {},
+    }
+    solved = solve_with_zero_energy(
+        defaults, r, lambda solvable: solve_pruning_problems(grams[solvable], weights[solvable], k, config, progress)
     )
-    if len(solvable) == 0:
-        return problem_set
-    solved = solve_pruning_problems(grams[solvable], weights[solvable], k, config, progress)
-    problem_set.relaxation_lb[solvable] = solved["relaxation_lb"]
-    for method in methods:
-        problem_set.errors[method][solvable] = solved["errors"][method]
-    problem_set.x[solvable] = solved["x"]
-    problem_set.ub[solvable] = solved["ub"]
-    if exact:
-        problem_set.exact_lb[solvable] = solved["exact_lb"]
-    for position, status in zip(solvable.tolist(), solved["status"]):
-        problem_set.status[position] = status
-    problem_set.seconds = solved["seconds"]
-    return problem_set
-
-
-def problem_arrays(layer_sets: list[tuple[int, PruneProblemSet]], layer_names: list[str]) -> dict[str, np.ndarray]:
-    """Every pruning problem of a run for the npz: ``G`` (= A'A), ``w``, ``r``, ``k``, best ``x``, ``ub``, ``lb``, ``status``.
-
-    Zero-padded to the largest ``n`` of a scope (``n`` gives each size); keys of whole-channel
-    problems start with ``whole_channel_``. ``lb`` is the best certified bound (relaxation or
-    branch and bound), ``relaxation_lb`` the relaxation's alone; ``error_<method>`` per method.
-    """
-    arrays: dict[str, np.ndarray] = {"layer_names": np.array(layer_names, dtype=str)}
-    for scope, prefix in (("chunk", ""), ("whole_channel", "whole_channel_")):
-        chosen = [(index, s) for index, s in layer_sets if s.scope == scope]
-        if not chosen:
-            continue
-        sets = [s for _, s in chosen]
-        size = max(s.n for s in sets)
-        stacked = {
-            "G": padded_stack([s.grams for s in sets], size),
-            "w": padded_stack([s.weights for s in sets], size),
-            "x": padded_stack([s.x for s in sets], size),
-            "r": np.concatenate([s.r.numpy() for s in sets]),
-            "k": np.concatenate([np.full(s.batch_size, s.k) for s in sets]),
-            "ub": np.concatenate([s.ub.numpy() for s in sets]),
-            "lb": np.concatenate([s.best_lb.numpy() for s in sets]),
-            "relaxation_lb": np.concatenate([s.relaxation_lb.numpy() for s in sets]),
-            **set_columns(chosen),
-        }
-        arrays.update({prefix + key: value for key, value in stacked.items()})
-    return arrays
+    return PruneProblemSet(scope=scope, chunk=index, inputs=(int(inputs[0]), int(inputs[-1])), channels=channels,
+                           grams=grams, weights=weights, k=k, r=r, **solved)
 
 
 def run_stem(model_name: str, config: PruneBoundsConfig) -> str:
@@ -290,6 +231,20 @@ def run_stem(model_name: str, config: PruneBoundsConfig) -> str:
     return stem + ("_methods-" + "+".join(config.methods) if config.methods != METHODS else "")
 
 
-def config_record(config: PruneBoundsConfig) -> dict:
-    """The config as a JSON-ready dict, with the node limit actually used (the solver's default for None)."""
-    return {**asdict(config), "node_limit": config.exact_node_limit, "methods": list(config.methods)}
+def plot_label(config: PruneBoundsConfig) -> str:
+    """The run's name in figures: ``pruning <sparsity in %>``."""
+    return f"pruning {format_percent(config.sparsity)}"
+
+
+def run_prune_bounds(layers: dict[str, LayerData], config: PruneBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
+    """The pruning-bounds study of ``layers`` (the CLI's ``prune-bounds-data-opt``): every layer solved and written
+    as it finishes (:func:`studies.bounds_run.run_layers`), a bar of problem sets when ``setup.progress``.
+
+    Returns the run's record and its files (named by :func:`run_stem`).
+    """
+    files = setup.files(run_stem(setup.model_name, config))
+    header = setup.header("pruning", config_record(config))
+    with sets_bar(problem_set_count(layers.values(), config.opt_dim, config.max_whole_dim), setup.progress) as bar:
+        record = run_layers(layers, lambda data: prune_bounds_layer(data, config, bar), setup.save_problems, header,
+                            files, plot_label(config))
+    return record, files

@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,28 +56,23 @@ from quantization.qp_bounds import (
 from quantization.qp_exact import DEFAULT_NODE_LIMIT, solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
-from studies.bounds_files import (
-    best_of,
-    check_exact_limits,
-    padded_stack,
-    problem_bar,
-    scope_summaries,
-    set_columns,
-    summarise,
-)
-from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes
+from studies.bounds_files import RunFiles, best_of, check_exact_limits, problem_bar
+from studies.bounds_run import RunSetup, run_layers, sets_bar
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes, problem_set_count
+from studies.problem_sets import ProblemSet, config_record, solve_layer, solve_with_zero_energy
 
 __all__ = [
     "METHODS",
     "SOLVERS",
-    "ProblemSet",
     "QuantBoundsConfig",
-    "config_record",
+    "QuantProblemSet",
     "layer_problem_sets",
     "layer_step_sizes",
-    "problem_arrays",
+    "plot_label",
     "quant_bounds_layer",
+    "run_quant_bounds",
     "run_stem",
+    "scope_problems",
     "solve_problems",
 ]
 
@@ -151,31 +146,17 @@ def layer_step_sizes(weights: torch.Tensor, n_bits: int, range_method: str, per_
     return step.expand(weights.shape[0]).to(weights.device)
 
 
-@dataclass
-class ProblemSet:
-    """A batch of problems of one size and everything computed for them (numpy-ready tensors on CPU)."""
+@dataclass(kw_only=True)
+class QuantProblemSet(ProblemSet):
+    """A batch of quantization problems of one size; ``status`` is the relaxation's, ``exact_status`` the
+    branch and bound's (tensors on the CPU)."""
 
-    scope: str  # "chunk" or "whole_channel"
-    chunk: int  # chunk index (-1 for whole channels)
-    inputs: tuple[int, int]  # first and last input index of the chunk
-    channels: torch.Tensor  # (B,) output channels
     step_size: torch.Tensor  # (B,)
     problems: QuadraticProblems  # with the b-bit box
-    lb: torch.Tensor  # (B,) certified lower bounds (>= 0)
-    lam: torch.Tensor  # (B, n) dual multipliers of lb
+    lam: torch.Tensor  # (B, n) dual multipliers of relaxation_lb
     mu: torch.Tensor  # (B, n) box multipliers (zeros without the box)
     origin: torch.Tensor  # (B, n)
-    status: list[str]
-    errors: dict[str, torch.Tensor]  # method -> (B,)
-    z: torch.Tensor  # (B, n) best integer point over all methods
-    ub: torch.Tensor  # (B,) f(z)
-    exact_status: list[str] = field(default_factory=list)
-    exact_lb: torch.Tensor | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return self.problems.batch_size
+    z: torch.Tensor  # (B, n) best integer point over all methods (and the exact solver)
 
     @property
     def n(self) -> int:
@@ -186,14 +167,18 @@ class ProblemSet:
         """``(B,)`` ``r``, the energy of each problem's (partial) output."""
         return self.problems.r
 
-    @property
-    def relaxation_lb(self) -> torch.Tensor:
-        return self.lb
-
-    @property
-    def best_lb(self) -> torch.Tensor:
-        """The best certified lower bound: the relaxation's, or the branch and bound's when larger."""
-        return self.lb if self.exact_lb is None else torch.maximum(self.lb, self.exact_lb)
+    def arrays(self) -> dict[str, torch.Tensor | np.ndarray]:
+        """``P, q, lo, hi, lam, mu, origin, z, r, step_size``, ``lb`` (the relaxation's), ``ub`` and, with the
+        exact solver, ``exact_status`` and ``exact_lb``."""
+        arrays = {
+            "P": self.problems.P, "q": self.problems.q, "lo": self.problems.lo, "hi": self.problems.hi,
+            "lam": self.lam, "mu": self.mu, "origin": self.origin, "z": self.z,
+            "r": self.problems.r, "step_size": self.step_size, "lb": self.relaxation_lb, "ub": self.ub,
+        }
+        if self.exact_status:
+            arrays["exact_status"] = np.array(self.exact_status, dtype=str)
+            arrays["exact_lb"] = self.exact_lb
+        return arrays
 
 
 def _cvxpy_bounds(problems: QuadraticProblems, solver: str, box: bool) -> tuple:
@@ -266,7 +251,7 @@ def solve_problems(
     """Lower bound, the chosen methods and (optionally) the exact optimum for a batch of boxed problems.
 
     ``problems`` must carry the ``n_bits`` box (the methods' feasible set); the relaxation uses it
-    only with ``config.box``. Returns a dict with ``lb, lam, mu, origin, status, errors, z, ub``,
+    only with ``config.box``. Returns a dict with ``relaxation_lb, lam, mu, origin, status, errors, z, ub``,
     the exact solver's ``exact_status`` and ``exact_lb`` (when run) and ``seconds`` per stage.
     ``progress``: the caller's bar of problem sets; when it is shown, a bar of the exact solver's
     problems is shown below it.
@@ -302,7 +287,8 @@ def solve_problems(
         seconds[method] = time.perf_counter() - start
     errors = {method: problems.objective(z) for method, z in points.items()}
     z, ub = best_of(points, errors)
-    result = {"lb": lb, "lam": lam, "mu": mu, "origin": origin, "status": status, "errors": errors, "z": z, "ub": ub}
+    result = {"relaxation_lb": lb, "lam": lam, "mu": mu, "origin": origin, "status": status, "errors": errors, "z": z,
+              "ub": ub}
     if config.exact:
         start = time.perf_counter()
         exact = []
@@ -313,7 +299,7 @@ def solve_problems(
                                            z0=z[index : index + 1])
                 bar.update(1)
         seconds["exact"] = time.perf_counter() - start
-        exact_z = torch.as_tensor(np.stack([e.z for e in exact]), dtype=torch.float64, device=P.device)
+        exact_z = torch.as_tensor(np.stack([e.x for e in exact]), dtype=torch.float64, device=P.device)
         exact_value = problems.objective(exact_z)
         errors["exact"] = exact_value
         result["z"], result["ub"] = best_of({"methods": z, "exact": exact_z}, {"methods": ub, "exact": exact_value})
@@ -324,45 +310,43 @@ def solve_problems(
     return result
 
 
+def scope_problems(
+    data: LayerData, channels: torch.Tensor, step: torch.Tensor, inputs: torch.Tensor, n_bits: int
+) -> tuple[QuadraticProblems, torch.Tensor]:
+    """The boxed problems of the inputs ``inputs`` of ``channels`` (steps ``step``) and their ``w / s``."""
+    weights = data.weights[channels][:, inputs]
+    problems = QuadraticProblems.from_gram(data.channel_grams(channels, inputs), weights, step, n_bits)
+    return problems, weights / step[:, None]
+
+
 def layer_problem_sets(data: LayerData, channels: torch.Tensor, step: torch.Tensor, config: QuantBoundsConfig):
     """Yield ``(scope, chunk, inputs, problems, w_over_s)`` for the chunks (and whole channels) of the layer."""
-    weights = data.weights[channels]
     for scope, index, inputs in problem_scopes(data, config.opt_dim, config.max_whole_dim):
-        grams = data.channel_grams(channels, inputs)
-        problems = QuadraticProblems.from_gram(grams, weights[:, inputs], step, config.n_bits)
-        yield scope, index, (int(inputs[0]), int(inputs[-1])), problems, weights[:, inputs] / step[:, None]
+        problems, w_over_s = scope_problems(data, channels, step, inputs, config.n_bits)
+        yield scope, index, (int(inputs[0]), int(inputs[-1])), problems, w_over_s
 
 
 def quant_bounds_layer(data: LayerData, config: QuantBoundsConfig, progress=None) -> dict:
-    """All problem sets of one layer, solved: ``{"summary": ..., "sets": [ProblemSet, ...]}``.
+    """All problem sets of one layer, solved (:func:`studies.problem_sets.solve_layer`): ``{"summary": ...,
+    "sets": [QuantProblemSet, ...]}``.
 
     ``progress`` (e.g. a tqdm bar) is advanced by one per problem set; with ``exact``, and when
     the bar is shown, a bar of the set's problems is shown below it.
     """
     generator = torch.Generator(device=data.weights.device).manual_seed(config.seed)
-    count, live, dead = data.live_channels(config.num_output_channels)
     step_all = layer_step_sizes(data.weights, config.n_bits, config.range_method, config.per_channel)
-    sets: list[ProblemSet] = []
-    if len(live):
+
+    def solve_scope(scope: str, index: int, inputs: torch.Tensor, live: torch.Tensor) -> QuantProblemSet:
         step = step_all[live]
-        for scope, index, inputs, problems, w_over_s in layer_problem_sets(data, live, step, config):
-            solvable = problems.r > 0
-            result = _solve_with_zero_energy(problems, w_over_s, solvable, config, generator, progress)
-            sets.append(
-                ProblemSet(
-                    scope=scope, chunk=index, inputs=inputs, channels=live.cpu(), step_size=step.cpu(),
-                    problems=problems.to("cpu"), **{k: _cpu(v) for k, v in result.items()},
-                )
-            )
-            if progress is not None:
-                progress.update(1)
-    summary = {
-        **data.description(count, dead),
-        "step_size": {"min": float(step_all.min()), "max": float(step_all.max())},
-        "scopes": scope_summaries(sets),
-        "chunks": [_chunk_record(s) for s in sets if s.scope == "chunk"],
-    }
-    return {"summary": summary, "sets": sets}
+        problems, w_over_s = scope_problems(data, live, step, inputs, config.n_bits)
+        result = _solve_with_zero_energy(problems, w_over_s, config, generator, progress)
+        return QuantProblemSet(
+            scope=scope, chunk=index, inputs=(int(inputs[0]), int(inputs[-1])), channels=live.cpu(),
+            step_size=step.cpu(), problems=problems.to("cpu"), **{k: _cpu(v) for k, v in result.items()},
+        )
+
+    extra = {"step_size": {"min": float(step_all.min()), "max": float(step_all.max())}}
+    return solve_layer(data, config, solve_scope, extra, progress)
 
 
 def _cpu(value):
@@ -376,46 +360,30 @@ def _cpu(value):
 def _solve_with_zero_energy(
     problems: QuadraticProblems,
     w_over_s: torch.Tensor,
-    solvable: torch.Tensor,
     config: QuantBoundsConfig,
     generator: torch.Generator,
     progress=None,
 ) -> dict:
-    """:func:`solve_problems` on the problems with ``r > 0``; the others get ``lb = 0`` and RTN for every method."""
+    """:func:`solve_problems` on the problems with ``r > 0``; the others get ``relaxation_lb = 0`` and RTN for every
+    method (:func:`studies.problem_sets.solve_with_zero_energy`)."""
     batch, n = problems.batch_size, problems.n
     rtn = torch.clamp(torch.round(w_over_s), problems.lo, problems.hi)
     rtn_value = problems.objective(rtn)
     zeros = torch.zeros(batch, n, dtype=torch.float64, device=w_over_s.device)
     methods = config.methods + (("exact",) if config.exact else ())
-    result = {
-        "lb": torch.zeros(batch, dtype=torch.float64, device=w_over_s.device),
+    defaults = {
+        "relaxation_lb": torch.zeros(batch, dtype=torch.float64, device=w_over_s.device),
         "lam": zeros.clone(), "mu": zeros.clone(), "origin": zeros.clone(),
         "status": ["zero_energy"] * batch,
         "errors": {m: rtn_value.clone() for m in methods},
         "z": rtn, "ub": rtn_value.clone(), "seconds": {},
     }
     if config.exact:
-        result["exact_lb"], result["exact_status"] = torch.zeros_like(rtn_value), ["zero_energy"] * batch
-    index = solvable.nonzero()[:, 0]
-    if len(index) == 0:
-        return result
-    solved = solve_problems(problems.select(index), w_over_s[index], config, generator, progress)
-    for key in ("lb", "lam", "mu", "origin", "z", "ub") + (("exact_lb",) if config.exact else ()):
-        result[key][index] = solved[key]
-    for method in methods:
-        result["errors"][method][index] = solved["errors"][method]
-    for position, value in zip(index.tolist(), solved["status"]):
-        result["status"][position] = value
-    if config.exact:
-        for position, value in zip(index.tolist(), solved["exact_status"]):
-            result["exact_status"][position] = value
-    result["seconds"] = solved["seconds"]
-    return result
-
-
-def _chunk_record(problem_set: ProblemSet) -> dict:
-    return {"chunk": problem_set.chunk, "inputs": list(problem_set.inputs), "n": problem_set.problems.n,
-            **summarise([problem_set])}
+        defaults["exact_lb"], defaults["exact_status"] = torch.zeros_like(rtn_value), ["zero_energy"] * batch
+    return solve_with_zero_energy(
+        defaults, problems.r,
+        lambda index: solve_problems(problems.select(index), w_over_s[index], config, generator, progress),
+    )
 
 
 def run_stem(model_name: str, config: QuantBoundsConfig) -> str:
@@ -430,46 +398,20 @@ def run_stem(model_name: str, config: QuantBoundsConfig) -> str:
     return "_".join(parts)
 
 
-def config_record(config: QuantBoundsConfig) -> dict:
-    """The config as a JSON-ready dict, with the node limit actually used (the solver's default for None)."""
-    return {**asdict(config), "node_limit": config.exact_node_limit, "methods": list(config.methods)}
+def plot_label(config: QuantBoundsConfig) -> str:
+    """The run's name in figures: ``INT<b>``."""
+    return f"INT{config.n_bits}"
 
 
-def problem_arrays(layer_sets: list[tuple[int, ProblemSet]], layer_names: list[str]) -> dict[str, np.ndarray]:
-    """Every problem of a run as stacked arrays for the npz (see :mod:`studies.bounds_files`).
+def run_quant_bounds(layers: dict[str, LayerData], config: QuantBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
+    """The quantization-bounds study of ``layers`` (the CLI's ``quant-bounds-data-opt``): every layer solved and
+    written as it finishes (:func:`studies.bounds_run.run_layers`), a bar of problem sets when ``setup.progress``.
 
-    Per scope (keys of whole-channel problems start with ``whole_channel_``): ``P, q, r, lo, hi``
-    (zero-padded to the largest ``n``; ``n`` gives each problem's size), ``layer`` (index into
-    ``layer_names``), ``channel``, ``chunk``, ``step_size``, the certified lower bound ``lb`` with
-    its multipliers ``lam``, ``mu`` and shift ``origin`` (:func:`quantization.qp_bounds.dual_bound`
-    of them reproduces ``lb``, which is clamped at 0), the relaxation's ``status``, with ``--exact``
-    the branch and bound's ``exact_lb`` and ``exact_status``, the best integer point ``z``
-    with its value ``ub``, and ``error_<method>`` for every method.
+    Returns the run's record and its files (named by :func:`run_stem`).
     """
-    arrays: dict[str, np.ndarray] = {"layer_names": np.array(layer_names, dtype=str)}
-    for scope, prefix in (("chunk", ""), ("whole_channel", "whole_channel_")):
-        chosen = [(index, s) for index, s in layer_sets if s.scope == scope]
-        if not chosen:
-            continue
-        sets = [s for _, s in chosen]
-        size = max(s.problems.n for s in sets)
-        stacked = {
-            "P": padded_stack([s.problems.P for s in sets], size),
-            "q": padded_stack([s.problems.q for s in sets], size),
-            "lo": padded_stack([s.problems.lo for s in sets], size),
-            "hi": padded_stack([s.problems.hi for s in sets], size),
-            "lam": padded_stack([s.lam for s in sets], size),
-            "mu": padded_stack([s.mu for s in sets], size),
-            "origin": padded_stack([s.origin for s in sets], size),
-            "z": padded_stack([s.z for s in sets], size),
-            "r": np.concatenate([s.problems.r.numpy() for s in sets]),
-            "step_size": np.concatenate([s.step_size.numpy() for s in sets]),
-            "lb": np.concatenate([s.lb.numpy() for s in sets]),
-            "ub": np.concatenate([s.ub.numpy() for s in sets]),
-            **set_columns(chosen),
-        }
-        if sets[0].exact_status:
-            stacked["exact_status"] = np.array([status for s in sets for status in s.exact_status], dtype=str)
-            stacked["exact_lb"] = np.concatenate([s.exact_lb.numpy() for s in sets])
-        arrays.update({prefix + key: value for key, value in stacked.items()})
-    return arrays
+    files = setup.files(run_stem(setup.model_name, config))
+    header = setup.header("quantization", config_record(config))
+    with sets_bar(problem_set_count(layers.values(), config.opt_dim, config.max_whole_dim), setup.progress) as bar:
+        record = run_layers(layers, lambda data: quant_bounds_layer(data, config, bar), setup.save_problems, header,
+                            files, plot_label(config))
+    return record, files

@@ -31,7 +31,8 @@ import torch
 from quantization import qp_exact
 from quantization.ptq_rounding import rectified_sigmoid
 from quantization.qp_bounds import qp_objective
-from quantization.qp_exact import DEFAULT_NODE_LIMIT, ExactResult
+from quantization.qp_exact import DEFAULT_NODE_LIMIT
+from utils.branch_and_bound import BranchAndBoundResult
 
 # --------------------------------------------------------------------------- the box search
 
@@ -132,7 +133,7 @@ def _box_branch_and_bound(
 
 def solve_exact_box(
     P, q, r, lo, hi, time_limit: float | None = None, node_limit: int = DEFAULT_NODE_LIMIT, z0=None
-) -> ExactResult:
+) -> BranchAndBoundResult:
     """:func:`quantization.qp_exact.solve_exact` with the box search instead of the ellipsoid search (module doc).
 
     Same arguments (without ``multipliers`` and ``basis``) and the same result contract:
@@ -146,7 +147,7 @@ def solve_exact_box(
     status, lb = _box_branch_and_bound(_BoxRelaxation(P, q, r, lo, hi), search, tolerance, deadline, node_limit)
     lb = min(lb, search.ub)
     seconds = time.perf_counter() - start_time
-    return ExactResult(search.best_z, float(search.ub), float(lb), status, search.nodes, seconds)
+    return BranchAndBoundResult(search.best_z, float(search.ub), float(lb), status, search.nodes, seconds)
 
 
 # --------------------------------------------------------------------------- AdaRound's loss for autograd

@@ -23,10 +23,9 @@ from click.testing import CliRunner
 import post_training_quant_acts_sqnr as cli_module
 from pruning import sparse_ls
 from quantization import qp_exact
+from studies.problem_sets import config_record
 from studies.prune_bounds import PruneBoundsConfig
-from studies.prune_bounds import config_record as prune_record
 from studies.quant_bounds import QuantBoundsConfig
-from studies.quant_bounds import config_record as quant_record
 
 TIMING_KEY = "seconds"  # the only measured quantity in the JSON (any depth) and the CSV (a column)
 COMMON = ["--num-samples", "2", "--device", "cpu", "--save-problems", "--no-progress"]
@@ -111,9 +110,9 @@ def test_results_do_not_depend_on_machine_load(case: str, tmp_path: Path) -> Non
 def test_default_limits_are_the_solvers_and_are_recorded() -> None:
     assert cli_module.QUANT_NODE_LIMIT == qp_exact.DEFAULT_NODE_LIMIT  # the numbers the CLI's help shows
     assert cli_module.PRUNE_NODE_LIMIT == sparse_ls.DEFAULT_NODE_LIMIT
-    quant = quant_record(QuantBoundsConfig(exact=True))
+    quant = config_record(QuantBoundsConfig(exact=True))
     assert (quant["node_limit"], quant["time_limit"]) == (qp_exact.DEFAULT_NODE_LIMIT, None)
-    prune = prune_record(PruneBoundsConfig(node_limit=7, time_limit=2.5))
+    prune = config_record(PruneBoundsConfig(node_limit=7, time_limit=2.5))
     assert (prune["node_limit"], prune["time_limit"]) == (7, 2.5)
     with pytest.raises(ValueError, match="node_limit"):
         QuantBoundsConfig(node_limit=0)

@@ -18,19 +18,19 @@ import torch
 from reference_solvers import solve_exact_box
 from threadpoolctl import threadpool_limits
 
+from quantization import qp_exact
 from quantization.ptq_rounding import one_opt, qp_objective, sequential_rounding
 from quantization.qp_bounds import QuadraticProblems, dual_bound, solve_dual
-from quantization import qp_exact
 from quantization.qp_exact import (
     BASES,
     DEFAULT_NODE_LIMIT,
-    ExactResult,
     box_multipliers,
     ellipsoid_bound,
     sdp_split,
     solve_exact,
     solve_exact_batch,
 )
+from utils.branch_and_bound import BranchAndBoundResult
 
 
 def _objective(P: np.ndarray, q: np.ndarray, r: float, Z: np.ndarray) -> np.ndarray:
@@ -78,8 +78,8 @@ def _ill_conditioned_problem(rng: np.random.Generator, n: int, bits: int, spread
     return P, -P @ w, float(w @ P @ w), lo, hi
 
 
-def _assert_feasible(result: ExactResult, P, q, r, lo, hi) -> None:
-    z = result.z
+def _assert_feasible(result: BranchAndBoundResult, P, q, r, lo, hi) -> None:
+    z = result.x
     assert np.array_equal(z, np.round(z)) and (z >= lo).all() and (z <= hi).all()
     assert result.ub == pytest.approx(float(_objective(P, q, r, z[None])[0]), rel=1e-12, abs=1e-14 * _scale(P, q, r, lo, hi))
     assert result.lb <= result.ub
@@ -88,7 +88,7 @@ def _assert_feasible(result: ExactResult, P, q, r, lo, hi) -> None:
 SEARCHES = [("ellipsoid", basis) for basis in BASES] + [("box", None)]  # box: the reference search (tests/)
 
 
-def _solve(node_bound: str, basis: str | None, *args, **kwargs) -> ExactResult:
+def _solve(node_bound: str, basis: str | None, *args, **kwargs) -> BranchAndBoundResult:
     """:func:`solve_exact` in ``basis``, or the reference box search for ``node_bound == "box"``."""
     return solve_exact_box(*args, **kwargs) if node_bound == "box" else solve_exact(*args, basis=basis, **kwargs)
 
@@ -170,7 +170,7 @@ def test_optimum_on_the_box_boundary() -> None:
     lo, hi = np.full(3, -4.0), np.full(3, 3.0)
     result = solve_exact(P, q, r, lo, hi)
     assert result.status == "optimal"
-    np.testing.assert_array_equal(result.z, [3.0, -4.0, 0.0])
+    np.testing.assert_array_equal(result.x, [3.0, -4.0, 0.0])
     assert result.ub == pytest.approx(_brute_force(P, q, r, lo, hi), rel=1e-12)
 
 
@@ -235,9 +235,9 @@ def test_bases_agree_on_ill_conditioned_mid_size_problems() -> None:
     assert results["auto"].nodes < 100_000
 
 
-def _key(result: ExactResult) -> tuple:
+def _key(result: BranchAndBoundResult) -> tuple:
     """Everything of a result but its time, bitwise."""
-    return result.z.tobytes(), result.ub, result.lb, result.status, result.nodes
+    return result.x.tobytes(), result.ub, result.lb, result.status, result.nodes
 
 
 def test_node_limit_results_do_not_depend_on_clock_threads_or_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,11 +256,13 @@ def test_node_limit_results_do_not_depend_on_clock_threads_or_load(monkeypatch: 
     clock = iter(np.arange(1e6) * 3600.0)
     monkeypatch.setattr(qp_exact, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         assert solve_all() == reference
         assert solve_exact(P, q, r, lo, hi, time_limit=1.0).status == "time_limit"  # the clock is read when asked
     finally:
+        torch.set_num_threads(threads)
         busy.kill()
         busy.wait()
     assert solve_all() == reference

@@ -53,7 +53,7 @@ def test_bounds_bracket_the_brute_force_optimum(box: bool, rank: int | None) -> 
     for b in range(problems.batch_size):
         optimum = brute_force_minimum(problems, b)
         tolerance = 1e-9 * float(problems.r[b])
-        assert 0.0 <= result["lb"][b] <= optimum + tolerance
+        assert 0.0 <= result["relaxation_lb"][b] <= optimum + tolerance
         assert result["exact_lb"][b] <= optimum + tolerance
         assert abs(float(result["errors"]["exact"][b]) - optimum) <= tolerance
         for method in METHODS:
@@ -70,11 +70,11 @@ def test_bounds_bracket_the_brute_force_optimum(box: bool, rank: int | None) -> 
         assert bool((eigenvalues[:, 0].abs() <= 1e-12 * eigenvalues[:, -1]).all())  # singular up to rounding
         assert set(result["status"]) <= {"infeasible", "numerical"}
         _, certified = dual_bound(problems, result["lam"], None, result["origin"])
-        assert not bool(certified.any()) and bool((result["lb"] == 0).all())
+        assert not bool(certified.any()) and bool((result["relaxation_lb"] == 0).all())
     if rank is None or box:  # certified (a rank-deficient P's bound may still be the trivial 0)
         assert set(result["status"]) == {"optimal"}
     if rank is None:
-        assert bool((result["lb"] > 0).all())
+        assert bool((result["relaxation_lb"] > 0).all())
 
 
 def test_cvxpy_reference_agrees_with_our_solver() -> None:
@@ -82,7 +82,7 @@ def test_cvxpy_reference_agrees_with_our_solver() -> None:
     generator = torch.Generator().manual_seed(0)
     ours = solve_problems(problems, w_over_s, QuantBoundsConfig(n_bits=4), generator)
     reference = solve_problems(problems, w_over_s, QuantBoundsConfig(n_bits=4, solver="clarabel"), generator)
-    assert torch.allclose(ours["lb"], reference["lb"], rtol=1e-3)
+    assert torch.allclose(ours["relaxation_lb"], reference["relaxation_lb"], rtol=1e-3)
     assert reference["status"] == ["optimal"] * 3
 
 
@@ -322,7 +322,6 @@ def test_problem_files_one_per_layer_hold_the_problems(tmp_path: Path) -> None:
     """run_layers with --save-problems: one npz per finished layer and an index; the arrays are the solved problems."""
     from studies.bounds_files import RunFiles, layer_problem_files, read_layer_problems
     from studies.bounds_run import run_layers
-    from studies.quant_bounds import problem_arrays
 
     torch.manual_seed(0)
     model = TinyNet().double()
@@ -339,7 +338,7 @@ def test_problem_files_one_per_layer_hold_the_problems(tmp_path: Path) -> None:
     stale.parent.mkdir()
     stale.write_bytes(b"old")
     (files.problems_index).write_text(json.dumps({"layers": [{"file": stale.name}]}))
-    run_layers(data, solve, problem_arrays, {"model": "tiny"}, files, "INT3")
+    run_layers(data, solve, True, {"model": "tiny"}, files, "INT3")
     assert not stale.exists()  # the earlier run's files of this stem are gone
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"quant_bounds_tiny_3bits_opt9.5{suffix}" for suffix in (".json", ".csv", ".png", ".pdf", "_problems")
@@ -366,7 +365,8 @@ def test_problem_files_one_per_layer_hold_the_problems(tmp_path: Path) -> None:
                     assert not stored[prefix + "P"][i, n:].any() and not stored[prefix + "P"][i, :, n:].any()
                     np.testing.assert_array_equal(stored[prefix + "q"][i, :n], s.problems.q[b].numpy())
                     np.testing.assert_array_equal(stored[prefix + "z"][i, :n], s.z[b].numpy())
-                    for key, value in (("r", s.problems.r), ("lb", s.lb), ("ub", s.ub), ("step_size", s.step_size)):
+                    for key, value in (("r", s.problems.r), ("lb", s.relaxation_lb), ("ub", s.ub),
+                                       ("step_size", s.step_size)):
                         assert stored[prefix + key][i] == float(value[b]), key
                     for method in METHODS:
                         assert stored[prefix + f"error_{method}"][i] == float(s.errors[method][b])
@@ -398,4 +398,4 @@ def test_a_relaxation_without_a_finite_point_still_gets_every_method(monkeypatch
     best = torch.stack([result["errors"][m] for m in METHODS]).amin(0)
     torch.testing.assert_close(result["ub"], best)
     assert float(result["errors"]["sdp_rounding"][1]) <= float(result["errors"]["rtn"][1]) + 1e-12
-    torch.testing.assert_close(result["lb"][[0, 2, 3]], reference["lb"][[0, 2, 3]])
+    torch.testing.assert_close(result["relaxation_lb"][[0, 2, 3]], reference["relaxation_lb"][[0, 2, 3]])
