@@ -202,6 +202,27 @@ def test_resume_with_other_options_says_which(small_digits: Path, tmp_path: Path
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_checkpoint_from_before_an_option_existed_resumes(small_digits: Path, tmp_path: Path) -> None:
+    """An option missing from the checkpoint counts with its default; one no version knows is named."""
+    out = tmp_path / "run"
+    args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
+            "--save-checkpoint-dir", str(out), "--no-reestimate-bn-stats"]  # fmt: skip
+    _invoke(args + ["--max-epochs", "1"])
+    checkpoint = _checkpoint(out / "last.pt")
+    checkpoint["options"]["max_epochs"] = 2  # as if interrupted after the first of two epochs
+    del checkpoint["options"]["quant_weight_decay"]  # as if written before the option existed (default 0.0)
+    torch.save(checkpoint, out / "old.pt")
+    resumed = CliRunner().invoke(cli, args + ["--max-epochs", "2", "--resume", str(out / "old.pt")])
+    assert resumed.exit_code == 0, resumed.output
+    assert _checkpoint(out / "last.pt")["epoch"] == 2
+    changed = CliRunner().invoke(cli, args + ["--max-epochs", "2", "--quant-weight-decay", "0.1", "--resume", str(out / "old.pt")])
+    assert changed.exit_code == 1 and "--quant-weight-decay: 0.0 (checkpoint) vs 0.1 (now)" in changed.output
+    checkpoint["options"]["dropout_rate"] = 0.5
+    torch.save(checkpoint, out / "other.pt")
+    unknown = CliRunner().invoke(cli, args + ["--max-epochs", "2", "--resume", str(out / "other.pt")])
+    assert unknown.exit_code == 1 and "unknown options dropout_rate" in unknown.output and "Traceback" not in unknown.output
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_digits: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     out = tmp_path / "run"

@@ -140,13 +140,36 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def saved_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """The options stored in a checkpoint, as today's fields.
+
+    An option added after the checkpoint was written takes its default (the behaviour the run
+    had then). Raises ``ValueError`` (one line) naming the options this version does not know
+    (a checkpoint of a newer version, or an option renamed since).
+    """
+    fields = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    options = dict(fields)
+    unknown = []
+    for key, value in saved.items():
+        if key in fields:
+            options[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"unknown options {', '.join(sorted(unknown))} (written by another train-compressed)")
+    return options
+
+
 def differing_options(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """``--option: checkpoint value -> current value`` for every result-shaping option that differs."""
+    """``--option: checkpoint value -> current value`` for every result-shaping option that differs.
+
+    Options missing from the checkpoint count with their defaults (see :func:`saved_options`).
+    """
+    saved = saved_options(saved)
     differences = []
     for key, value in current.as_dict().items():
         if key in RESUMABLE_CHANGES:
             continue
-        old = saved.get(key, "<missing>")
-        if old != value:
-            differences.append(f"--{key.replace('_', '-')}: {old} (checkpoint) vs {value} (now)")
+        if saved[key] != value:
+            differences.append(f"--{key.replace('_', '-')}: {saved[key]} (checkpoint) vs {value} (now)")
     return differences

@@ -39,7 +39,7 @@ from training.builders import (
     output_classes,
 )
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import TrainConfig, differing_options
+from training.config import TrainConfig, differing_options, saved_options
 from training.data import DataLoaders, SkipRecorder, TrainUse, build_loaders, check_images_dir
 from training.distributed import (
     DistributedContext,
@@ -299,7 +299,10 @@ def _freeze_input_quantizers(model: nn.Module) -> None:
 
 def _load_resume_checkpoint(config: TrainConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(Path(config.resume))
-    differences = differing_options(checkpoint["options"], config)
+    try:
+        differences = differing_options(checkpoint["options"], config)
+    except ValueError as error:
+        raise TrainingError(f"cannot resume from {config.resume}: {error}") from None
     if differences:
         raise TrainingError(f"cannot resume from {config.resume}, options differ: " + "; ".join(differences))
     if checkpoint["epoch"] >= config.max_epochs:
@@ -388,9 +391,9 @@ def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
     """The compressed model of a checkpoint (CPU, eval mode) and the options it was trained with."""
     checkpoint = load_checkpoint(checkpoint_path)
     try:
-        config = TrainConfig(**checkpoint["options"])
-    except TypeError:
-        raise TrainingError(f"{checkpoint_path} was written by another train-compressed (unknown options)") from None
+        config = TrainConfig(**saved_options(checkpoint["options"]))
+    except ValueError as error:
+        raise TrainingError(f"{checkpoint_path}: {error}") from None
     model = build_compressed_model(config, for_state_dict=True, num_classes=checkpoint.get("num_classes"))
     try:
         model.load_state_dict(checkpoint["model"])
