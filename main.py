@@ -42,8 +42,8 @@ def predict(model_name: str, images: tuple[Path, ...], top_k: int, device: torch
     """Classify images with a pretrained ImageNet model (a check that its weights load correctly)."""
     from PIL import Image, UnidentifiedImageError
 
-    from models import UnknownModelError, WeightsUnavailableError, check_model_name, load_model
-    from utils.images import SAMPLE_PHOTOS, imagenet_class_names, imagenet_eval_transform, load_sample_photo
+    from models import UnknownModelError, WeightsUnavailableError, check_model_name, eval_transform, load_model
+    from utils.images import SAMPLE_PHOTOS, imagenet_class_names, load_sample_photo
 
     try:
         check_model_name(model_name, "classification")
@@ -53,7 +53,7 @@ def predict(model_name: str, images: tuple[Path, ...], top_k: int, device: torch
         model = load_model(model_name).to(device)
     except WeightsUnavailableError as error:
         raise click.ClickException(str(error)) from None
-    transform = imagenet_eval_transform()
+    transform = eval_transform(model_name)
     try:
         photos = {str(path): Image.open(path).convert("RGB") for path in images} or {
             name: load_sample_photo(name) for name in SAMPLE_PHOTOS

@@ -6,6 +6,7 @@ from .registry import (  # noqa: F401  (the package's public API)
     UnsafeCheckpointError,
     WeightsUnavailableError,
     check_model_name,
+    eval_transform,
     is_weights_available,
     list_models,
     load_model,

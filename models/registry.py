@@ -49,6 +49,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "WeightsUnavailableError",
     "check_model_name",
+    "eval_transform",
     "is_weights_available",
     "list_models",
     "load_model",
@@ -122,6 +123,7 @@ class _Entry:
     weights: WeightsEnum | None
     build: Callable[[bool, bool], nn.Module]
     bundled_available: Callable[[], bool] = lambda: True
+    eval_sizes: Callable[[], tuple[int, int]] = lambda: (224, 256)  # (crop, resize) of a bundled model's evaluation
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -143,21 +145,25 @@ def _add_entry(entry: _Entry) -> None:
 
 
 def register_model(
-    name: str, task: str, available: Callable[[], bool] = lambda: True
+    name: str,
+    task: str,
+    available: Callable[[], bool] = lambda: True,
+    eval_sizes: Callable[[], tuple[int, int]] = lambda: (224, 256),
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register a model whose weights ship with its code (available offline once installed).
 
     The decorated function is called as ``builder(pretrained)`` and must return the
     model, loading its bundled weights when ``pretrained`` is true (raising
     :class:`WeightsUnavailableError` when they are not installed). ``available()`` tells
-    whether the bundled weights are installed. Example::
+    whether the bundled weights are installed; ``eval_sizes()`` gives ``(crop, resize)`` of the
+    model's evaluation preprocessing (:func:`eval_transform`). Example::
 
         @register_model("efficientnet_lite0", task="classification")
         def _efficientnet_lite0(pretrained: bool) -> nn.Module: ...
     """
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
-        _add_entry(_Entry(name, task, None, lambda pretrained, _download: builder(pretrained), available))
+        _add_entry(_Entry(name, task, None, lambda pretrained, _download: builder(pretrained), available, eval_sizes))
         return builder
 
     return decorator
@@ -248,6 +254,18 @@ def model_task(name: str) -> str:
 def model_weights(name: str) -> WeightsEnum | None:
     """torchvision DEFAULT weights enum of ``name`` (transforms, categories, metrics); ``None`` if bundled."""
     return _entry(name).weights
+
+
+def eval_transform(name: str) -> Callable:
+    """The evaluation preprocessing of classifier ``name`` (PIL image -> normalised tensor): the
+    transforms of its torchvision weights, or for a bundled model the ImageNet preprocessing at its
+    own resolution (e.g. 240 px for EfficientNet-Lite1)."""
+    from utils.images import imagenet_eval_transform  # lazy: utils.images imports the registry's users
+
+    entry = _entry(name)
+    if entry.weights is not None:
+        return entry.weights.transforms()
+    return imagenet_eval_transform(*entry.eval_sizes())
 
 
 def is_weights_available(name: str) -> bool:
@@ -395,7 +413,12 @@ def _register_efficientnet_lite(variant: int) -> None:
     def installed() -> bool:
         return importlib.util.find_spec(package) is not None
 
-    @register_model(f"efficientnet_lite{variant}", task="classification", available=installed)
+    def sizes() -> tuple[int, int]:
+        from .efficientnet_lite import eval_sizes
+
+        return eval_sizes(variant)
+
+    @register_model(f"efficientnet_lite{variant}", task="classification", available=installed, eval_sizes=sizes)
     def build(pretrained: bool) -> nn.Module:
         from .efficientnet_lite import efficientnet_lite  # lazy: the registry must import without it
 

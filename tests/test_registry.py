@@ -106,7 +106,7 @@ def test_registry_covers_torchvision_zoo() -> None:
         assert model_task(name) == task
         assert name in list_models(task)
     assert names == sorted(names)
-    assert not any(name.startswith("quantized_") or name.startswith("raft_") for name in names)
+    assert not any(name.startswith(("quantized_", "raft_")) for name in names)
     assert model_weights("resnet18") is torchvision.models.ResNet18_Weights.DEFAULT
     assert model_weights("efficientnet_lite0") is None
     with pytest.raises(ValueError, match="unknown task"):
@@ -330,3 +330,16 @@ def test_missing_weights_package_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
         load_model("efficientnet_lite2")
     assert "\n" not in str(info.value)
     assert load_model("efficientnet_lite2", pretrained=False)(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_eval_transform_is_each_models_own_preprocessing() -> None:
+    """Bundled models at their own resolution (resize = crop + 32), torchvision models by their weights' transforms."""
+    from PIL import Image
+
+    from models import eval_transform
+
+    photo = Image.new("RGB", (300, 200), (120, 60, 30))
+    for variant, size in ((0, 224), (1, 240), (2, 260)):
+        assert eval_transform(f"efficientnet_lite{variant}")(photo).shape == (3, size, size)
+    assert eval_transform("efficientnet_b3")(photo).shape == (3, 300, 300)  # torchvision: crop 300, resize 320
+    assert eval_transform("resnet50")(photo).shape == (3, 224, 224)
