@@ -101,6 +101,29 @@ def _check_pruning_epochs(options: dict, given: set[str]) -> None:
             )
 
 
+def _check_bit_policy(options: dict, checkpoint: Path | None = None) -> None:
+    """A usage error (exit 2) for a ``--bit-policy`` file that is unreadable or does not fit the model; before any work.
+
+    With a checkpoint, the model is the checkpoint's: only the file itself is checked here.
+    """
+    from training.builders import SetupError, UnknownArchitectureError, check_bit_policy, compression_spec
+    from training.cli_options import config_from_options
+
+    if options.get("bit_policy") is None:
+        return
+    config = config_from_options(**options)
+    try:
+        if checkpoint is not None:
+            compression_spec(config)
+        else:
+            check_bit_policy(config)
+    except UnknownArchitectureError as error:
+        raise click.BadParameter(str(error), param_hint="'--architecture'") from None
+    except SetupError as error:
+        message = str(error).removeprefix("--bit-policy: ").removeprefix(f"--bit-policy {config.bit_policy}: ")
+        raise click.BadParameter(message, param_hint="'--bit-policy'") from None
+
+
 def _compression_errors():
     """The one-line errors of the training package, for ``click.ClickException``."""
     from models import UnknownModelError, WeightsUnavailableError
@@ -134,6 +157,7 @@ def train_compressed(ctx: click.Context, **options) -> None:
     _check_pruning_epochs(options, _given_options(ctx))
     _check_output(options["save_checkpoint_dir"], "dir", "--save-checkpoint-dir")
     _check_output(options["tb_logging_dir"], "dir", "--tb-logging-dir")
+    _check_bit_policy(options)
     try:
         summary = train(config_from_options(**options))
     except UnknownArchitectureError as error:
@@ -159,7 +183,7 @@ def train_compressed(ctx: click.Context, **options) -> None:
                    "--progress-bar, --seed and --deterministic apply. Without it: the pretrained model "
                    "compressed without training.")  # fmt: skip
 @click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write top-1, top-5, loss, per-layer sparsity and bits here.")  # fmt: skip
+              help="Write top-1, top-5, loss, and per layer its sparsity, weight_bits and act_bits (null: float) here.")  # fmt: skip
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | None, **options) -> None:
     """Score a checkpoint, or the post-training compressed pretrained model, on --images-dir/val."""
@@ -170,6 +194,7 @@ def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | No
     from utils.io import write_json
 
     _check_output(output_json, "file", "--output-json")
+    _check_bit_policy(options, checkpoint)
     try:
         result = evaluate_run(config_from_options(**options), checkpoint, _given_options(ctx))
         if output_json is not None and is_main_process():

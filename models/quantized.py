@@ -1,13 +1,16 @@
-"""Quantized and prunable copies of a classifier's Conv2d/Linear layers, batch-norm folding and re-estimation.
+"""Quantized and prunable copies of a classifier's weight layers, batch-norm folding and re-estimation.
 
-:func:`compress_model` replaces every ``nn.Conv2d`` and ``nn.Linear`` of a model (torchvision
-ResNets and MobileNet-V2, our EfficientNet-Lite0, or any model built from those layers) by a
-:class:`QuantizedConv2d` / :class:`QuantizedLinear` that keeps the original weight and bias
-parameters and adds, each optional:
+:func:`compress_model` replaces every weight layer of the weight study (``nn.Conv1d/2d/3d``,
+``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``: torchvision ResNets and MobileNet-V2, our
+EfficientNet-Lite0, or any model built from those layers) by its compressed copy
+(:class:`QuantizedConv2d`, :class:`QuantizedLinear`, ...; see :data:`COMPRESSED_TYPES`) that keeps
+the original weight and bias parameters and adds, each optional:
 
-* ``weight_quantizer``: a :class:`quantization.fake_quant.FakeQuantizer` applied to the weight
-  (initialised from the weight with the configured range estimator, then frozen, so its step
-  size is learned - LSQ);
+* ``weight_quantizer``: a fake quantizer applied to the weight, made by the spec's
+  ``quantizer_factory`` (default :class:`quantization.fake_quant.FakeQuantizer`; initialised
+  from the weight with the configured range estimator, then frozen, so its step size is
+  learned - LSQ). Per-channel step sizes run along the layer's output channels (axis 1 of a
+  ConvTranspose weight);
 * ``input_quantizer``: a fake quantizer of the layer's input activation (its range is
   estimated on data with :func:`calibrate_input_quantizers`);
 * ``weight_mask``: a boolean buffer shaped like the weight, ``True`` where the weight is kept
@@ -23,9 +26,13 @@ Which layers are quantized at which bit-width (``quant_setup``):
 * ``FP_logits`` - every layer at ``n_bits`` except the last (the classifier), kept in floating point;
 * ``FP_first_last`` - the first and the last layer in floating point, the others at ``n_bits``.
 
-"First" and "last" are the first and last Conv2d/Linear in module order, which is the
+"First" and "last" are the first and last compressed layer in module order, which is the
 execution order for the supported architectures. Activation quantizers follow the same rule
-with the activation bit-width.
+with the activation bit-width. A :class:`models.bit_policy.BitPolicy` (``spec.bit_policy``)
+then overrides the bit-widths of the layers it names; the others keep the ``quant_setup`` ones.
+
+A subclass of those layer types (its forward is unknown, e.g. the output projection of
+``nn.MultiheadAttention``) is left in floating point, named in one warning line.
 
 Batch norm is kept as a separate layer by default (the paper), or folded into the preceding
 convolution before quantization (:func:`fold_batch_norms`, deployment style: the quantized
@@ -36,26 +43,37 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import weight_layers
+from models.bit_policy import BitPolicy, apply_bit_policy, check_policy_layers
+from models.layers import output_channel_axis, weight_layers
 from quantization.fake_quant import FakeQuantizer, QuantizerConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "COMPRESSED_TYPES",
     "CompressionSpec",
+    "LayerQuantizer",
     "QuantSetup",
+    "QuantizedConv1d",
     "QuantizedConv2d",
+    "QuantizedConv3d",
+    "QuantizedConvTranspose1d",
+    "QuantizedConvTranspose2d",
+    "QuantizedConvTranspose3d",
     "QuantizedLinear",
+    "QuantizerFactory",
     "calibrate_input_quantizers",
     "compress_model",
     "compressed_layers",
+    "compressible_layers",
     "find_conv_bn_pairs",
     "fold_batch_norms",
     "layer_bit_widths",
@@ -89,12 +107,39 @@ def layer_bit_widths(layer_names: list[str], n_bits: int, setup: QuantSetup | st
     return bits
 
 
+@runtime_checkable
+class LayerQuantizer(Protocol):
+    """What a compressed layer needs of a fake quantizer (an ``nn.Module`` called on the tensor).
+
+    Its learnable parameters (those with ``requires_grad``) are its step sizes: they join the
+    quantizer optimizer (:func:`training.builders.step_size_parameters`).
+    """
+
+    @property
+    def n_bits(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def estimate_range(self, x: torch.Tensor) -> None: ...
+
+    def start_estimating(self) -> None: ...
+
+    def freeze_range(self) -> None: ...
+
+
+# ``factory(config, shape)``: the quantizer of one tensor; ``shape`` is the weight's shape, ``None`` for an input.
+QuantizerFactory = Callable[[QuantizerConfig, Sequence[int] | None], nn.Module]
+
+
 @dataclass(frozen=True)
 class CompressionSpec:
     """How :func:`compress_model` converts a model.
 
     ``weight_quant`` / ``act_quant`` are the quantizer templates (``None``: no quantization);
-    their ``n_bits`` is the bit-width of the body, ``quant_setup`` decides the first and last layer.
+    their ``n_bits`` is the bit-width of the body, ``quant_setup`` decides the first and last layer,
+    ``bit_policy`` (optional) overrides the layers it names. ``quantizer_factory`` makes every
+    quantizer from its config (a weight quantizer's granularity axis set to the layer's output
+    channels) and the tensor shape.
     """
 
     weight_quant: QuantizerConfig | None = None
@@ -102,19 +147,30 @@ class CompressionSpec:
     quant_setup: QuantSetup = QuantSetup.LSQ_PAPER
     prune: bool = False
     fold_bn: bool = False
+    bit_policy: BitPolicy | None = None
+    quantizer_factory: QuantizerFactory = FakeQuantizer
 
 
 class _CompressedLayer:
-    """The parts shared by :class:`QuantizedConv2d` and :class:`QuantizedLinear`."""
+    """The parts shared by every compressed layer type."""
 
     weight: nn.Parameter
     weight_mask: torch.Tensor | None
-    weight_quantizer: FakeQuantizer | None
-    input_quantizer: FakeQuantizer | None
+    weight_quantizer: nn.Module | None
+    input_quantizer: nn.Module | None
 
-    def _attach(self, weight_quant: QuantizerConfig | None, act_quant: QuantizerConfig | None, prune: bool) -> None:
-        self.weight_quantizer = FakeQuantizer(weight_quant) if weight_quant is not None else None
-        self.input_quantizer = FakeQuantizer(act_quant) if act_quant is not None else None
+    def _attach(
+        self,
+        weight_quant: QuantizerConfig | None,
+        act_quant: QuantizerConfig | None,
+        prune: bool,
+        factory: QuantizerFactory = FakeQuantizer,
+    ) -> None:
+        if weight_quant is not None and not weight_quant.granularity.is_per_tensor:
+            axis = output_channel_axis(self)  # type: ignore[arg-type]
+            weight_quant = dataclasses.replace(weight_quant, granularity=dataclasses.replace(weight_quant.granularity, axis=axis))
+        self.weight_quantizer = factory(weight_quant, tuple(self.weight.shape)) if weight_quant is not None else None
+        self.input_quantizer = factory(act_quant, None) if act_quant is not None else None
         mask = torch.ones_like(self.weight, dtype=torch.bool) if prune else None
         self.register_buffer("weight_mask", mask)  # type: ignore[attr-defined]
         if self.weight_quantizer is not None:
@@ -133,24 +189,85 @@ class _CompressedLayer:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
 
-class QuantizedConv2d(_CompressedLayer, nn.Conv2d):
-    """``nn.Conv2d`` with optional weight/input fake quantization and a pruning mask."""
+class _CompressedConv(_CompressedLayer):
+    """``from_float`` of the convolutions (plain and transposed): same geometry, the original parameters."""
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, weight_quant: QuantizerConfig | None, act_quant: QuantizerConfig | None, prune: bool
-    ) -> QuantizedConv2d:
+        cls,
+        conv: nn.modules.conv._ConvNd,
+        weight_quant: QuantizerConfig | None,
+        act_quant: QuantizerConfig | None,
+        prune: bool,
+        factory: QuantizerFactory = FakeQuantizer,
+    ) -> nn.Module:
+        extra = {"output_padding": conv.output_padding} if conv.transposed else {}
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device="meta",
+            device="meta", **extra,
         )  # fmt: skip
         layer.weight, layer.bias = conv.weight, conv.bias
-        layer._attach(weight_quant, act_quant, prune)
+        layer._attach(weight_quant, act_quant, prune, factory)
         return layer.train(conv.training)
+
+
+class QuantizedConv1d(_CompressedConv, nn.Conv1d):
+    """``nn.Conv1d`` with optional weight/input fake quantization and a pruning mask."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+class QuantizedConv2d(_CompressedConv, nn.Conv2d):
+    """``nn.Conv2d`` with optional weight/input fake quantization and a pruning mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+class QuantizedConv3d(_CompressedConv, nn.Conv3d):
+    """``nn.Conv3d`` with optional weight/input fake quantization and a pruning mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+class _CompressedConvTranspose(_CompressedConv):
+    """The transposed convolutions' forward (as torch's, with the effective weight and quantized input)."""
+
+    _spatial_dims: int
+    _functional: Callable[..., torch.Tensor]
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":  # type: ignore[attr-defined]
+            raise ValueError(f"only 'zeros' padding mode is supported for {type(self).__name__}")
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation  # type: ignore[attr-defined]
+        )
+        return type(self)._functional(self.quantize_input(x), self.effective_weight(), self.bias, self.stride,  # type: ignore[attr-defined]
+                                      self.padding, output_padding, self.groups, self.dilation)  # type: ignore[attr-defined]  # fmt: skip
+
+
+class QuantizedConvTranspose1d(_CompressedConvTranspose, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with optional weight/input fake quantization and a pruning mask."""
+
+    _spatial_dims = 1
+    _functional = staticmethod(F.conv_transpose1d)
+
+
+class QuantizedConvTranspose2d(_CompressedConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with optional weight/input fake quantization and a pruning mask."""
+
+    _spatial_dims = 2
+    _functional = staticmethod(F.conv_transpose2d)
+
+
+class QuantizedConvTranspose3d(_CompressedConvTranspose, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with optional weight/input fake quantization and a pruning mask."""
+
+    _spatial_dims = 3
+    _functional = staticmethod(F.conv_transpose3d)
 
 
 class QuantizedLinear(_CompressedLayer, nn.Linear):
@@ -158,20 +275,48 @@ class QuantizedLinear(_CompressedLayer, nn.Linear):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, weight_quant: QuantizerConfig | None, act_quant: QuantizerConfig | None, prune: bool
+        cls,
+        linear: nn.Linear,
+        weight_quant: QuantizerConfig | None,
+        act_quant: QuantizerConfig | None,
+        prune: bool,
+        factory: QuantizerFactory = FakeQuantizer,
     ) -> QuantizedLinear:
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer._attach(weight_quant, act_quant, prune)
+        layer._attach(weight_quant, act_quant, prune, factory)
         return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
 
 
-def compressed_layers(model: nn.Module) -> dict[str, QuantizedConv2d | QuantizedLinear]:
-    """The :class:`QuantizedConv2d` / :class:`QuantizedLinear` layers of ``model`` by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantizedConv2d, QuantizedLinear))}
+# float layer type -> its compressed copy (exact types: a subclass may compute something else)
+COMPRESSED_TYPES: dict[type[nn.Module], type[_CompressedLayer]] = {
+    nn.Conv1d: QuantizedConv1d,
+    nn.Conv2d: QuantizedConv2d,
+    nn.Conv3d: QuantizedConv3d,
+    nn.ConvTranspose1d: QuantizedConvTranspose1d,
+    nn.ConvTranspose2d: QuantizedConvTranspose2d,
+    nn.ConvTranspose3d: QuantizedConvTranspose3d,
+    nn.Linear: QuantizedLinear,
+}
+
+
+def compressed_layers(model: nn.Module) -> dict[str, _CompressedLayer]:
+    """The compressed layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _CompressedLayer)}
+
+
+def compressible_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The weight layers :func:`compress_model` replaces by name, and those it leaves in float (name -> type name)."""
+    layers, skipped = {}, {}
+    for name, module in weight_layers(model):
+        if type(module) in COMPRESSED_TYPES:
+            layers[name] = module
+        else:
+            skipped[name] = type(module).__name__
+    return layers, skipped
 
 
 @torch.no_grad()
@@ -238,7 +383,7 @@ def fold_batch_norms(model: nn.Module, example_input: torch.Tensor) -> list[tupl
 
 
 def compress_model(model: nn.Module, spec: CompressionSpec, example_input: torch.Tensor | None = None) -> dict[str, nn.Module]:
-    """Replace the Conv2d/Linear layers of ``model`` in place by compressed copies (see the module doc).
+    """Replace the weight layers of ``model`` in place by compressed copies (see the module doc).
 
     ``example_input`` (one small batch) is needed only for ``spec.fold_bn``. Weight quantizers
     are initialised from the (folded) weights and frozen; input quantizers still estimate
@@ -250,21 +395,25 @@ def compress_model(model: nn.Module, spec: CompressionSpec, example_input: torch
         if example_input is None:
             raise ValueError("folding batch norm needs an example input")
         fold_batch_norms(model, example_input)
-    layers = {name: m for name, m in weight_layers(model) if type(m) in (nn.Conv2d, nn.Linear)}
-    skipped = [name for name, _ in weight_layers(model) if name not in layers]
-    if skipped:
-        logger.warning("not compressed (only Conv2d and Linear are supported): %s", ", ".join(skipped))
+    layers, skipped = compressible_layers(model)
     names = list(layers)
+    if spec.bit_policy is not None:
+        check_policy_layers(spec.bit_policy, names, skipped, spec.weight_quant is not None, spec.act_quant is not None)
+    if skipped:
+        logger.warning("not compressed (subclasses of the supported layer types compute an unknown forward): %s",
+                       ", ".join(f"{name} ({kind})" for name, kind in skipped.items()))  # fmt: skip
     weight_bits = layer_bit_widths(names, spec.weight_quant.n_bits, spec.quant_setup) if spec.weight_quant else {}
     act_bits = layer_bit_widths(names, spec.act_quant.n_bits, spec.quant_setup) if spec.act_quant else {}
+    if spec.bit_policy is not None:
+        weight_bits, act_bits = apply_bit_policy(spec.bit_policy, weight_bits, act_bits)
     new_layers: dict[str, nn.Module] = {}
     for name in names:
         w_bits, a_bits = weight_bits.get(name), act_bits.get(name)
         w_config = dataclasses.replace(spec.weight_quant, n_bits=w_bits) if w_bits is not None else None
         a_config = dataclasses.replace(spec.act_quant, n_bits=a_bits) if a_bits is not None else None
         layer = layers[name]
-        cls = QuantizedConv2d if isinstance(layer, nn.Conv2d) else QuantizedLinear
-        new_layers[name] = cls.from_float(layer, w_config, a_config, spec.prune)
+        cls = COMPRESSED_TYPES[type(layer)]
+        new_layers[name] = cls.from_float(layer, w_config, a_config, spec.prune, spec.quantizer_factory)  # type: ignore[attr-defined]
         model.set_submodule(name, new_layers[name])
     return new_layers
 
@@ -344,7 +493,7 @@ def layer_report(model: nn.Module) -> dict[str, dict[str, float | int | None]]:
             report[name] = {
                 "numel": weight.numel(),
                 "sparsity": float((weight == 0).sum().item()) / weight.numel(),
-                "weight_bits": layer.weight_quantizer.config.n_bits if layer.weight_quantizer else None,
-                "act_bits": layer.input_quantizer.config.n_bits if layer.input_quantizer else None,
+                "weight_bits": layer.weight_quantizer.n_bits if layer.weight_quantizer is not None else None,
+                "act_bits": layer.input_quantizer.n_bits if layer.input_quantizer is not None else None,
             }
     return report

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from quantization.fake_quant import FakeQuantizer, QuantizerConfig, RangeEstimator
+from quantization.granularity import Granularity
 from quantization.quantizers import (
     QuantParams,
     QuantScheme,
@@ -371,6 +372,10 @@ def test_channel_view_conv_and_conv_transpose(scheme):
 
 
 # --------------------------------------------------------------------------- FakeQuantizer module
+def _granularity(per_channel: bool, axis: int = 0) -> Granularity:
+    return Granularity.per_channel(axis) if per_channel else Granularity.per_tensor()
+
+
 def reference_range(x: torch.Tensor, estimator: RangeEstimator, n_bits, scheme, ch_axis):
     x64 = x.detach().double()
     if estimator is RangeEstimator.MSE:
@@ -389,7 +394,7 @@ def test_fake_quantizer_module(estimator, scheme, per_channel):
     ch_axis = 1
     x = (torch.randn(6, 5, 4, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0], dtype=torch.float64)[None, :, None])
     x = x.requires_grad_()
-    fq = FakeQuantizer(QuantizerConfig(n_bits=4, scheme=scheme, per_channel=per_channel, ch_axis=ch_axis, range_estimator=estimator))
+    fq = FakeQuantizer(QuantizerConfig(n_bits=4, scheme=scheme, granularity=_granularity(per_channel, ch_axis), range_estimator=estimator), x.shape)
     assert isinstance(fq.step_size, nn.Parameter)
     assert any(p is fq.step_size for p in fq.parameters())
     out = fq(x)
@@ -415,7 +420,8 @@ def test_fake_quantizer_module(estimator, scheme, per_channel):
 def test_running_minmax_ema_by_hand(per_channel):
     momentum = 0.8
     fq = FakeQuantizer(
-        QuantizerConfig(n_bits=8, per_channel=per_channel, ch_axis=0, range_estimator=RangeEstimator.RUNNING_MINMAX, running_momentum=momentum)
+        QuantizerConfig(n_bits=8, granularity=_granularity(per_channel), range_estimator=RangeEstimator.RUNNING_MINMAX, running_momentum=momentum),
+        (3, 50),
     )
     rng = np.random.default_rng(9)
     batches = [rng.normal(0, sigma, size=(3, 50)) * np.array([[1.0], [2.0], [0.5]]) for sigma in (1.0, 4.0, 0.25)]
@@ -477,7 +483,7 @@ def test_fake_quantizer_fp16(estimator, per_channel):
     torch.manual_seed(4)
     x32 = torch.randn(8, 64) * 3.0
     x16 = x32.half().requires_grad_()
-    fq = FakeQuantizer(QuantizerConfig(n_bits=6, per_channel=per_channel, ch_axis=0, range_estimator=estimator))
+    fq = FakeQuantizer(QuantizerConfig(n_bits=6, granularity=_granularity(per_channel), range_estimator=estimator), x16.shape)
     out = fq(x16)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     step = fq.step_size.detach().double().numpy()
@@ -561,8 +567,8 @@ def test_fake_quantizer_under_cpu_autocast_keeps_a_float32_step():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fake_quantizer_all_zero_tensor_minmax(scheme, estimator, dtype):
     for per_channel in (False, True):
-        fq = FakeQuantizer(QuantizerConfig(n_bits=4, scheme=scheme, per_channel=per_channel, range_estimator=estimator))
         x = torch.zeros(3, 4, dtype=dtype, requires_grad=True)
+        fq = FakeQuantizer(QuantizerConfig(n_bits=4, scheme=scheme, granularity=_granularity(per_channel), range_estimator=estimator), x.shape)
         out = fq(x)
         assert torch.equal(out.detach(), torch.zeros_like(x))
         out.sum().backward()
@@ -581,12 +587,53 @@ def test_fake_quantizer_mse_per_channel_with_zero_channel():
     torch.manual_seed(0)
     w = torch.randn(3, 8)
     w[1] = 0.0
-    fq = FakeQuantizer(QuantizerConfig(n_bits=4, per_channel=True, range_estimator=RangeEstimator.MSE))
+    fq = FakeQuantizer(QuantizerConfig(n_bits=4, granularity=Granularity.per_channel(), range_estimator=RangeEstimator.MSE), w.shape)
     out = fq(w)
     assert not torch.isnan(out).any()
     assert torch.equal(out[1], torch.zeros(8))
 
 
 def test_extra_repr():
-    fq = FakeQuantizer(QuantizerConfig(n_bits=3, scheme=QuantScheme.UNSIGNED, per_channel=True, ch_axis=1, range_estimator=RangeEstimator.MSE))
+    fq = FakeQuantizer(QuantizerConfig(n_bits=3, scheme=QuantScheme.UNSIGNED, granularity=Granularity.per_channel(1), range_estimator=RangeEstimator.MSE), (2, 5))
     assert fq.extra_repr() == "n_bits=3, scheme=unsigned, per_channel(axis=1), range=mse"
+
+
+# --------------------------------------------------------------------------- granularity
+
+
+def test_granularity_groups_and_expansion():
+    shape = (10, 3, 2)
+    assert [g.groups(shape) for g in (Granularity.per_tensor(), Granularity.per_channel(), Granularity.blocks(4))] == [1, 10, 3]
+    assert Granularity.blocks(4).param_shape(shape) == (3,) and Granularity.per_tensor().param_shape(shape) == ()
+    assert Granularity.blocks(4).channel_groups(10).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # last block smaller
+    expanded = Granularity.blocks(4, axis=1).expand(torch.tensor([1.0, 2.0, 3.0]), (2, 10))
+    assert expanded.shape == (1, 10) and expanded[0].tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 2
+    with pytest.raises(ValueError, match="needs the shape"):
+        FakeQuantizer(QuantizerConfig(granularity=Granularity.per_channel()))
+    with pytest.raises(ValueError, match="block size"):
+        Granularity.blocks(0)
+
+
+@pytest.mark.parametrize("estimator", list(RangeEstimator))
+def test_block_step_sizes_are_those_of_each_block_alone(estimator):
+    torch.manual_seed(5)
+    w = torch.randn(10, 3, 3) * torch.linspace(0.1, 2.0, 10)[:, None, None]
+    config = QuantizerConfig(n_bits=4, granularity=Granularity.blocks(4), range_estimator=estimator)
+    fq = FakeQuantizer(config, w.shape)
+    assert fq.step_size.shape == (3,)
+    out = fq(w)
+    for block, start in enumerate(range(0, 10, 4)):
+        alone = FakeQuantizer(QuantizerConfig(n_bits=4, range_estimator=estimator))
+        part = w[start : start + 4]
+        assert torch.equal(out[start : start + 4], alone(part))
+        assert torch.equal(fq.step_size[block], alone.step_size)
+
+
+def test_step_size_has_its_final_shape_from_the_start():
+    fq = FakeQuantizer(QuantizerConfig(n_bits=4, granularity=Granularity.per_channel()), (6, 2))
+    step = fq.step_size
+    assert step.shape == (6,)
+    fq(torch.randn(6, 2))
+    assert fq.step_size is step and step.shape == (6,)
+    with pytest.raises(ValueError, match="cannot quantize a tensor of shape"):
+        fq.estimate_range(torch.randn(5, 2))

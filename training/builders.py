@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from models import UnknownModelError, check_model_name, load_model, model_weights
+from models.bit_policy import BitPolicyError, check_policy_layers, read_bit_policy
 from models.heads import HeadError, replace_classifier_head
-from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers
+from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers, compressible_layers
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
 from training.checkpoint import read_torch_file
 from training.config import PAPER_ARCHITECTURES, TrainConfig
@@ -79,12 +80,18 @@ def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.M
 
 
 def compression_spec(config: TrainConfig) -> CompressionSpec:
+    """The :class:`CompressionSpec` of the options (``--bit-policy`` read and validated: :class:`SetupError`)."""
+    try:
+        policy = read_bit_policy(config.bit_policy) if config.bit_policy is not None else None
+    except BitPolicyError as error:
+        raise SetupError(f"--bit-policy: {error}") from None
     return CompressionSpec(
         weight_quant=config.weight_quantizer(),
         act_quant=config.act_quantizer(),
         quant_setup=QuantSetup(config.quant_setup),
         prune=config.prune,
         fold_bn=config.fold_bn,
+        bit_policy=policy,
     )
 
 
@@ -111,8 +118,26 @@ def build_compressed_model(
                         "(random init, --seed %d)", config.architecture, num_classes, outputs, head, num_classes,
                         config.seed)  # fmt: skip
     example = torch.zeros(2, 3, config.image_size, config.image_size)
-    compress_model(model, compression_spec(config), example)
+    try:
+        compress_model(model, compression_spec(config), example)
+    except BitPolicyError as error:
+        raise SetupError(f"--bit-policy {config.bit_policy}: {error}") from None
     return model
+
+
+def check_bit_policy(config: TrainConfig) -> None:
+    """Raise :class:`SetupError` unless ``--bit-policy`` (if any) fits the architecture's compressed layers.
+
+    Cheap (the float model with random weights, nothing compressed): run before any data is read.
+    """
+    spec = compression_spec(config)
+    if spec.bit_policy is None:
+        return
+    layers, skipped = compressible_layers(load_base_model(config, pretrained=False))
+    try:
+        check_policy_layers(spec.bit_policy, list(layers), skipped, spec.weight_quant is not None, spec.act_quant is not None)
+    except BitPolicyError as error:
+        raise SetupError(f"--bit-policy {config.bit_policy}: {error}") from None
 
 
 def replace_head(model: nn.Module, num_classes: int, config: TrainConfig) -> tuple[str, int] | None:
@@ -132,12 +157,12 @@ def output_classes(model: nn.Module, image_size: int) -> int:
 
 
 def step_size_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learnable step sizes of all fake quantizers."""
+    """The learnable step sizes of all fake quantizers: every quantizer parameter that requires a gradient."""
     params = []
     for layer in compressed_layers(model).values():
         for quantizer in (layer.weight_quantizer, layer.input_quantizer):
-            if quantizer is not None and quantizer.step_size.requires_grad:
-                params.append(quantizer.step_size)
+            if quantizer is not None:
+                params.extend(p for p in quantizer.parameters() if p.requires_grad)
     return params
 
 

@@ -81,6 +81,10 @@ compression_options = _options(
     click.option("--quant-setup", type=click.Choice([s.value for s in QuantSetup]), default=DEFAULTS.quant_setup,
                  show_default=True, help="all: every layer at --n-bits; LSQ_paper: first and last layer at 8 bits; "
                                          "FP_logits: last layer in float; FP_first_last: first and last in float."),
+    click.option("--bit-policy", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+                 help='Per-layer bit-widths, JSON {"layers": [...], "weight_bits": [...], "act_bits": [...]} '
+                      "(null: float; bits 2..8): overrides --n-bits/--n-bits-act/--quant-setup for the layers it "
+                      "names, the others keep them. Keep the file with the checkpoints: evaluating them reads it."),
     click.option("--num-est-batches", type=click.IntRange(1), default=DEFAULTS.num_est_batches, show_default=True,
                  help="Training batches for the activation range estimation."),
     click.option("--grad-scaling/--no-grad-scaling", default=DEFAULTS.grad_scaling, show_default=True,

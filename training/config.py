@@ -13,6 +13,7 @@ from typing import Any
 from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
 from quantization.fake_quant import QuantizerConfig, RangeEstimator
+from quantization.granularity import Granularity
 from quantization.quantizers import QuantScheme
 from training.lr_schedule import parse_lr_schedule
 
@@ -63,6 +64,7 @@ class TrainConfig:
     qmethod: str = "symmetric_uniform"
     qmethod_act: str = "asymmetric_uniform"
     quant_setup: str = QuantSetup.LSQ_PAPER.value
+    bit_policy: str | None = None  # per-layer bit-width file (models/bit_policy.py); overrides --quant-setup per layer
     num_est_batches: int = 1
     grad_scaling: bool = False
     learn_step_size: bool = True
@@ -112,7 +114,8 @@ class TrainConfig:
         if not self.weight_quant:
             return None
         return QuantizerConfig(
-            n_bits=self.n_bits, scheme=QMETHODS[self.qmethod], per_channel=self.per_channel, ch_axis=0,
+            n_bits=self.n_bits, scheme=QMETHODS[self.qmethod],
+            granularity=Granularity.per_channel(0) if self.per_channel else Granularity.per_tensor(),
             range_estimator=RANGE_METHODS[self.weight_quant_method], learn_step_size=self.learn_step_size,
             grad_scaling=self.grad_scaling,
         )  # fmt: skip
