@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: an empty torch hub cache and a machine without network."""
+"""Fixtures shared by the tests: an empty torch hub cache, a machine without network, one thread, digit batches."""
 
 from __future__ import annotations
 
@@ -39,3 +39,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digit_batches() -> list:
+    """Three batches of 16 of scikit-learn's 8x8 digits (float64, one channel, in [0, 1]) as the training loop gets them."""
+    from sklearn.datasets import load_digits
+
+    from training.data import Batch
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images[:48] / 16.0).unsqueeze(1)
+    targets = torch.from_numpy(digits.target[:48]).long()
+    return [Batch(images[i : i + 16], targets[i : i + 16], 0) for i in range(0, 48, 16)]

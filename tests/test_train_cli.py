@@ -76,6 +76,7 @@ def _plain_evaluation(model: torch.nn.Module, images_dir: Path, image_size: int)
     return 100 * top1 / n, 100 * top5 / n, loss / n
 
 
+@pytest.mark.slow
 def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "qat"
     _invoke(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
@@ -112,6 +113,7 @@ def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Pa
     assert result["layers"]["layer1.0.conv1"]["weight_bits"] == 4 and result["layers"]["conv1"]["weight_bits"] == 8
 
 
+@pytest.mark.slow
 def test_gradual_pruning_learns_digits_at_exact_sparsity(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "prune"
     s_f = 0.6
@@ -132,6 +134,7 @@ def test_gradual_pruning_learns_digits_at_exact_sparsity(digits: Path, tmp_path:
         sum(num_pruned(m.numel(), s_f) for m in masks.values()) / sum(m.numel() for m in masks.values()), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_global_pruning_with_quantization(small_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "both"
     _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
@@ -159,6 +162,7 @@ def _resume_args(images_dir: Path, out: Path) -> list[str]:
             "--delta-t", "3", "--save-checkpoint-dir", str(out)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _invoke(_resume_args(small_digits, tmp_path / "full"))
 
@@ -202,6 +206,7 @@ def test_resume_with_other_options_says_which(small_digits: Path, tmp_path: Path
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_an_option_existed_resumes(small_digits: Path, tmp_path: Path) -> None:
     """An option missing from the checkpoint counts with its default; one no version knows is named."""
     out = tmp_path / "run"
@@ -223,6 +228,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes(small_digits: Path, 
     assert unknown.exit_code == 1 and "unknown options dropout_rate" in unknown.output and "Traceback" not in unknown.output
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_digits: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     out = tmp_path / "run"
@@ -339,6 +345,7 @@ def _scripted_top1(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None
     monkeypatch.setattr(run, "evaluate", lambda *a, **k: dataclasses.replace(real(*a, **k), top1=next(scripted)))
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_at_the_final_sparsity(small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """Epoch 0 scores higher but is still at the ramp's sparsity: best.pt is epoch 1, at --s-f exactly."""
@@ -379,6 +386,7 @@ def test_best_checkpoint_is_at_the_final_sparsity(small_digits: Path, tmp_path: 
                f"{out / 'metrics.csv'} and {out / 'summary.json'}" in m for m in messages), messages  # fmt: skip
 
 
+@pytest.mark.slow
 def test_best_checkpoint_without_pruning_is_any_epoch(small_digits: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     out = tmp_path / "qat"

@@ -36,6 +36,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     images = write_digits_dataset(tmp_path / "digits", per_class_train=24, per_class_val=8)
     args = ["train-compressed", "--architecture", "resnet18", "--no-pretrained", "--image-size", "16",

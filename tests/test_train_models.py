@@ -21,11 +21,13 @@ from models.quantized import (
     layer_bit_widths,
     reestimate_bn_stats,
 )
+from pruning.masks import num_pruned
 from quantization.fake_quant import QuantizerConfig, RangeEstimator
+from quantization.granularity import Granularity
 from quantization.quantizers import QuantScheme
 from training.builders import build_compressed_model
 from training.config import TrainConfig
-from training.run import train
+from training.run import restore_model, train
 from utils.images import sample_photo_batch
 
 ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0")
@@ -68,11 +70,12 @@ def test_conv_bn_pairs_of_resnet18() -> None:
     assert pairs["layer4.1.conv2"] == "layer4.1.bn2" and len(pairs) == 20
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("per_channel", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("scheme", [QuantScheme.SYMMETRIC, QuantScheme.ASYMMETRIC])
 def test_quantized_weights_lie_on_their_grid(per_channel: bool, scheme: QuantScheme) -> None:
     model = load_model("mobilenet_v2", pretrained=False)
-    config = QuantizerConfig(n_bits=3, scheme=scheme, per_channel=per_channel, range_estimator=RangeEstimator.MSE)
+    config = QuantizerConfig(n_bits=3, scheme=scheme, granularity=Granularity.per_channel() if per_channel else Granularity(),
+                             range_estimator=RangeEstimator.MSE)
     layers = compress_model(model, CompressionSpec(weight_quant=config, quant_setup=QuantSetup.LSQ_PAPER))
     bits = layer_bit_widths(list(layers), 3, QuantSetup.LSQ_PAPER)
     assert bits["features.0.0"] == bits["classifier.1"] == 8 and bits["features.1.conv.0.0"] == 3
@@ -127,7 +130,7 @@ def test_efficientnet_lite0_at_8_bits_agrees_with_float(per_channel: bool, estim
     photos = sample_photo_batch()
     with torch.no_grad():
         float_probs = model(photos).softmax(1)
-    spec = CompressionSpec(weight_quant=QuantizerConfig(n_bits=8, per_channel=per_channel, range_estimator=estimator),
+    spec = CompressionSpec(weight_quant=QuantizerConfig(n_bits=8, granularity=Granularity.per_channel() if per_channel else Granularity(), range_estimator=estimator),
                            quant_setup=QuantSetup.ALL)  # fmt: skip
     compress_model(model, spec)
     assert all(layer.weight_quantizer is not None for layer in compressed_layers(model).values())
@@ -162,7 +165,9 @@ def test_each_paper_architecture_trains_a_step(name: str, tiny_digits: Path, tmp
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_less_common_options_run(tiny_digits: Path, tmp_path: Path) -> None:
+    """Adam, multistep LR, per-channel asymmetric weights, MSE 6-bit activations, FP logits, AMP, global pruning."""
     config = TrainConfig(
         architecture="resnet18", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=4,
         num_workers=1, max_epochs=2, optimizer="Adam", learning_rate=1e-4, learning_rate_schedule="multistep:1",
@@ -177,6 +182,34 @@ def test_less_common_options_run(tiny_digits: Path, tmp_path: Path) -> None:
     assert layers["fc"]["weight_bits"] is None and layers["fc"]["act_bits"] is None  # FP_logits
     assert layers["conv1"]["weight_bits"] == 4 and layers["conv1"]["act_bits"] == 6
     assert not torch.are_deterministic_algorithms_enabled()  # the global flag is restored after the run
+
+    # global pruning on its cubic schedule: 2 steps per epoch, updates at steps 0..3 (the run's last step)
+    model, _ = restore_model(tmp_path / "last.pt")
+    compressed = compressed_layers(model)
+    total = sum(layer.weight.numel() for layer in compressed.values())
+    pruned = sum(int((~layer.weight_mask).sum()) for layer in compressed.values())
+    assert pruned == num_pruned(total, 0.4)
+    after_first_epoch = 0.4 + (0.2 - 0.4) * (1 - 1 / 3) ** 3  # s(t=1) with t0=0, n=3, delta_t=1
+    history = torch.load(tmp_path / "last.pt", weights_only=False)["history"]
+    assert history[0]["sparsity"] == pytest.approx(num_pruned(total, after_first_epoch) / total, abs=1e-9)
+    assert history[1]["sparsity"] == pytest.approx(pruned / total, abs=1e-9)
+    # multistep:1: x0.1 from step 2 for both groups (weights 1e-4, step sizes --quant-learning-rate 1e-5)
+    groups = torch.load(tmp_path / "last.pt", weights_only=False)["optimizers"]["model"]["param_groups"]
+    assert [group["initial_lr"] for group in groups] == [1e-4, 1e-5]
+    assert [group["lr"] for group in groups] == pytest.approx([1e-5, 1e-6])
+    assert [row["lr"] for row in history] == pytest.approx([1e-5, 1e-5])
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in model.modules())  # folded
+    assert compressed["fc"].weight_quantizer is None and compressed["fc"].input_quantizer is None
+    for name, layer in compressed.items():
+        if name == "fc":
+            continue
+        weights, inputs = layer.weight_quantizer, layer.input_quantizer
+        assert weights.step_size.numel() == weights.zero_point.numel() == layer.weight.shape[0], name  # per channel
+        assert inputs.step_size.numel() == 1 and torch.isfinite(inputs.step_size).all() and (inputs.step_size > 0).all()
+        assert (weights.step_size > 0).all()
+        for quantizer in (weights, inputs):  # asymmetric: integer zero points on the grid
+            zero = quantizer.zero_point
+            assert torch.equal(zero, zero.round()) and quantizer.q_min <= zero.min() and zero.max() <= quantizer.q_max
 
 
 def test_model_dir_weights_are_used(tiny_digits: Path, tmp_path: Path) -> None:

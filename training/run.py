@@ -38,6 +38,7 @@ from training.builders import (
     configure_determinism,
     output_classes,
 )
+from training.callbacks import GradualPruningCallback
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig, differing_options, saved_options
 from training.data import DataLoaders, SkipRecorder, TrainUse, build_loaders, check_images_dir
@@ -179,6 +180,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config, steps_per_epoch)
     pruner = build_pruner(model, config, steps_per_epoch)
+    callbacks = [GradualPruningCallback(pruner)] if pruner is not None else []
     scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp and context.device.type == "cuda")
     if checkpoint is not None:
         state = _restore(checkpoint, optimizers, schedulers, scaler, state.num_classes)
@@ -196,8 +198,8 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
         loaders.set_epoch(epoch)
         try:
             train_metrics, state.step = train_one_epoch(
-                trained, train_batches, list(optimizers.values()), list(schedulers.values()), scaler, pruner,
-                state.step, context, options, config.freeze_bn, description=f"epoch {epoch}",
+                trained, train_batches, list(optimizers.values()), list(schedulers.values()), scaler, state.step,
+                context, options, callbacks, freeze_bn=config.freeze_bn, description=f"epoch {epoch}",
             )  # fmt: skip
         except NonFiniteLossError as error:
             last = out_dir / LAST
@@ -256,6 +258,8 @@ def _describe_compression(config: TrainConfig) -> str:
     else:
         weights = "float weights"
     activations = f"{config.n_bits_act}-bit activations" if config.act_quant else "float activations"
+    if config.bit_policy is not None:
+        activations += f", per-layer bits of the layers named in --bit-policy {config.bit_policy}"
     if config.prune:
         last = min(config.prune_last_epoch, config.max_epochs - 1)
         pruning = (f"{config.prune_method} pruning ({config.prune_scope}) from sparsity {config.s_i:g} in epoch "
