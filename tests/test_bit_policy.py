@@ -201,6 +201,12 @@ def test_train_and_evaluate_with_a_policy(digits: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train-compressed", *_cli_args(digits), "--max-epochs", "1", "--bit-policy",
                                       str(policy), "--save-checkpoint-dir", str(run)])  # fmt: skip
     assert result.exit_code == 0, result.output
+    saved = policy.read_text()
+    policy.write_text(json.dumps({"layers": ["conv1"], "weight_bits": [3], "act_bits": [None]}))  # edited after training
+    resumed = CliRunner().invoke(cli, ["train-compressed", *_cli_args(digits), "--max-epochs", "1", "--bit-policy",
+                                       str(policy), "--save-checkpoint-dir", str(run), "--resume", str(run / "last.pt")])  # fmt: skip
+    assert resumed.exit_code == 1 and "has changed since" in resumed.output
+    policy.unlink()  # the checkpoint holds the bits it was trained with
     report = tmp_path / "eval.json"
     result = CliRunner().invoke(cli, ["evaluate", "--images-dir", str(digits), "--num-workers", "0", "--no-progress-bar",
                                       "--checkpoint", str(run / "last.pt"), "--output-json", str(report)])  # fmt: skip
@@ -209,6 +215,7 @@ def test_train_and_evaluate_with_a_policy(digits: Path, tmp_path: Path) -> None:
     assert (layers["conv1"]["weight_bits"], layers["conv1"]["act_bits"]) == (8, None)
     assert (layers["layer1.0.conv1"]["weight_bits"], layers["layer1.0.conv1"]["act_bits"]) == (2, 3)
     assert (layers["layer1.0.conv2"]["weight_bits"], layers["layer1.0.conv2"]["act_bits"]) == (4, 8)  # omitted: default
+    policy.write_text(saved)
     post = tmp_path / "post.json"
     result = CliRunner().invoke(cli, ["evaluate", *_cli_args(digits), "--bit-policy", str(policy), "--output-json",
                                       str(post)])  # fmt: skip

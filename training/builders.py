@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models import UnknownModelError, check_model_name, load_model, model_weights
-from models.bit_policy import BitPolicyError, check_policy_layers, read_bit_policy
+from models.bit_policy import BitPolicy, BitPolicyError, check_policy_layers, parse_bit_policy, read_bit_policy
 from models.heads import HeadError, replace_classifier_head
 from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers, compressible_layers
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
@@ -79,12 +79,21 @@ def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.M
     return model
 
 
-def compression_spec(config: TrainConfig) -> CompressionSpec:
-    """The :class:`CompressionSpec` of the options (``--bit-policy`` read and validated: :class:`SetupError`)."""
+def bit_policy_of(config: TrainConfig, saved: dict | None = None) -> BitPolicy | None:
+    """The run's per-layer bit policy: ``saved`` (the policy a checkpoint stores) or else the
+    ``--bit-policy`` file, read and validated (:class:`SetupError`); ``None`` without one."""
+    if config.bit_policy is None:
+        return None
     try:
-        policy = read_bit_policy(config.bit_policy) if config.bit_policy is not None else None
+        return parse_bit_policy(saved) if saved is not None else read_bit_policy(config.bit_policy)
     except BitPolicyError as error:
         raise SetupError(f"--bit-policy: {error}") from None
+
+
+def compression_spec(config: TrainConfig, bit_policy: BitPolicy | None = None) -> CompressionSpec:
+    """The :class:`CompressionSpec` of the options; the bit policy is ``bit_policy`` if given, else
+    the ``--bit-policy`` file's (:func:`bit_policy_of`)."""
+    policy = bit_policy if bit_policy is not None else bit_policy_of(config)
     return CompressionSpec(
         weight_quant=config.weight_quantizer(),
         act_quant=config.act_quantizer(),
@@ -96,7 +105,11 @@ def compression_spec(config: TrainConfig) -> CompressionSpec:
 
 
 def build_compressed_model(
-    config: TrainConfig, pretrained: bool | None = None, for_state_dict: bool = False, num_classes: int | None = None
+    config: TrainConfig,
+    pretrained: bool | None = None,
+    for_state_dict: bool = False,
+    num_classes: int | None = None,
+    bit_policy: BitPolicy | None = None,
 ) -> nn.Module:
     """The base model with its Conv2d/Linear layers replaced by compressed ones (on CPU, eval mode).
 
@@ -105,6 +118,7 @@ def build_compressed_model(
     min/max instead of the configured (possibly MSE) search. ``num_classes``: when the base
     model predicts another number of classes (e.g. 1000 ImageNet classes for a 10-class
     dataset), its classifier head is replaced by a new one, initialised from ``config.seed``.
+    ``bit_policy``: the per-layer bits (default: the ``--bit-policy`` file's, if any).
     """
     if for_state_dict:
         pretrained = False
@@ -119,7 +133,7 @@ def build_compressed_model(
                         config.seed)  # fmt: skip
     example = torch.zeros(2, 3, config.image_size, config.image_size)
     try:
-        compress_model(model, compression_spec(config), example)
+        compress_model(model, compression_spec(config, bit_policy), example)
     except BitPolicyError as error:
         raise SetupError(f"--bit-policy {config.bit_policy}: {error}") from None
     return model

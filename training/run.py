@@ -27,9 +27,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from models.bit_policy import BitPolicy
 from models.quantized import calibrate_input_quantizers, compressed_layers, layer_report, reestimate_bn_stats
 from pruning.schedule import PruningScope, set_magnitude_masks
 from training.builders import (
+    bit_policy_of,
     build_compressed_model,
     build_optimizers,
     build_pruner,
@@ -159,7 +161,9 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     if context.is_main:
         _log_header(config, loaders, context, out_dir)
     num_classes = _head_classes(checkpoint, loaders.num_classes, config)
-    model = build_compressed_model(config, for_state_dict=checkpoint is not None, num_classes=num_classes)
+    bit_policy = bit_policy_of(config)
+    model = build_compressed_model(config, for_state_dict=checkpoint is not None, num_classes=num_classes,
+                                   bit_policy=bit_policy)  # fmt: skip
     state = RunState(num_classes=_check_classes(model, config, loaders.num_classes))
     if context.is_main:  # every input is checked: now the output folder may be created
         ensure_writable_dir(out_dir)
@@ -221,7 +225,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
         logger.info("epoch %d: train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | sparsity %.4f",
                     epoch, train_metrics.loss, train_metrics.top1, val.loss, val.top1, val.top5, row["sparsity"])  # fmt: skip
         if context.is_main:
-            payload = _checkpoint_payload(model, optimizers, schedulers, scaler, state, config)
+            payload = _checkpoint_payload(model, optimizers, schedulers, scaler, state, config, bit_policy)
             save_checkpoint(out_dir / LAST, payload)
             if is_best:
                 save_checkpoint(out_dir / BEST, payload)
@@ -309,12 +313,17 @@ def _load_resume_checkpoint(config: TrainConfig) -> dict[str, Any]:
         raise TrainingError(f"cannot resume from {config.resume}: {error}") from None
     if differences:
         raise TrainingError(f"cannot resume from {config.resume}, options differ: " + "; ".join(differences))
+    saved_policy = checkpoint.get("bit_policy")
+    if saved_policy is not None and bit_policy_of(config).as_dict() != saved_policy:
+        raise TrainingError(f"cannot resume from {config.resume}: --bit-policy {config.bit_policy} has changed since")
     if checkpoint["epoch"] >= config.max_epochs:
         raise TrainingError(f"{config.resume} has finished all {config.max_epochs} epochs already")
     return checkpoint
 
 
-def _checkpoint_payload(model, optimizers, schedulers, scaler, state: RunState, config: TrainConfig) -> dict[str, Any]:
+def _checkpoint_payload(
+    model, optimizers, schedulers, scaler, state: RunState, config: TrainConfig, bit_policy: BitPolicy | None
+) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
@@ -328,6 +337,7 @@ def _checkpoint_payload(model, optimizers, schedulers, scaler, state: RunState, 
         "history": state.history,
         "num_classes": state.num_classes,
         "options": config.as_dict(),
+        "bit_policy": None if bit_policy is None else bit_policy.as_dict(),  # the bits trained, whatever the file holds later
     }
 
 
@@ -398,7 +408,10 @@ def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
         config = TrainConfig(**saved_options(checkpoint["options"]))
     except ValueError as error:
         raise TrainingError(f"{checkpoint_path}: {error}") from None
-    model = build_compressed_model(config, for_state_dict=True, num_classes=checkpoint.get("num_classes"))
+    saved_policy = checkpoint.get("bit_policy")  # the bits it was trained with (not the file, which may have moved)
+    bit_policy = None if saved_policy is None else bit_policy_of(config, saved_policy)
+    model = build_compressed_model(config, for_state_dict=True, num_classes=checkpoint.get("num_classes"),
+                                   bit_policy=bit_policy)  # fmt: skip
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
