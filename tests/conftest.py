@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``: one worker per core) each worker runs torch on one thread."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
