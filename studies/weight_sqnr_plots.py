@@ -305,14 +305,7 @@ def sqnr_scatter_figure(frame: pd.DataFrame, pruning_column: str = "pruning_sqnr
     ax = fig.add_subplot()
     scatter_by_bits(ax, frame, x, y, colors)
     values = np.concatenate([x, y])
-    low, high = (values.min(), values.max()) if values.size else (0.0, 1.0)
-    pad = 0.04 * max(high - low, 1.0)
-    limits = (low - pad, high + pad)
-    ax.plot(limits, limits, linestyle="--", color="0.3", linewidth=1.0, zorder=3)
-    ax.set_xlim(limits)
-    ax.set_ylim(limits)
-    ax.set_aspect("equal", adjustable="box")
-    label_diagonal(ax, limits)
+    diagonal_axes(ax, (values.min(), values.max()) if values.size else (0.0, 1.0), pad_share=0.04)
 
     ax.set_xlabel("quantization SQNR (dB)")
     ax.set_ylabel("pruning SQNR, corrected for natural sparsity (dB)" if corrected else "pruning SQNR (dB)")
@@ -321,6 +314,19 @@ def sqnr_scatter_figure(frame: pd.DataFrame, pruning_column: str = "pruning_sqnr
     ax.set_axisbelow(True)
     ax.legend(handles=bit_legend_handles(colors), loc="upper left", fontsize="small", framealpha=0.9)
     return fig
+
+
+def diagonal_axes(ax, data_range: tuple[float, float], pad_share: float) -> None:
+    """Equal square axes over ``data_range`` padded by ``pad_share`` of its span (at least 1 dB), with
+    the dashed ``y = x`` line and which method wins on each side of it."""
+    low, high = data_range
+    pad = pad_share * max(high - low, 1.0)
+    limits = (low - pad, high + pad)
+    ax.plot(limits, limits, linestyle="--", color="0.3", linewidth=1.0, zorder=3)
+    ax.set_xlim(limits)
+    ax.set_ylim(limits)
+    ax.set_aspect("equal", adjustable="box")
+    label_diagonal(ax, limits)
 
 
 def label_diagonal(ax, limits: tuple[float, float]) -> None:
@@ -419,14 +425,7 @@ def paper_scatter_figure(paper: pd.DataFrame, ours: pd.DataFrame) -> Figure:
             s=14.0, marker="D", color=color, edgecolors="black", linewidths=0.4, zorder=4, rasterized=True,
         )  # fmt: skip
     values = np.concatenate([frame[column].to_numpy(dtype=float) for frame in (paper, ours) for column in columns])
-    low, high = (min(values.min(), 0.0), values.max()) if values.size else (0.0, 1.0)
-    pad = 0.03 * max(high - low, 1.0)
-    limits = (low - pad, high + pad)
-    ax.plot(limits, limits, linestyle="--", color="0.3", linewidth=1.0, zorder=3)
-    ax.set_xlim(limits)
-    ax.set_ylim(limits)
-    ax.set_aspect("equal", adjustable="box")
-    label_diagonal(ax, limits)
+    diagonal_axes(ax, (min(values.min(), 0.0), values.max()) if values.size else (0.0, 1.0), pad_share=0.03)
 
     ax.set_xlabel("quantization SQNR (dB)")
     ax.set_ylabel("pruning SQNR (dB)")
