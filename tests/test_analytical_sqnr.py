@@ -63,6 +63,7 @@ def quad_moment(pdf, k: int, lo: float, hi: float, c: float | None) -> float:
 
 
 @pytest.mark.parametrize(("spec", "frozen", "c"), REFERENCES, ids=[spec for spec, _, _ in REFERENCES])
+@pytest.mark.slow
 def test_partial_moments_match_numerical_integration(spec: str, frozen, c: float | None) -> None:
     dist = an.parse_distribution(spec)
     pdf = reference_pdf(frozen, c)
@@ -112,6 +113,7 @@ def test_truncated_student_t_kurtosis_matches_scipy_integration(nu: float, c: fl
     assert dist.excess_kurtosis() == pytest.approx(m4 / m2**2 - 3.0, rel=1e-8)
 
 
+@pytest.mark.slow
 def test_truncated_student_t_kurtosis_matches_monte_carlo() -> None:
     """A second, sampling-based check: at c = 10 the sample kurtosis of 10^6 draws varies by about 0.6%."""
     dist = an.TruncatedStudentT(3.0, 10.0)
@@ -123,6 +125,7 @@ def test_truncated_student_t_kurtosis_matches_monte_carlo() -> None:
 # --------------------------------------------------------------------------- pruning and quantization
 
 
+@pytest.mark.slow
 def test_gaussian_pruning_matches_closed_form() -> None:
     """E[w^2 1{|w| < t}] = (2 Phi(t) - 1) - 2 t phi(t) with P(|w| < t) = 1 - b/16."""
     for n_bits in range(2, 17):
@@ -171,6 +174,7 @@ def test_optimal_threshold_is_the_global_minimum(spec: str, n_bits: int) -> None
     assert search[0] < threshold < search[-1]
 
 
+@pytest.mark.slow
 def test_gaussian_four_bits_against_brute_force_and_lloyd_max() -> None:
     """INT4 on N(0, 1) against a brute-force integral, and the often quoted 20.2 dB.
 
@@ -233,6 +237,7 @@ def test_both_sqnrs_increase_with_bits(spec: str) -> None:
     ("spec", "bits"),
     [("gaussian", (2, 3, 4)), ("truncated_student_t:3:10", (2, 4, 8))],
 )
+@pytest.mark.slow
 def test_integrals_agree_with_monte_carlo_through_the_weight_study(spec: str, bits: tuple[int, ...]) -> None:
     """10^6 seeded samples through studies.weight_sqnr.study_tensor agree within 0.05 dB.
 
@@ -330,6 +335,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Result, Path]
     return invoke("--output-dir", str(output_dir)), output_dir
 
 
+@pytest.mark.slow
 def test_cli_default_run_writes_tables_and_figures(default_run: tuple[Result, Path]) -> None:
     result, output_dir = default_run
     assert result.exit_code == 0, result.output
@@ -359,6 +365,7 @@ def test_cli_default_run_writes_tables_and_figures(default_run: tuple[Result, Pa
     assert "INT2 vs 87.5% sparsity: pruning is better above excess kurtosis" in result.output
 
 
+@pytest.mark.slow
 def test_cli_overlays_the_weight_study(tmp_path: Path) -> None:
     weights_dir = tmp_path / "weights"
     study = CliRunner().invoke(

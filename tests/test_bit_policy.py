@@ -191,6 +191,7 @@ def _cli_args(digits: Path) -> list[str]:
             "--act-quant", "--bn-est-batches", "1", "--deterministic"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_with_a_policy(digits: Path, tmp_path: Path) -> None:
     from main import cli
 

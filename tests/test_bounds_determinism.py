@@ -78,6 +78,7 @@ def _run(args: list[str], output_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_results_do_not_depend_on_machine_load(case: str, tmp_path: Path) -> None:
     args, name = CASES[case]
     _run(args, tmp_path / "quiet")

@@ -155,6 +155,7 @@ def test_scaled_block_tables() -> None:
     ("variant", "n_params", "out_channels"),
     [(1, 5_416_680, 320), (2, 6_092_072, 352)],  # the papers' 5.4M and 6.1M parameters
 )
+@pytest.mark.slow
 def test_lite1_lite2_load_and_recognise_photos(variant: int, n_params: int, out_channels: int) -> None:
     state_dict = torch.load(bundled_weights_path(variant), map_location="cpu", weights_only=True)
     model = efficientnet_lite(variant)

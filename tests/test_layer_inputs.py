@@ -106,6 +106,7 @@ def test_conv_patches_reproduce_layer_output(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CONVS)
+@pytest.mark.slow
 def test_conv_patches_equal_naive_loops(name: str) -> None:
     module, x = make_conv(name)
     torch.testing.assert_close(patch_matrix(module, x), naive_patches(module, x), rtol=0, atol=0)
@@ -198,6 +199,7 @@ LITE0_LAYERS = {
 }
 
 
+@pytest.mark.slow
 def test_capture_on_efficientnet_lite0(lite0: nn.Module, photos: torch.Tensor) -> None:
     modules = dict(lite0.named_modules())
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in LITE0_LAYERS}
@@ -232,6 +234,7 @@ def test_capture_on_efficientnet_lite0(lite0: nn.Module, photos: torch.Tensor) -
         check_patches(layer64, x64, patches64)
 
 
+@pytest.mark.slow
 def test_capture_batches_and_restores_state(lite0: nn.Module, photos: torch.Tensor) -> None:
     name = "_blocks.5._project_conv"
     lite0.train()

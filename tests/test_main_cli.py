@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from main import cli
@@ -23,6 +24,7 @@ def test_list_models_marks_weights_at_hand(torch_home: Path) -> None:
     assert len(detection) == 12 and all(" detection " in line for line in detection)
 
 
+@pytest.mark.slow
 def test_predict_sample_photos_and_a_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["predict", "--device", "cpu", "--top-k", "3"])
     assert result.exit_code == 0, result.output

@@ -142,6 +142,7 @@ def test_load_results_is_tidy_and_skips_bad_files(results_dir: Path, caplog: pyt
     assert special.loc["block2.conv", "quant_sqnr"] == 26.0
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output(cli_run: tuple[Result, Path]) -> None:
     result, output_dir = cli_run
     assert result.exit_code == 0, result.output
@@ -197,6 +198,7 @@ def test_summary_hand_values(cli_run: tuple[Result, Path]) -> None:
     assert len(markdown.splitlines()) == 2 + len(BITS)
 
 
+@pytest.mark.slow
 def test_models_filter(results_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     arguments = ["--input-dir", str(results_dir), "--output-dir", str(output_dir), "--models", "beta"]
@@ -355,6 +357,7 @@ def test_bad_files_are_skipped_with_one_line(
     assert reason in messages[0]
 
 
+@pytest.mark.slow
 def test_cli_plots_a_flat_folder(flat_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--input-dir", str(flat_dir), "--output-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -367,6 +370,7 @@ def test_cli_plots_a_flat_folder(flat_dir: Path, tmp_path: Path) -> None:
     assert summary.loc[8, "quant_wins_share"] == 1.0
 
 
+@pytest.mark.slow
 def test_per_channel_folder_names_the_option(tmp_path: Path) -> None:
     for n_bits in (2, 3):
         name = f"alpha_{n_bits}_bits_mse_per_channel.json"
@@ -421,6 +425,7 @@ def test_bundled_table_stands_alone() -> None:
 
 
 @pytest.mark.skipif(not PAPER_DIR.is_dir(), reason="the paper's folder is not at ../shared/data/paper_weights_sqnr")
+@pytest.mark.slow
 def test_bundled_table_matches_the_paper_folder(tmp_path: Path) -> None:
     table = paper_data.read_paper_table()
     expected = json_rows(PAPER_DIR)
@@ -514,6 +519,7 @@ def test_artefacts_cli_prints_the_table(flat_table: Path) -> None:
     assert_one_line_error(result, "cannot read the paper's table")
 
 
+@pytest.mark.slow
 def test_paper_option_draws_both_and_summarises_side_by_side(
     flat_table: Path, results_dir: Path, tmp_path: Path
 ) -> None:

@@ -49,6 +49,7 @@ class SmallConv(nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.slow
 def test_layer_bounds_bracket_the_brute_force_optimum() -> None:
     torch.manual_seed(0)
     model = SmallConv().double()
@@ -87,6 +88,7 @@ def run(*args: str):
     return CliRunner().invoke(cli_module.cli, list(args), catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_prune_cli_files_recheck(tmp_path: Path) -> None:
     result = run(
         "prune-bounds-data-opt", "--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "2",
@@ -119,6 +121,7 @@ def test_prune_cli_bad_input(tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "closest: _conv_head" in unknown.output
 
 
+@pytest.mark.slow
 def test_compare_bounds_table_and_figure(tmp_path: Path) -> None:
     result = run(
         "compare-bounds", "--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "2",
@@ -144,6 +147,7 @@ FAST = ["--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "2
         "--max-whole-dim", "0", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_prune_runs_at_two_sparsities_keep_their_own_files(tmp_path: Path) -> None:
     outputs = {}
     for sparsity in ("0.75", "0.875"):
@@ -163,6 +167,7 @@ def test_prune_runs_at_two_sparsities_keep_their_own_files(tmp_path: Path) -> No
     assert "results in" in outputs["0.875"] and "sparsity0.875_opt16.png" in outputs["0.875"]
 
 
+@pytest.mark.slow
 def test_prune_methods_option(tmp_path: Path) -> None:
     """--methods magnitude,obs reports those two only, with the numbers of the all-methods run."""
     records = {}
@@ -187,6 +192,7 @@ def _help(command: str) -> str:
     return " ".join(CliRunner().invoke(cli_module.cli, [command, "--help"], terminal_width=200).output.split())
 
 
+@pytest.mark.slow
 def test_help_names_the_files_that_are_written(tmp_path: Path) -> None:
     """Every file name pattern of the commands' help against the files a run writes."""
     quant, prune, compare = (_help(c) for c in ("quant-bounds-data-opt", "prune-bounds-data-opt", "compare-bounds"))

@@ -194,6 +194,7 @@ def brute_force_case(n: int, n_bits: int) -> tuple[Problems, torch.Tensor]:
 
 @pytest.mark.parametrize(("n", "n_bits"), BRUTE_FORCE_CASES)
 @pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.slow
 def test_methods_are_feasible_and_above_the_optimum(name: str, n: int, n_bits: int) -> None:
     problems, optimum = brute_force_case(n, n_bits)
     z = METHODS[name](problems)
@@ -503,6 +504,7 @@ REAL_METHODS: dict[str, Callable[[LayerProblems, torch.Tensor], torch.Tensor]] =
 
 
 @pytest.mark.parametrize("name", list(REAL_METHODS))
+@pytest.mark.slow
 def test_real_layer_methods_beat_rtn(
     project_conv_problems: list[LayerProblems], project_conv_adaround: list[torch.Tensor], name: str
 ) -> None:

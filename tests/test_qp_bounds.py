@@ -178,6 +178,7 @@ def test_continuous_minimiser_and_the_trivial_bound() -> None:
 @pytest.mark.parametrize(
     ("seed", "n", "n_bits"), [(10, 4, 3), (11, 5, 3), (12, 6, 3), (13, 8, 2), (14, 7, 2)]
 )
+@pytest.mark.slow
 def test_certified_bounds_are_below_the_integer_optimum(seed: int, n: int, n_bits: int) -> None:
     A, W, step = random_instances(seed, n=n, positions=3 * n, batch=3, n_bits=n_bits)
     problems = gram_problems(A, W, step, n_bits)
@@ -226,6 +227,7 @@ def lite0_problems() -> dict[int, QuadraticProblems]:
     }
 
 
+@pytest.mark.slow
 def test_lite0_bounds_match_clarabel(lite0_problems: dict[int, QuadraticProblems]) -> None:
     assert decoupled_coordinates(lite0_problems[6]).any(dim=0).sum() == 1
     cases = [(0, 0, False), (0, 17, False), (0, 3, True), (6, 5, False), (6, 50, True), (7, 42, False)]
@@ -247,6 +249,7 @@ def test_lite0_bounds_match_clarabel(lite0_problems: dict[int, QuadraticProblems
         assert gap <= 1e-4 * abs(bound) + 1e-10
 
 
+@pytest.mark.slow
 def test_synthetic_bounds_match_clarabel() -> None:
     A, W, step = random_instances(20, n=12, positions=40, batch=4, n_bits=4)
     problems = gram_problems(A, W, step, n_bits=4)
@@ -261,6 +264,7 @@ def test_synthetic_bounds_match_clarabel() -> None:
     assert scs.value == pytest.approx(solve_dual(problems.without_box()).bound[0].item(), rel=SDP_RTOL)
 
 
+@pytest.mark.slow
 def test_all_lite0_bounds_are_dual_feasible(lite0_problems: dict[int, QuadraticProblems]) -> None:
     for problems in lite0_problems.values():
         for box in (False, True):
@@ -282,6 +286,7 @@ def test_all_lite0_bounds_are_dual_feasible(lite0_problems: dict[int, QuadraticP
 
 
 @pytest.mark.parametrize("kind", ["few_positions", "duplicated_column", "dead_input"])
+@pytest.mark.slow
 def test_rank_deficient_gram(kind: str) -> None:
     n, n_bits = 6, 3
     A, W, step = random_instances(30, n=n, positions=18, batch=3, n_bits=n_bits)
@@ -338,6 +343,7 @@ def test_infeasible_multipliers_are_not_certified() -> None:
     assert certified.all() and (lam < smallest[:, None]).all()
 
 
+@pytest.mark.slow
 def test_batched_equals_per_problem() -> None:
     A, W, step = random_instances(50, n=10, positions=30, batch=6, n_bits=4)
     problems = gram_problems(A, W, step, n_bits=4)

@@ -95,6 +95,7 @@ def _solve(node_bound: str, basis: str | None, *args, **kwargs) -> BranchAndBoun
 
 @pytest.mark.parametrize("node_bound, basis", SEARCHES)
 @pytest.mark.parametrize("seed", range(6))
+@pytest.mark.slow
 def test_matches_brute_force(seed: int, node_bound: str, basis: str | None) -> None:
     rng = np.random.default_rng(seed)
     for trial in range(25):
@@ -215,6 +216,7 @@ def test_real_size_no_worse_than_heuristic(n: int) -> None:
         assert result.gap <= 1e-9
 
 
+@pytest.mark.slow
 def test_bases_agree_on_ill_conditioned_mid_size_problems() -> None:
     """16 and 20 patch-like inputs at 4 bits, weights inside the grid and clipped: the two bases search
     different trees with different node bounds below the root (and "auto" races them); they must agree
@@ -240,6 +242,7 @@ def _key(result: BranchAndBoundResult) -> tuple:
     return result.x.tobytes(), result.ub, result.lb, result.status, result.nodes
 
 
+@pytest.mark.slow
 def test_node_limit_results_do_not_depend_on_clock_threads_or_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a time limit the solver reads no clock: the same inputs give bitwise the same result with a
     clock that jumps an hour per reading, other torch and BLAS thread counts, and a busy CPU -- both when
@@ -391,6 +394,7 @@ def _dual_function(P, q, r, lam, mu, origin, lower, upper) -> float:
     return float(_objective(P, q, r, origin[None])[0] + mu @ (lower * upper) - v @ np.linalg.solve(M, v))
 
 
+@pytest.mark.slow
 def test_root_bounds_match_the_relaxations() -> None:
     """D = 0 with the box's KKT multipliers gives the box relaxation's minimum; the SDP multipliers give
     the dual bound ``g`` plus, per coordinate, how far ``lam t (t - 1) + mu (t - l)(h - t)`` stays above 0

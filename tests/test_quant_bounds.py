@@ -45,6 +45,7 @@ def random_problems(batch: int, n: int, n_bits: int, seed: int, rank: int | None
 
 @pytest.mark.parametrize("box", [False, True])
 @pytest.mark.parametrize("rank", [None, 3])
+@pytest.mark.slow
 def test_bounds_bracket_the_brute_force_optimum(box: bool, rank: int | None) -> None:
     """lb <= exact minimum (enumeration) <= every method, and --exact finds the minimum itself."""
     problems, w_over_s = random_problems(batch=6, n=5, n_bits=3, seed=1 + (rank or 0), rank=rank)
@@ -77,6 +78,7 @@ def test_bounds_bracket_the_brute_force_optimum(box: bool, rank: int | None) -> 
         assert bool((result["relaxation_lb"] > 0).all())
 
 
+@pytest.mark.slow
 def test_cvxpy_reference_agrees_with_our_solver() -> None:
     problems, w_over_s = random_problems(batch=3, n=6, n_bits=4, seed=5)
     generator = torch.Generator().manual_seed(0)
@@ -109,6 +111,7 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
+@pytest.mark.slow
 def test_layer_data_matches_the_layer_output_and_chunks_sum_up() -> None:
     torch.manual_seed(0)
     model = TinyNet().double()
@@ -172,6 +175,7 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli_module.cli, ["quant-bounds-data-opt", *args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_cli_writes_certified_results(tmp_path: Path) -> None:
     result = run_cli(
         "--layer-name", LAYER, "--num-output-channels", "3", "--num-samples", "2", "--n-bits", "4",
@@ -218,6 +222,7 @@ def test_cli_writes_certified_results(tmp_path: Path) -> None:
         assert stored["lb"][i] <= stored["ub"][i] <= stored["error_rtn"][i] * (1 + 1e-12)
 
 
+@pytest.mark.slow
 def test_cli_lists_layers_and_rejects_bad_input(tmp_path: Path) -> None:
     listed = run_cli("--list-layers")
     assert listed.exit_code == 0 and LAYER in listed.output and "(80, 240, 1, 1)" in listed.output
@@ -232,6 +237,7 @@ def test_cli_lists_layers_and_rejects_bad_input(tmp_path: Path) -> None:
     assert bad_solver.exit_code == 2
 
 
+@pytest.mark.slow
 def test_cli_images_dir_with_too_few_images_and_a_failing_layer(tmp_path: Path, monkeypatch) -> None:
     images_dir = tmp_path / "images"
     for k, color in enumerate([(200, 30, 30), (30, 200, 30)]):
@@ -259,6 +265,7 @@ def test_cli_images_dir_with_too_few_images_and_a_failing_layer(tmp_path: Path, 
     assert "FAILED" in result.output
 
 
+@pytest.mark.slow
 def test_cli_methods_choose_the_feasible_methods(tmp_path: Path) -> None:
     """--methods rtn: only rtn in every output, with the numbers of the all-methods run."""
     common = ["--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "2", "--opt-dim", "120",
@@ -318,6 +325,7 @@ def test_cli_constants_agree_with_the_studies() -> None:
         QuantBoundsConfig(methods=())
 
 
+@pytest.mark.slow
 def test_problem_files_one_per_layer_hold_the_problems(tmp_path: Path) -> None:
     """run_layers with --save-problems: one npz per finished layer and an index; the arrays are the solved problems."""
     from studies.bounds_files import RunFiles, layer_problem_files, read_layer_problems
@@ -376,6 +384,7 @@ def test_problem_files_one_per_layer_hold_the_problems(tmp_path: Path) -> None:
             )["problems" if scope == "chunk" else "whole_channel_problems"]
 
 
+@pytest.mark.slow
 def test_a_relaxation_without_a_finite_point_still_gets_every_method(monkeypatch) -> None:
     """A problem whose relaxation ends ``numerical`` with a NaN point (seen on AVX-512 CPUs) samples around
     ``clamp(-P^+ q)`` instead of crashing in the covariance factorisation; the other problems keep theirs."""

@@ -145,6 +145,7 @@ def small_tensors(seed: int, count: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("n_bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.slow
 def test_mse_range_is_exact_on_small_tensors(n_bits):
     """Against the exhaustive breakpoint search, at every bit-width, including optima above max|x|."""
     for x in small_tensors(100 + n_bits, 6 if n_bits <= 6 else 3):
@@ -182,6 +183,7 @@ def lite0_weights(name: str) -> np.ndarray:
 @pytest.mark.parametrize(
     "case", [*[f"clustered-{b}" for b in range(3, 9)], "_blocks.0._project_conv-7", "_blocks.0._depthwise_conv-8"]
 )
+@pytest.mark.slow
 def test_mse_range_finds_optima_above_the_extreme(case):
     """Tensors whose optimal threshold lies above max|x| (the issue's two EfficientNet-Lite0 layers,
     and clustered values at every bit-width 3..8): a search over ``T <= max|x|`` misses them."""
@@ -264,6 +266,7 @@ def test_per_channel_mse_range_equals_per_row(ch_axis, scheme):
 
 @pytest.mark.parametrize("ch_axis", [0, 2])
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_per_channel_mse_range_as_good_as_per_row(ch_axis, scheme):
     """Many channels of different scales searched together: each as good as alone, and exact."""
     shape = [40, 30, 50]
@@ -281,6 +284,7 @@ def test_per_channel_mse_range_as_good_as_per_row(ch_axis, scheme):
             assert per_channel <= exhaustive_best(xs, n_bits, scheme)[0] * (1 + 1e-9)
 
 
+@pytest.mark.slow
 def test_mse_range_fp16_large_tensor():
     gen = torch.Generator().manual_seed(2023)
     x16 = (torch.randn(2_000_000, generator=gen) * 30.0).half()
@@ -462,6 +466,7 @@ def as_tensors(*arrays):
 @pytest.mark.parametrize("n", [40, 3000])  # per value / by segments
 @pytest.mark.parametrize("n_bits", [2, 4, 8])
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_union_lower_bound(scheme, n_bits, n):
     rng = np.random.default_rng(zlib.crc32(f"union-{scheme.value}-{n_bits}-{n}".encode()))
     x_rows, low, high, zero, q_min, q_max = interval_cases(rng, n, n_bits, scheme, narrow=False)
@@ -482,6 +487,7 @@ def test_union_lower_bound(scheme, n_bits, n):
 @pytest.mark.parametrize("n", [40, 3000])
 @pytest.mark.parametrize("n_bits", [2, 4, 8])
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_narrow_bound_and_sweep(scheme, n_bits, n):
     """The narrow bound lies below the least error on the interval and the sweep attains it."""
     rng = np.random.default_rng(zlib.crc32(f"narrow-{scheme.value}-{n_bits}-{n}".encode()))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import pruning.sparse_ls as sparse_ls
 from pruning.least_squares import reconstruction_error, refit, support_error
 from pruning.perspective_bound import (
     NodeBatch,
@@ -25,7 +26,6 @@ from pruning.perspective_bound import (
     solve_relaxation,
     verify_split,
 )
-import pruning.sparse_ls as sparse_ls
 from pruning.sparse_ls import DEFAULT_NODE_LIMIT, solve_exact, solve_exact_batch
 from pruning.sparse_ls_cvxpy import available_backends, solve_mip
 from pruning.sparse_ls_heuristics import (
@@ -113,6 +113,7 @@ def test_refit_is_least_squares_optimum_for_its_support() -> None:
 @pytest.mark.parametrize(("seed", "enumeration"), [(0, None), (1, None), (2, None), (3, None), (0, 0), (1, 0),
                                                    (2, 40), (3, 40)])
 @pytest.mark.parametrize("kind", ["random", "rank_deficient", "duplicate", "real_like", "dead_inputs"])
+@pytest.mark.slow
 def test_exact_solver_matches_brute_force(seed: int, kind: str, enumeration, monkeypatch) -> None:
     if enumeration is not None:
         monkeypatch.setattr(sparse_ls, "_ENUMERATION_SUPPORTS", enumeration)
@@ -144,6 +145,7 @@ def test_exact_solver_matches_brute_force(seed: int, kind: str, enumeration, mon
             assert result.lb <= error + tol and root <= error + tol, name
 
 
+@pytest.mark.slow
 def test_real_like_n16_against_brute_force_and_batch() -> None:
     rng = np.random.default_rng(7)
     A = _patches(rng, "real_like", 16)
@@ -233,6 +235,7 @@ def test_enumeration_of_a_node_matches_brute_force() -> None:
             assert float(rest[0]) <= best * (1 + 1e-9)
 
 
+@pytest.mark.slow
 def test_node_limit_results_are_reproducible_across_runs_and_threads() -> None:
     """The default (work) limit: identical results whatever the load and torch's thread count."""
     rng = np.random.default_rng(14)
@@ -255,6 +258,7 @@ def test_node_limit_results_are_reproducible_across_runs_and_threads() -> None:
     assert runs[0][3].nodes < DEFAULT_NODE_LIMIT
 
 
+@pytest.mark.slow
 def test_time_and_node_limits_report_a_certified_gap() -> None:
     rng = np.random.default_rng(11)
     A = _patches(rng, "real_like", 28)

@@ -195,6 +195,7 @@ def test_resume_is_bitwise_identical(small_digits: Path, tmp_path: Path, monkeyp
     assert full["step"] == resumed["step"] == 14
 
 
+@pytest.mark.slow
 def test_resume_with_other_options_says_which(small_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
@@ -260,6 +261,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_digits: Path, t
     assert (out / "last.pt").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_evaluate_post_training_starting_point(small_digits: Path, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     output = _invoke(["evaluate", "--images-dir", str(small_digits), "--architecture", "mobilenet_v2",
@@ -396,6 +398,7 @@ def test_best_checkpoint_without_pruning_is_any_epoch(small_digits: Path, tmp_pa
     assert _checkpoint(out / "best.pt")["epoch"] == 1 and "(best.pt: top-1 90.00% at epoch 0)" in output
 
 
+@pytest.mark.slow
 def test_default_prune_last_epoch_of_a_short_run_is_moved_with_a_warning(
     small_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -410,6 +413,7 @@ def test_default_prune_last_epoch_of_a_short_run_is_moved_with_a_warning(
     assert _checkpoint(out / "best.pt")["epoch"] == 1  # the one epoch ends at --s-f
 
 
+@pytest.mark.slow
 def test_evaluate_a_checkpoint_refuses_other_model_options(small_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",

@@ -48,6 +48,7 @@ def _randomise_batch_norms(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.slow
 def test_folding_batch_norm_keeps_the_function(name: str) -> None:
     model = load_model(name, pretrained=False)
     _randomise_batch_norms(model)
@@ -72,6 +73,7 @@ def test_conv_bn_pairs_of_resnet18() -> None:
 
 @pytest.mark.parametrize("per_channel", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("scheme", [QuantScheme.SYMMETRIC, QuantScheme.ASYMMETRIC])
+@pytest.mark.slow
 def test_quantized_weights_lie_on_their_grid(per_channel: bool, scheme: QuantScheme) -> None:
     model = load_model("mobilenet_v2", pretrained=False)
     config = QuantizerConfig(n_bits=3, scheme=scheme, granularity=Granularity.per_channel() if per_channel else Granularity(),
@@ -121,6 +123,7 @@ def test_activation_calibration_resets_running_ranges() -> None:
 
 
 @pytest.mark.parametrize("per_channel, estimator", [(True, RangeEstimator.CURRENT_MINMAX), (False, RangeEstimator.MSE)])
+@pytest.mark.slow
 def test_efficientnet_lite0_at_8_bits_agrees_with_float(per_channel: bool, estimator: RangeEstimator) -> None:
     """Per-channel INT8 (deployment style) keeps every top-1; per-tensor MSE keeps those with a clear margin.
 
@@ -150,6 +153,7 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.slow
 def test_each_paper_architecture_trains_a_step(name: str, tiny_digits: Path, tmp_path: Path) -> None:
     config = TrainConfig(
         architecture=f"{name}_quantized", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=8,
@@ -212,6 +216,7 @@ def test_less_common_options_run(tiny_digits: Path, tmp_path: Path) -> None:
             assert torch.equal(zero, zero.round()) and quantizer.q_min <= zero.min() and zero.max() <= quantizer.q_max
 
 
+@pytest.mark.slow
 def test_model_dir_weights_are_used(tiny_digits: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -237,6 +242,7 @@ def test_model_dir_weights_are_used(tiny_digits: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name, head", [("resnet18", "fc"), ("mobilenet_v2", "classifier.1"),
                                         ("efficientnet_lite0", "_fc"), ("squeezenet1_0", "classifier.1")])  # fmt: skip
+@pytest.mark.slow
 def test_classifier_head_is_found_and_replaced(name: str, head: str) -> None:
     model = load_model(name, pretrained=False)
     before = {key: value.clone() for key, value in model.state_dict().items()}
@@ -262,6 +268,7 @@ def test_classifier_head_is_found_and_replaced(name: str, head: str) -> None:
     assert changed == {f"{head}.weight", f"{head}.bias"}  # nothing but the head is touched
 
 
+@pytest.mark.slow
 def test_a_run_keeps_the_pretrained_head_for_1000_classes_only() -> None:
     config = TrainConfig(architecture="efficientnet_lite0", image_size=32, weight_quant=False, seed=3)
     pretrained = load_model("efficientnet_lite0").state_dict()

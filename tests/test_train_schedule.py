@@ -12,7 +12,6 @@ from pruning.masks import num_pruned
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope, zhu_gupta_sparsity
 from training.lr_schedule import LrSchedule, ScheduleKind, lr_factor, parse_lr_schedule
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -78,6 +78,7 @@ def lite0_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output_dir
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_files_and_table(lite0_results: Path) -> None:
     weights = dict(registry.load_model("efficientnet_lite0").named_parameters())
     for n_bits in BITS:
@@ -93,6 +94,7 @@ def test_efficientnet_lite0_files_and_table(lite0_results: Path) -> None:
 
 
 @pytest.mark.parametrize("layer", ["_conv_stem", "_blocks.3._depthwise_conv", "_blocks.9._project_conv", "_fc"])
+@pytest.mark.slow
 def test_efficientnet_lite0_numbers_match_independent_computation(lite0_results: Path, layer: str) -> None:
     weight = dict(registry.load_model("efficientnet_lite0").named_parameters())[f"{layer}.weight"].detach().numpy()
     for n_bits in (2, 4, 8):
@@ -103,6 +105,7 @@ def test_efficientnet_lite0_numbers_match_independent_computation(lite0_results:
         assert metrics["quant_sqnr"] >= best_dense_sqnr(weight, n_bits, 1000 if weight.size < 10**5 else 100) - 0.01
 
 
+@pytest.mark.slow
 def test_never_below_the_papers_100_candidate_search(lite0_results: Path) -> None:
     """The coarse grid holds the paper's candidates T = i/100 max|w|: no tensor may come out worse."""
     weights = {name: module.weight.detach().numpy() for name, module in weight_layers(registry.load_model("efficientnet_lite0"))}
@@ -120,6 +123,7 @@ def test_quantization_beats_pruning_on_real_weights_at_moderate_compression(lite
     assert (wins[wins.index >= 4] > 0.9).all(), wins.to_dict()
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_files_and_recomputes_truncated_ones(
     lite0_results: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,6 +145,7 @@ def test_rerun_skips_complete_files_and_recomputes_truncated_ones(
     assert recomputed == [f"recomputing {truncated}: truncated or corrupt (not a JSON object)"]
 
 
+@pytest.mark.slow
 def test_plot_script_on_real_results(lite0_results: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(plot_main, ["--input-dir", str(lite0_results), "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -204,6 +209,7 @@ def test_tiny_model_every_layer_type(tiny_model: TinyNet, tmp_path: Path, estima
                 )
 
 
+@pytest.mark.slow
 def test_cached_torchvision_weights_are_studied_by_default(
     torch_home: Path, no_network: list[str], tmp_path: Path
 ) -> None:
@@ -222,6 +228,7 @@ def test_cached_torchvision_weights_are_studied_by_default(
     assert no_network == []
 
 
+@pytest.mark.slow
 def test_model_without_weights_is_skipped_with_one_line(
     torch_home: Path, no_network: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -237,6 +244,7 @@ def test_model_without_weights_is_skipped_with_one_line(
     assert "no model could be studied" in only_missing.output
 
 
+@pytest.mark.slow
 def test_random_init_is_explicit(tmp_path: Path) -> None:
     result = run("--models", "efficientnet_lite0", "--bits", "8", "--random-init", "--output-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
@@ -286,6 +294,7 @@ def test_read_only_output_dir(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "cannot write to output directory" in result.output
 
 
+@pytest.mark.slow
 def test_table_gathers_every_result_of_the_setting(tiny_model: TinyNet, tmp_path: Path) -> None:
     """Models studied by separate runs into one directory all land in its table; other settings do not."""
     for args in (["--models", "tiny"], ["--models", "efficientnet_lite0"], ["--models", "tiny", "--per-channel"]):
@@ -299,6 +308,7 @@ class Killed(RuntimeError):
     """Stands for the process being killed."""
 
 
+@pytest.mark.slow
 def test_each_bit_width_is_written_as_it_completes_and_a_rerun_resumes(
     tiny_model: TinyNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
