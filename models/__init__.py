@@ -13,4 +13,5 @@ from .registry import (  # noqa: F401  (the package's public API)
     model_task,
     model_weights,
     register_model,
+    weights_status,
 )

@@ -56,6 +56,7 @@ __all__ = [
     "model_task",
     "model_weights",
     "register_model",
+    "weights_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class _Entry:
     task: str
     weights: WeightsEnum | None
     build: Callable[[bool, bool], nn.Module]
-    bundled_available: Callable[[], bool] = lambda: True
+    bundled_available: Callable[[], bool] | None = lambda: True  # None: no pretrained weights exist
     eval_sizes: Callable[[], tuple[int, int]] = lambda: (224, 256)  # (crop, resize) of a bundled model's evaluation
 
 
@@ -147,15 +148,16 @@ def _add_entry(entry: _Entry) -> None:
 def register_model(
     name: str,
     task: str,
-    available: Callable[[], bool] = lambda: True,
+    available: Callable[[], bool] | None = lambda: True,
     eval_sizes: Callable[[], tuple[int, int]] = lambda: (224, 256),
 ) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a model whose weights ship with its code (available offline once installed).
+    """Register a model whose weights ship with its code (available offline once installed), or that has none.
 
     The decorated function is called as ``builder(pretrained)`` and must return the
     model, loading its bundled weights when ``pretrained`` is true (raising
     :class:`WeightsUnavailableError` when they are not installed). ``available()`` tells
-    whether the bundled weights are installed; ``eval_sizes()`` gives ``(crop, resize)`` of the
+    whether the bundled weights are installed (``None``: the model has no pretrained weights, it is
+    trained from scratch); ``eval_sizes()`` gives ``(crop, resize)`` of the
     model's evaluation preprocessing (:func:`eval_transform`). Example::
 
         @register_model("efficientnet_lite0", task="classification")
@@ -275,7 +277,19 @@ def is_weights_available(name: str) -> bool:
     models, true iff the checkpoint is in the torch hub cache.
     """
     entry = _entry(name)
-    return entry.bundled_available() if entry.weights is None else _cache_path(entry.weights).is_file()
+    if entry.weights is not None:
+        return _cache_path(entry.weights).is_file()
+    return entry.bundled_available is not None and entry.bundled_available()
+
+
+def weights_status(name: str) -> str:
+    """How ``name``'s pretrained weights can be had: "at hand", "needs download", "not installed" or "none exist"."""
+    entry = _entry(name)
+    if is_weights_available(name):
+        return "at hand"
+    if entry.weights is not None:
+        return "needs download"
+    return "none exist" if entry.bundled_available is None else "not installed"
 
 
 # --------------------------------------------------------------------------- loading
@@ -432,6 +446,36 @@ def _register_efficientnet_lite(variant: int) -> None:
 
 for _variant in (0, 1, 2):
     _register_efficientnet_lite(_variant)
+
+
+@register_model("mobilenet_v1", task="classification", available=None)
+def _mobilenet_v1(pretrained: bool) -> nn.Module:
+    """MobileNet-V1 (width 1.0), trained from scratch: no pretrained weights exist offline."""
+    from .mobilenet_v1 import mobilenet_v1  # lazy, as for EfficientNet-Lite
+
+    if pretrained:
+        raise WeightsUnavailableError(
+            "mobilenet_v1: no pretrained weights exist offline; train it from a seeded random init "
+            "(pretrained=False, --no-pretrained) or give trained weights as mobilenet_v1.pth in --model-dir"
+        )
+    return mobilenet_v1()
+
+
+def _register_cifar_model(name: str) -> None:
+    """Register a CIFAR classifier of :mod:`models.cifar` (100 classes, 32 px): trained from scratch, no weights."""
+
+    @register_model(name, task="classification", available=None, eval_sizes=lambda: (32, 32))
+    def build(pretrained: bool) -> nn.Module:
+        from . import cifar  # lazy, as for EfficientNet-Lite
+
+        if pretrained:
+            raise WeightsUnavailableError(f"{name}: no pretrained weights exist; train it from a seeded random init "
+                                          "(pretrained=False, --no-pretrained)")  # fmt: skip
+        return getattr(cifar, name)()
+
+
+for _name in ("resnet32_cifar", "vgg16_bn_cifar"):
+    _register_cifar_model(_name)
 
 
 _register_torchvision_models()
