@@ -11,6 +11,9 @@ from click.core import ParameterSource
 from training.cli_options import compression_options, model_data_options, runtime_options, training_options
 from utils.cli import DeviceType, default_device, setup_logging
 
+WEIGHTS_STATUS_TEXT = {"at hand": "weights at hand", "needs download": "needs download",
+                       "not installed": "weights not installed", "none exist": "no pretrained weights"}  # fmt: skip
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -24,12 +27,12 @@ def cli() -> None:
 @click.option("--available", is_flag=True, help="Only models whose pretrained weights are at hand offline.")
 def list_models_command(task: str | None, available: bool) -> None:
     """List the model zoo: name, task, and whether the pretrained weights are at hand."""
-    from models import is_weights_available, list_models, model_task
+    from models import list_models, model_task, weights_status
 
     for name in list_models(task):
-        at_hand = is_weights_available(name)
-        if at_hand or not available:
-            click.echo(f"{name:40s} {model_task(name):15s} {'weights at hand' if at_hand else 'needs download'}")
+        status = weights_status(name)
+        if status == "at hand" or not available:
+            click.echo(f"{name:40s} {model_task(name):15s} {WEIGHTS_STATUS_TEXT[status]}")
 
 
 @cli.command()
@@ -120,7 +123,7 @@ def _check_bit_policy(options: dict, checkpoint: Path | None = None) -> None:
     except UnknownArchitectureError as error:
         raise click.BadParameter(str(error), param_hint="'--architecture'") from None
     except SetupError as error:
-        message = str(error).removeprefix("--bit-policy: ").removeprefix(f"--bit-policy {config.bit_policy}: ")
+        message = str(error).removeprefix("--bit-policy: ").removeprefix(f"--bit-policy {config.quant.bit_policy}: ")
         raise click.BadParameter(message, param_hint="'--bit-policy'") from None
 
 

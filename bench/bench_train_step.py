@@ -80,8 +80,8 @@ def main(architecture: str, batch_size: int, image_size: int, n_bits: int, repea
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
     targets = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
     common = {"architecture": architecture, "pretrained": False, "image_size": image_size, "learning_rate": 0.01}
-    float_config = TrainConfig(weight_quant=False, **common)
-    qat_config = TrainConfig(weight_quant=True, n_bits=n_bits, weight_quant_method="mse", **common)
+    float_config = TrainConfig.from_options(weight_quant=False, **common)
+    qat_config = TrainConfig.from_options(weight_quant=True, n_bits=n_bits, weight_quant_method="mse", **common)
     steps = {"float": make_step(float_config, images, targets), "qat": make_step(qat_config, images, targets)}
     best = best_seconds(steps, device, warmup, repeats)
     float_seconds, qat_seconds = best["float"], best["qat"]

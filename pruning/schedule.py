@@ -7,8 +7,8 @@ steps apart, starting at step ``t0``:
 
 ``s_i`` before ``t0`` and ``s_f`` after ``t0 + n * delta_t``. Masks are recomputed only at the
 update steps ``t0 + k * delta_t`` (``k = 0..n``), by magnitude, per layer (every layer at the same
-sparsity, as in the paper) or globally (one threshold over all layers); between updates they are
-kept fixed, the masked weights receive no gradient and are reset to zero after every optimizer
+sparsity, as in the paper), per output channel (every channel of every layer at that sparsity) or
+globally (one threshold over all layers); between updates they are kept fixed, the masked weights receive no gradient and are reset to zero after every optimizer
 step (so weight decay and momentum cannot revive them).
 """
 from __future__ import annotations
@@ -22,13 +22,15 @@ import torch
 from torch import nn
 
 from pruning.masks import global_magnitude_masks_by_selection, magnitude_mask_by_selection
+from quantization.granularity import Granularity
 
 logger = logging.getLogger(__name__)
 
 
 class PruningScope(str, enum.Enum):
-    LAYER = "layer"
-    GLOBAL = "global"
+    LAYER = "layer"  # each layer at the sparsity
+    CHANNEL = "channel"  # each output channel (axis 0 of the weight) at the sparsity
+    GLOBAL = "global"  # one magnitude threshold over all layers
 
 
 def zhu_gupta_sparsity(step: int, s_i: float, s_f: float, t0: int, n: int, delta_t: int) -> float:
@@ -87,13 +89,16 @@ class PruningSchedule:
 def set_magnitude_masks(layers: Mapping[str, nn.Module], sparsity: float, scope: PruningScope) -> None:
     """Set the ``weight_mask`` of every layer by magnitude at ``sparsity`` and zero the pruned weights.
 
-    Per layer: each layer loses ``num_pruned(numel, sparsity)`` weights; global: all layers
+    Per layer: each layer loses ``num_pruned(numel, sparsity)`` weights; per channel: each output
+    channel of each layer loses ``num_pruned(numel / out_channels, sparsity)``; global: all layers
     together lose ``num_pruned(total, sparsity)``, the smallest magnitudes over all of them.
     """
-    if PruningScope(scope) is PruningScope.GLOBAL:
+    scope = PruningScope(scope)
+    if scope is PruningScope.GLOBAL:
         masks = global_magnitude_masks_by_selection({name: layer.weight for name, layer in layers.items()}, sparsity)
     else:
-        masks = {name: magnitude_mask_by_selection(layer.weight, sparsity) for name, layer in layers.items()}
+        granularity = Granularity.per_channel(0) if scope is PruningScope.CHANNEL else Granularity.per_tensor()
+        masks = {name: magnitude_mask_by_selection(layer.weight, sparsity, granularity) for name, layer in layers.items()}
     for name, layer in layers.items():
         layer.weight_mask.copy_(masks[name])
         layer.weight.mul_(layer.weight_mask)

@@ -1,9 +1,10 @@
 """Sort-based magnitude masks: the references for the selection-based masks of :mod:`pruning.masks`.
 
 Same contract as :mod:`pruning.masks`: of ``n`` candidates the ``num_pruned(n, sparsity)`` with the
-smallest ``|w|`` are pruned, ties in order of position (flattened order; for global masks the
-earlier tensor in the given order first). Here by a stable sort: the first ``k`` entries of
-``argsort(|w|, stable=True)`` are pruned, which is that rule by construction.
+smallest ``|w|`` are pruned, ties in order of position (flattened order, with the channel axis
+first for channel and block scopes; for global masks the earlier tensor in the given order
+first). Here by a stable sort: the first ``k`` entries of ``argsort(|w|, stable=True)`` are
+pruned, which is that rule by construction. Blocks are cut one at a time by a Python loop.
 """
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ def per_channel_magnitude_mask(weight: torch.Tensor, sparsity: float, ch_axis: i
     moved = weight.detach().abs().movedim(ch_axis, 0)
     keep = _prune_smallest_by_sorting(moved.reshape(moved.shape[0], -1), sparsity)
     return keep.reshape(moved.shape).movedim(0, ch_axis)
+
+
+def block_magnitude_mask_by_sorting(weight: torch.Tensor, sparsity: float, block_size: int,
+                                    ch_axis: int = 0) -> torch.Tensor:  # fmt: skip
+    """Prune every block of ``block_size`` consecutive slices along ``ch_axis`` to ``sparsity`` on its own.
+
+    The last block holds the remaining ``C mod block_size`` slices when ``block_size`` does not divide ``C``.
+    """
+    moved = weight.detach().abs().movedim(ch_axis, 0)
+    keep = torch.ones_like(moved, dtype=torch.bool)
+    for start in range(0, moved.shape[0], block_size):
+        block = moved[start : start + block_size]
+        keep[start : start + block_size] = _prune_smallest_by_sorting(block.reshape(1, -1), sparsity).reshape(block.shape)
+    return keep.movedim(0, ch_axis)
 
 
 def global_magnitude_masks_by_sorting(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ def test_list_models_marks_weights_at_hand(torch_home: Path) -> None:
     assert len(lines) > 100
     assert any(line.startswith("efficientnet_lite0") and line.endswith("weights at hand") for line in lines)
     assert any(line.startswith("resnet18 ") and line.endswith("needs download") for line in lines)
+    assert any(line.startswith("mobilenet_v1 ") and line.endswith("no pretrained weights") for line in lines)
     available = CliRunner().invoke(cli, ["list-models", "--available"]).output.split()
     assert available[0] == "efficientnet_lite0" and "resnet18" not in available
     detection = CliRunner().invoke(cli, ["list-models", "--task", "detection"]).output.splitlines()

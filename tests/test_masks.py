@@ -1,7 +1,8 @@
 """Magnitude pruning masks: exact counts, largest magnitudes kept, deterministic tie-breaking.
 
-The production masks (by selection, :mod:`pruning.masks`) are checked against a numpy reference and
-against the sort-based masks of ``tests/reference_masks.py`` (which also holds the per-channel mask).
+The production masks (by selection, :mod:`pruning.masks`; per tensor, per channel, per block of
+channels, global) are checked against a numpy reference and against the sort-based masks of
+``tests/reference_masks.py``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference_masks import global_magnitude_masks_by_sorting, magnitude_mask_by_sorting, per_channel_magnitude_mask
+from reference_masks import (
+    block_magnitude_mask_by_sorting,
+    global_magnitude_masks_by_sorting,
+    magnitude_mask_by_sorting,
+    per_channel_magnitude_mask,
+)
 
 from pruning.masks import (
     global_magnitude_masks_by_selection,
@@ -18,6 +24,7 @@ from pruning.masks import (
     magnitude_pruning_sse,
     num_pruned,
 )
+from quantization.granularity import Granularity
 
 SPARSITIES = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.625, 0.75, 0.9, 0.99, 1.0]
 
@@ -44,7 +51,7 @@ def np_keep_per_channel(weight: np.ndarray, sparsity: float, axis: int) -> np.nd
 
 # --------------------------------------------------------------------------- counts
 def test_num_pruned_values():
-    for n in list(range(0, 41)) + [99, 100, 101, 1000, 12345]:
+    for n in list(range(41)) + [99, 100, 101, 1000, 12345]:
         for s in list(np.linspace(0, 1, 41)) + SPARSITIES:
             assert num_pruned(n, float(s)) == expected_count(n, float(s))
     # round half up: 0.5 * 3 = 1.5 -> 2; 0.5 * 5 = 2.5 -> 3; 0.25 * 2 = 0.5 -> 1; 0.125 * 4 = 0.5 -> 1
@@ -95,6 +102,8 @@ def test_ties_first_occurrence_pruned_first():
     for k, keep in expected.items():
         assert magnitude_mask_by_selection(w, k / 6).tolist() == keep
         assert per_channel_magnitude_mask(w[None, :], k / 6)[0].tolist() == keep
+        assert magnitude_mask_by_selection(w[None, :], k / 6, Granularity.per_channel())[0].tolist() == keep
+        assert magnitude_mask_by_selection(w[:, None], k / 6, Granularity.per_channel(1))[:, 0].tolist() == keep
         masks = global_magnitude_masks_by_selection({"a": w[:3], "b": w[3:]}, k / 6)
         assert masks["a"].tolist() + masks["b"].tolist() == keep
 
@@ -142,6 +151,59 @@ def test_per_channel_same_count_every_channel(axis, sparsity):
         assert not np.array_equal(mask, np_keep(w, sparsity))
 
 
+def test_channel_and_block_ties_by_position_within_each_group() -> None:
+    w = torch.tensor([[1.0, -1.0, 1.0], [2.0, 2.0, 0.5], [-1.0, 1.0, 1.0], [3.0, -3.0, 3.0], [0.0, 0.0, 0.0]])
+    # one third of each channel: the first of its smallest magnitudes
+    per_channel = magnitude_mask_by_selection(w, 1 / 3, Granularity.per_channel())
+    assert (~per_channel).nonzero().tolist() == [[0, 0], [1, 2], [2, 0], [3, 0], [4, 0]]
+    # blocks of 2 channels (6, 6, 3 entries): 2, 2 and 1 pruned
+    blocks = magnitude_mask_by_selection(w, 1 / 3, Granularity.blocks(2))
+    assert (~blocks).nonzero().tolist() == [[0, 0], [1, 2], [2, 0], [2, 1], [4, 0]]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.5, 0.77, 0.999, 1.0])
+def test_scoped_masks_equal_the_sorting_references(sparsity: float) -> None:
+    """Per channel and blocks of N (N dividing the channel count or not) along either axis, many ties."""
+    generator = torch.Generator().manual_seed(int(sparsity * 1000))
+    weights = {
+        "ties": torch.randint(-3, 4, (7, 5, 3, 3), generator=generator).float(),  # 7 channels: blocks of 2, 3, 4 leave a rest
+        "dense": torch.randn(10, 9, generator=generator) * torch.rand(10, 1, generator=generator),
+        "one_channel": torch.tensor([[0.5, -0.5, 0.5, 0.25]]),
+    }
+    for name, weight in weights.items():
+        for axis in (0, 1):
+            channels = weight.shape[axis]
+            by_channel = magnitude_mask_by_selection(weight, sparsity, Granularity.per_channel(axis))
+            assert torch.equal(by_channel, per_channel_magnitude_mask(weight, sparsity, axis)), (name, axis)
+            for block in (1, 2, 3, 4, channels, channels + 5):
+                got = magnitude_mask_by_selection(weight, sparsity, Granularity.blocks(block, axis))
+                assert torch.equal(got, block_magnitude_mask_by_sorting(weight, sparsity, block, axis)), (name, axis, block)
+            one_block = magnitude_mask_by_selection(weight, sparsity, Granularity.blocks(channels, axis))
+            if axis == 0:  # one block of all channels is the per-tensor mask (same order)
+                assert torch.equal(one_block, magnitude_mask_by_sorting(weight, sparsity))
+        assert torch.equal(magnitude_mask_by_selection(weight, sparsity, Granularity.per_tensor()),
+                           magnitude_mask_by_sorting(weight, sparsity))  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [1, 3, 4])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.9])
+def test_block_masks_exact_counts_and_largest_kept(block: int, sparsity: float) -> None:
+    rng = np.random.default_rng(block * 10 + int(sparsity * 100))
+    w = rng.normal(size=(10, 3, 2, 2)) * rng.uniform(0.01, 10, size=(10, 1, 1, 1))  # 10 channels of 12 weights
+    mask = magnitude_mask_by_selection(torch.from_numpy(w), sparsity, Granularity.blocks(block)).numpy()
+    for start in range(0, 10, block):
+        group, kept = np.abs(w[start : start + block]), mask[start : start + block]
+        assert (~kept).sum() == expected_count(group.size, sparsity), start
+        np.testing.assert_array_equal(kept, np_keep(group, sparsity))
+    sizes = [min(block, 10 - start) * 12 for start in range(0, 10, block)]
+    assert (~mask).sum() == sum(expected_count(size, sparsity) for size in sizes)
+
+
+def test_scope_axis_must_exist() -> None:
+    with pytest.raises(ValueError, match="axis 2"):
+        magnitude_mask_by_selection(torch.ones(3, 4), 0.5, Granularity.per_channel(2))
+
+
 # --------------------------------------------------------------------------- global
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_global_masks_one_threshold(sparsity):
@@ -159,8 +221,8 @@ def test_global_masks_one_threshold(sparsity):
     pruned = np.concatenate([weights[k].abs().numpy()[~masks[k].numpy()] for k in weights])
     if kept.size and pruned.size:
         assert kept.min() >= pruned.max()
-    for k in weights:
-        assert masks[k].shape == weights[k].shape and masks[k].dtype == torch.bool
+    for k, weight in weights.items():
+        assert masks[k].shape == weight.shape and masks[k].dtype == torch.bool
     # the small-scale tensor is pruned much harder than the large-scale one
     if 0.2 <= sparsity <= 0.8:
         share = {k: float((~masks[k]).float().mean()) for k in weights}
@@ -236,6 +298,8 @@ def test_invalid_sparsity_raises(bad):
         magnitude_mask_by_selection(w, bad)
     with pytest.raises(ValueError):
         per_channel_magnitude_mask(w, bad)
+    with pytest.raises(ValueError):
+        magnitude_mask_by_selection(w, bad, Granularity.blocks(3))
     with pytest.raises(ValueError):
         global_magnitude_masks_by_selection({"w": w}, bad)
     with pytest.raises(ValueError):

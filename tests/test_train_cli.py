@@ -88,7 +88,7 @@ def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Pa
     assert summary["final"]["val_top1"] == pytest.approx(metrics["val_top1"].iloc[-1])
 
     model, config = run.restore_model(out / "last.pt")
-    assert config.n_bits == 4
+    assert config.quant.n_bits == 4
     checked = 0
     with torch.no_grad():
         for name, layer in compressed_layers(model).items():
@@ -207,26 +207,125 @@ def test_resume_with_other_options_says_which(small_digits: Path, tmp_path: Path
     assert len(result.output.strip().splitlines()) == 1
 
 
+OPTIONS_ADDED_SINCE_THE_FLAT_LAYOUT = ("warmup_epochs", "label_smoothing")
+
+
+def _old_flat_options(nested: dict) -> dict:
+    """The options as train-compressed wrote them before the nested config: one flat dict, without the options added since."""
+    flat = {name: value for group in nested.values() for name, value in group.items()}
+    return {name: value for name, value in flat.items() if name not in OPTIONS_ADDED_SINCE_THE_FLAT_LAYOUT}
+
+
 @pytest.mark.slow
-def test_a_checkpoint_from_before_an_option_existed_resumes(small_digits: Path, tmp_path: Path) -> None:
-    """An option missing from the checkpoint counts with its default; one no version knows is named."""
+def test_checkpoints_of_earlier_versions_resume_and_evaluate(small_digits: Path, tmp_path: Path) -> None:
+    """An option missing from the checkpoint counts with its default; one no version knows is named. A checkpoint
+    of the flat layout (before the nested config) resumes bitwise like today's nested one."""
     out = tmp_path / "run"
-    args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
-            "--save-checkpoint-dir", str(out), "--no-reestimate-bn-stats"]  # fmt: skip
-    _invoke(args + ["--max-epochs", "1"])
+    args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--deterministic",
+            "--no-reestimate-bn-stats"]  # fmt: skip
+    _invoke(args + ["--max-epochs", "1", "--save-checkpoint-dir", str(out)])
     checkpoint = _checkpoint(out / "last.pt")
-    checkpoint["options"]["max_epochs"] = 2  # as if interrupted after the first of two epochs
-    del checkpoint["options"]["quant_weight_decay"]  # as if written before the option existed (default 0.0)
-    torch.save(checkpoint, out / "old.pt")
-    resumed = CliRunner().invoke(cli, args + ["--max-epochs", "2", "--resume", str(out / "old.pt")])
-    assert resumed.exit_code == 0, resumed.output
-    assert _checkpoint(out / "last.pt")["epoch"] == 2
-    changed = CliRunner().invoke(cli, args + ["--max-epochs", "2", "--quant-weight-decay", "0.1", "--resume", str(out / "old.pt")])
-    assert changed.exit_code == 1 and "--quant-weight-decay: 0.0 (checkpoint) vs 0.1 (now)" in changed.output
-    checkpoint["options"]["dropout_rate"] = 0.5
-    torch.save(checkpoint, out / "other.pt")
-    unknown = CliRunner().invoke(cli, args + ["--max-epochs", "2", "--resume", str(out / "other.pt")])
-    assert unknown.exit_code == 1 and "unknown options dropout_rate" in unknown.output and "Traceback" not in unknown.output
+    assert set(checkpoint["options"]) == {"model", "data", "optim", "quant", "bn", "pruning", "runtime"}
+    checkpoint["options"]["optim"]["max_epochs"] = 2  # as if interrupted after the first of two epochs
+    del checkpoint["options"]["optim"]["quant_weight_decay"]  # as if written before the option existed (default 0.0)
+    old = dict(checkpoint, options=_old_flat_options(checkpoint["options"]))
+    assert "n_bits" in old["options"] and "label_smoothing" not in old["options"]
+    files = {"nested": out / "nested.pt", "flat": out / "flat.pt"}
+    torch.save(checkpoint, files["nested"])
+    torch.save(old, files["flat"])
+    resume = args + ["--max-epochs", "2"]
+    for layout, path in files.items():
+        _invoke(resume + ["--save-checkpoint-dir", str(tmp_path / layout), "--resume", str(path)])
+    nested, flat = _checkpoint(tmp_path / "nested" / "last.pt"), _checkpoint(tmp_path / "flat" / "last.pt")
+    assert nested["epoch"] == flat["epoch"] == 2 and flat["model"].keys() == nested["model"].keys()
+    for key, value in nested["model"].items():
+        assert torch.equal(value, flat["model"][key]), key
+    assert flat["options"]["optim"]["label_smoothing"] == 0.0  # written back nested, with every option
+
+    restored = {layout: run.restore_model(path)[1] for layout, path in files.items()}  # evaluation reads both
+    assert restored["flat"] == restored["nested"] and restored["flat"].optim.warmup_epochs == 0
+
+    for layout, path in files.items():
+        for option, message in [("--quant-weight-decay", "--quant-weight-decay: 0.0 (checkpoint) vs 0.1 (now)"),
+                                ("--label-smoothing", "--label-smoothing: 0.0 (checkpoint) vs 0.1 (now)")]:  # fmt: skip
+            changed = CliRunner().invoke(cli, resume + [option, "0.1", "--resume", str(path)])
+            assert changed.exit_code == 1 and message in changed.output, (layout, changed.output)
+    checkpoint["options"]["optim"]["dropout_rate"] = 0.5
+    old["options"]["dropout_rate"] = 0.5
+    for layout, saved in {"nested": checkpoint, "flat": old}.items():
+        torch.save(saved, out / "other.pt")
+        unknown = CliRunner().invoke(cli, resume + ["--resume", str(out / "other.pt")])
+        assert unknown.exit_code == 1 and "Traceback" not in unknown.output, (layout, unknown.output)
+        assert "unknown options dropout_rate (written by another train-compressed)" in unknown.output, layout
+        assert len(unknown.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_channel_scope_warmup_and_label_smoothing(small_digits: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Every output channel ends at --s-f exactly; the learning rate warms up for one epoch; only the training loss
+    is smoothed."""
+    out, s_f, lr = tmp_path / "channel", 0.6, 0.05
+    loss_functions = []
+    train_one_epoch = run.train_one_epoch
+
+    def recording(*args, **kwargs):
+        loss_functions.append(kwargs["loss_fn"])
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train_one_epoch", recording)
+    _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
+             "--no-weight-quant", "--prune-method", "zhu_gupta", "--prune-scope", "channel", "--s-f", str(s_f),
+             "--prune-last-epoch", "0", "--delta-t", "2", "--warmup-epochs", "1", "--label-smoothing", "0.1",
+             "--save-checkpoint-dir", str(out)])  # fmt: skip
+    model, config = run.restore_model(out / "last.pt")
+    assert config.pruning.prune_scope == "channel" and config.optim.label_smoothing == 0.1
+    layers = compressed_layers(model)
+    assert len(layers) == 21
+    for name, layer in layers.items():
+        channels = layer.weight.shape[0]
+        expected = [num_pruned(layer.weight[0].numel(), s_f)] * channels
+        assert (~layer.weight_mask).reshape(channels, -1).sum(dim=1).tolist() == expected, name
+        assert (layer.weight == 0).reshape(channels, -1).sum(dim=1).tolist() == expected, name
+
+    # 7 steps per epoch: the warm-up ends at lr, then cosine over the remaining 7 steps down to 0.01 lr
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["lr"]) == pytest.approx([lr, 0.01 * lr], rel=1e-12)
+    logits, targets = torch.randn(5, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 9])
+    assert len(loss_functions) == 2
+    for loss_fn in loss_functions:
+        assert torch.equal(loss_fn(logits, targets), F.cross_entropy(logits, targets, label_smoothing=0.1))
+    _, _, plain_loss = _plain_evaluation(model, small_digits, 16)
+    assert metrics["val_loss"].iloc[-1] == pytest.approx(plain_loss, rel=1e-4)  # evaluated without smoothing
+
+
+def test_every_option_has_one_place_in_the_config() -> None:
+    """The flags of train-compressed are the config's options (same names, same defaults); flat and nested agree."""
+    from training.cli_options import config_from_options
+    from training.config import OPTION_GROUPS, TrainConfig, differing_options, saved_config
+
+    command = cli.commands["train-compressed"]
+    assert {param.name for param in command.params} == set(OPTION_GROUPS)
+    assert {param.name for param in cli.commands["evaluate"].params} - {"checkpoint", "output_json"} < set(OPTION_GROUPS)
+    defaults = {param.name: param.default for param in command.params}
+    config = config_from_options(**defaults)
+    expected = TrainConfig().options()
+    for name in ("images_dir", "num_workers", "device", "optimizer", "quant_optimizer"):  # CLI-side defaults
+        del defaults[name], expected[name]
+    assert {name: value for name, value in config.options().items() if name in expected} == expected
+    assert {name: value for name, value in defaults.items() if name in expected} == expected
+
+    config = TrainConfig.from_options(n_bits=3, s_f=0.5, label_smoothing=0.2, device="cuda:1")
+    assert (config.quant.n_bits, config.pruning.s_f, config.optim.label_smoothing, config.runtime.device) == \
+        (3, 0.5, 0.2, "cuda:1")  # fmt: skip
+    assert config.model == TrainConfig().model and config.with_options(n_bits=3) == config
+    assert saved_config(config.as_dict()) == config == saved_config(config.options())  # nested and flat layouts
+    assert list(config.options()) == list(OPTION_GROUPS)
+    old = _old_flat_options(TrainConfig().as_dict())
+    assert differing_options(old, TrainConfig.from_options(label_smoothing=0.1, n_bits=8, device="cuda")) == [
+        "--label-smoothing: 0.0 (checkpoint) vs 0.1 (now)", "--n-bits: 4 (checkpoint) vs 8 (now)"]  # fmt: skip
+    with pytest.raises(ValueError, match="^unknown options dropout_rate, nbits$"):
+        TrainConfig().with_options(nbits=3, dropout_rate=0.1)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from torch import nn
 
 from training.data import Batch
 from training.distributed import DistributedContext
-from training.engine import StepInputs, StepOptions, StepOutput, TrainCallback, train_one_epoch
+from training.engine import StepInputs, StepOptions, StepOutput, TrainCallback, cross_entropy_loss, train_one_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,6 +173,17 @@ def test_a_loss_function_replaces_cross_entropy(digit_batches: list[Batch]) -> N
     run_epoch(model, digit_batches, loss_fn=lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=0.1))
     manual_epoch(reference, digit_batches, lambda net, batch: cross_entropy_grads(net, batch, label_smoothing=0.1))
     assert_same_parameters(model, reference)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5])
+def test_the_default_loss_smooths_labels_as_written(eps: float) -> None:
+    """``-mean_i [(1 - eps) log p_i(y_i) + eps / K sum_k log p_i(k)]``, with the log-softmax written out."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 4, generator=generator, dtype=torch.float64) * 3
+    targets = torch.tensor([0, 3, 1, 1, 2, 0])
+    log_p = logits - logits.exp().sum(dim=1, keepdim=True).log()
+    expected = -((1 - eps) * log_p[torch.arange(6), targets] + eps / 4 * log_p.sum(dim=1)).mean()
+    assert float(cross_entropy_loss(logits, targets, label_smoothing=eps)) == pytest.approx(float(expected), rel=1e-12)
 
 
 class Log(TrainCallback):

@@ -155,7 +155,7 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("name", ARCHITECTURES)
 @pytest.mark.slow
 def test_each_paper_architecture_trains_a_step(name: str, tiny_digits: Path, tmp_path: Path) -> None:
-    config = TrainConfig(
+    config = TrainConfig.from_options(
         architecture=f"{name}_quantized", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=8,
         num_workers=0, max_epochs=1, weight_quant_method="current_minmax", act_quant=True, prune_method="zhu_gupta",
         s_f=0.5, delta_t=1, bn_est_batches=1, progress_bar=False, save_checkpoint_dir=str(tmp_path),
@@ -172,7 +172,7 @@ def test_each_paper_architecture_trains_a_step(name: str, tiny_digits: Path, tmp
 @pytest.mark.slow
 def test_less_common_options_run(tiny_digits: Path, tmp_path: Path) -> None:
     """Adam, multistep LR, per-channel asymmetric weights, MSE 6-bit activations, FP logits, AMP, global pruning."""
-    config = TrainConfig(
+    config = TrainConfig.from_options(
         architecture="resnet18", images_dir=str(tiny_digits), pretrained=False, image_size=16, batch_size=4,
         num_workers=1, max_epochs=2, optimizer="Adam", learning_rate=1e-4, learning_rate_schedule="multistep:1",
         sep_quant_optimizer=False, per_channel=True, qmethod="asymmetric_uniform", grad_scaling=True, fold_bn=True,
@@ -270,7 +270,7 @@ def test_classifier_head_is_found_and_replaced(name: str, head: str) -> None:
 
 @pytest.mark.slow
 def test_a_run_keeps_the_pretrained_head_for_1000_classes_only() -> None:
-    config = TrainConfig(architecture="efficientnet_lite0", image_size=32, weight_quant=False, seed=3)
+    config = TrainConfig.from_options(architecture="efficientnet_lite0", image_size=32, weight_quant=False, seed=3)
     pretrained = load_model("efficientnet_lite0").state_dict()
     imagenet = build_compressed_model(config, num_classes=1000).state_dict()
     assert torch.equal(imagenet["_fc.weight"], pretrained["_fc.weight"])

@@ -80,6 +80,13 @@ def test_pruner_reaches_exact_final_sparsity(scope: PruningScope) -> None:
     if scope is PruningScope.LAYER:
         for name in layers:
             assert numels[name] - kept[name] == num_pruned(numels[name], s_f) == zeros[name]
+    elif scope is PruningScope.CHANNEL:
+        for name, layer in layers.items():
+            channels = layer.weight.shape[0]
+            per_channel = num_pruned(numels[name] // channels, s_f)
+            pruned = (~layer.weight_mask).reshape(channels, -1).sum(dim=1)
+            assert pruned.tolist() == [per_channel] * channels, name
+            assert (layer.weight == 0).reshape(channels, -1).sum(dim=1).tolist() == [per_channel] * channels, name
     else:
         total = sum(numels.values())
         assert total - sum(kept.values()) == num_pruned(total, s_f) == sum(zeros.values())
@@ -115,9 +122,10 @@ def test_each_optimizer_follows_its_own_schedule() -> None:
     from training.config import TrainConfig
 
     model = _toy_model()
-    config = TrainConfig(learning_rate=0.1, learning_rate_schedule="multistep:1", quant_learning_rate=0.01,
-                         quant_learning_rate_schedule="cosine:0", max_epochs=2, n_bits=4, quant_setup="all")  # fmt: skip
-    compress_model(model, CompressionSpec(weight_quant=config.weight_quantizer()))
+    config = TrainConfig.from_options(learning_rate=0.1, learning_rate_schedule="multistep:1", quant_learning_rate=0.01,
+                                      quant_learning_rate_schedule="cosine:0", max_epochs=2, n_bits=4,
+                                      quant_setup="all")  # fmt: skip
+    compress_model(model, CompressionSpec(weight_quant=config.quant.weight_quantizer()))
     optimizers = build_optimizers(model, config)
     assert len(optimizers["quant"].param_groups[0]["params"]) == 3  # one step size per layer
     schedulers = build_schedulers(optimizers, config, steps_per_epoch=5)
@@ -129,3 +137,47 @@ def test_each_optimizer_follows_its_own_schedule() -> None:
             schedulers[name].step()
     assert [r[0] for r in rates] == pytest.approx([0.1] * 5 + [0.01] * 5)
     assert [r[1] for r in rates] == pytest.approx([0.01 * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(10)])
+
+
+@pytest.mark.parametrize("text", ["cosine", "cosine:0.001", "multistep:1:3", "constant"])
+def test_warmup_then_the_schedule_over_the_remaining_steps(text: str) -> None:
+    """Closed form: lr0 (t + 1) / W during the W warm-up steps, then the schedule on its own clock t - W of T - W steps."""
+    from training.builders import build_optimizers, build_schedulers
+    from training.config import TrainConfig
+
+    per_epoch, epochs, warmup_epochs, lr0, quant_lr0 = 5, 6, 2, 0.2, 0.01
+    warmup, total = warmup_epochs * per_epoch, epochs * per_epoch
+    model = _toy_model()
+    config = TrainConfig.from_options(learning_rate=lr0, learning_rate_schedule=text, max_epochs=epochs,
+                                      warmup_epochs=warmup_epochs, quant_learning_rate=quant_lr0,
+                                      quant_learning_rate_schedule="constant", n_bits=4, quant_setup="all")  # fmt: skip
+    compress_model(model, CompressionSpec(weight_quant=config.quant.weight_quantizer()))
+    optimizers = build_optimizers(model, config)
+    schedulers = build_schedulers(optimizers, config, per_epoch)
+
+    def after_warmup(t: int) -> float:  # the schedule alone, t counted from the end of the warm-up
+        if text == "cosine":
+            return lr0 * (0.01 + 0.99 * (1 + math.cos(math.pi * t / (total - warmup))) / 2)
+        if text == "cosine:0.001":
+            return 0.001 + (lr0 - 0.001) * (1 + math.cos(math.pi * t / (total - warmup))) / 2
+        if text == "multistep:1:3":
+            return lr0 * 0.1 ** ((t >= per_epoch) + (t >= 3 * per_epoch))
+        return lr0
+
+    for step in range(total):
+        expected = lr0 * (step + 1) / warmup if step < warmup else after_warmup(step - warmup)
+        assert optimizers["model"].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), step
+        quant_expected = quant_lr0 * (step + 1) / warmup if step < warmup else quant_lr0
+        assert optimizers["quant"].param_groups[0]["lr"] == pytest.approx(quant_expected, rel=1e-12), step
+        for name in optimizers:
+            optimizers[name].step()
+            schedulers[name].step()
+    assert lr_factor(parse_lr_schedule(text), warmup - 1, total, per_epoch, lr0, warmup) == 1.0  # warm-up ends at lr0
+
+
+def test_warmup_must_leave_epochs_for_the_schedule() -> None:
+    from training.config import TrainConfig
+
+    TrainConfig.from_options(max_epochs=3, warmup_epochs=2).validate()
+    with pytest.raises(ValueError, match="--warmup-epochs 3 leaves no epoch of --max-epochs 3"):
+        TrainConfig.from_options(max_epochs=3, warmup_epochs=3).validate()

@@ -1,7 +1,6 @@
 """From a :class:`training.config.TrainConfig` to the objects of a run: model, optimizers, schedulers, pruner."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -48,11 +47,12 @@ class UnknownArchitectureError(SetupError):
 def check_architecture(config: TrainConfig) -> None:
     """Raise :class:`UnknownArchitectureError` unless ``--architecture`` names a classifier of the model zoo."""
     try:
-        check_model_name(config.base_architecture, "classification")
+        check_model_name(config.model.base_architecture, "classification")
     except UnknownModelError as error:
         paper = ", ".join(f"{name}[_quantized]" for name in PAPER_ARCHITECTURES)
-        what = (f"--architecture '{config.architecture}' is {error.known_as}, not a classifier" if error.known_as
-                else f"unknown --architecture '{config.architecture}'")  # fmt: skip
+        architecture = config.model.architecture
+        what = (f"--architecture '{architecture}' is {error.known_as}, not a classifier" if error.known_as
+                else f"unknown --architecture '{architecture}'")  # fmt: skip
         raise UnknownArchitectureError(f"{what}; use {paper} or another "
                                        "classifier of `main.py list-models --task classification`") from None  # fmt: skip
 
@@ -60,15 +60,15 @@ def check_architecture(config: TrainConfig) -> None:
 def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.Module:
     """The float classifier, pretrained from the torch hub cache / bundled weights, or from ``--model-dir``."""
     check_architecture(config)
-    name = config.base_architecture
-    pretrained = config.pretrained if pretrained is None else pretrained
-    if not pretrained or config.model_dir is None:
+    name = config.model.base_architecture
+    pretrained = config.model.pretrained if pretrained is None else pretrained
+    if not pretrained or config.model.model_dir is None:
         return load_model(name, pretrained=pretrained)
     weights = model_weights(name)
     file_name = os.path.basename(urlparse(weights.url).path) if weights is not None else f"{name}.pth"
-    path = Path(config.model_dir) / file_name
+    path = Path(config.model.model_dir) / file_name
     if not path.is_file():
-        raise SetupError(f"--model-dir {config.model_dir} has no {file_name} (the pretrained weights of {name})")
+        raise SetupError(f"--model-dir {config.model.model_dir} has no {file_name} (the pretrained weights of {name})")
     model = load_model(name, pretrained=False)
     state = read_torch_file(path, "pretrained weights")
     try:
@@ -82,10 +82,10 @@ def load_base_model(config: TrainConfig, pretrained: bool | None = None) -> nn.M
 def bit_policy_of(config: TrainConfig, saved: dict | None = None) -> BitPolicy | None:
     """The run's per-layer bit policy: ``saved`` (the policy a checkpoint stores) or else the
     ``--bit-policy`` file, read and validated (:class:`SetupError`); ``None`` without one."""
-    if config.bit_policy is None:
+    if config.quant.bit_policy is None:
         return None
     try:
-        return parse_bit_policy(saved) if saved is not None else read_bit_policy(config.bit_policy)
+        return parse_bit_policy(saved) if saved is not None else read_bit_policy(config.quant.bit_policy)
     except BitPolicyError as error:
         raise SetupError(f"--bit-policy: {error}") from None
 
@@ -95,11 +95,11 @@ def compression_spec(config: TrainConfig, bit_policy: BitPolicy | None = None) -
     the ``--bit-policy`` file's (:func:`bit_policy_of`)."""
     policy = bit_policy if bit_policy is not None else bit_policy_of(config)
     return CompressionSpec(
-        weight_quant=config.weight_quantizer(),
-        act_quant=config.act_quantizer(),
-        quant_setup=QuantSetup(config.quant_setup),
-        prune=config.prune,
-        fold_bn=config.fold_bn,
+        weight_quant=config.quant.weight_quantizer(),
+        act_quant=config.quant.act_quantizer(),
+        quant_setup=QuantSetup(config.quant.quant_setup),
+        prune=config.pruning.enabled,
+        fold_bn=config.bn.fold_bn,
         bit_policy=policy,
     )
 
@@ -117,25 +117,25 @@ def build_compressed_model(
     checkpoint), so the weights are random and the weight ranges are initialised by cheap
     min/max instead of the configured (possibly MSE) search. ``num_classes``: when the base
     model predicts another number of classes (e.g. 1000 ImageNet classes for a 10-class
-    dataset), its classifier head is replaced by a new one, initialised from ``config.seed``.
+    dataset), its classifier head is replaced by a new one, initialised from ``--seed``.
     ``bit_policy``: the per-layer bits (default: the ``--bit-policy`` file's, if any).
     """
     if for_state_dict:
         pretrained = False
-        config = dataclasses.replace(config, weight_quant_method="current_minmax")
+        config = config.with_options(weight_quant_method="current_minmax")
     model = load_base_model(config, pretrained)
     if num_classes is not None:
         replaced = replace_head(model, num_classes, config)
         if replaced is not None and not for_state_dict:  # (a saved state overwrites the new head next)
             head, outputs = replaced
             logger.info("%s: the dataset has %d classes: replaced the %d-way classifier head '%s' by a new %d-way one "
-                        "(random init, --seed %d)", config.architecture, num_classes, outputs, head, num_classes,
-                        config.seed)  # fmt: skip
-    example = torch.zeros(2, 3, config.image_size, config.image_size)
+                        "(random init, --seed %d)", config.model.architecture, num_classes, outputs, head, num_classes,
+                        config.runtime.seed)  # fmt: skip
+    example = torch.zeros(2, 3, config.data.image_size, config.data.image_size)
     try:
         compress_model(model, compression_spec(config, bit_policy), example)
     except BitPolicyError as error:
-        raise SetupError(f"--bit-policy {config.bit_policy}: {error}") from None
+        raise SetupError(f"--bit-policy {config.quant.bit_policy}: {error}") from None
     return model
 
 
@@ -151,17 +151,17 @@ def check_bit_policy(config: TrainConfig) -> None:
     try:
         check_policy_layers(spec.bit_policy, list(layers), skipped, spec.weight_quant is not None, spec.act_quant is not None)
     except BitPolicyError as error:
-        raise SetupError(f"--bit-policy {config.bit_policy}: {error}") from None
+        raise SetupError(f"--bit-policy {config.quant.bit_policy}: {error}") from None
 
 
 def replace_head(model: nn.Module, num_classes: int, config: TrainConfig) -> tuple[str, int] | None:
-    """:func:`models.heads.replace_classifier_head` seeded by ``config.seed``; ``(name, old outputs)`` or ``None``."""
+    """:func:`models.heads.replace_classifier_head` seeded by ``--seed``; ``(name, old outputs)`` or ``None``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.runtime.seed)
         try:
-            return replace_classifier_head(model, num_classes, config.image_size)
+            return replace_classifier_head(model, num_classes, config.data.image_size)
         except HeadError as error:
-            raise SetupError(f"{config.architecture}: {error}") from None
+            raise SetupError(f"{config.model.architecture}: {error}") from None
 
 
 def output_classes(model: nn.Module, image_size: int) -> int:
@@ -195,41 +195,46 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> dict[str, torch.o
     step_sizes = step_size_parameters(model)
     step_ids = {id(p) for p in step_sizes}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in step_ids]
-    model_groups = [{"params": weights, "weight_decay": config.weight_decay}]
+    optim = config.optim
+    model_groups = [{"params": weights, "weight_decay": optim.weight_decay}]
     optimizers = {}
-    if step_sizes and not config.sep_quant_optimizer:
-        model_groups.append({"params": step_sizes, "weight_decay": config.quant_weight_decay, "lr": config.quant_learning_rate})
-    optimizers["model"] = _optimizer(config.optimizer, model_groups, config.learning_rate, config.momentum)
-    if step_sizes and config.sep_quant_optimizer:
-        quant_groups = [{"params": step_sizes, "weight_decay": config.quant_weight_decay}]
-        optimizers["quant"] = _optimizer(config.quant_optimizer, quant_groups, config.quant_learning_rate, config.momentum)
+    if step_sizes and not optim.sep_quant_optimizer:
+        model_groups.append({"params": step_sizes, "weight_decay": optim.quant_weight_decay, "lr": optim.quant_learning_rate})
+    optimizers["model"] = _optimizer(optim.optimizer, model_groups, optim.learning_rate, optim.momentum)
+    if step_sizes and optim.sep_quant_optimizer:
+        quant_groups = [{"params": step_sizes, "weight_decay": optim.quant_weight_decay}]
+        optimizers["quant"] = _optimizer(optim.quant_optimizer, quant_groups, optim.quant_learning_rate, optim.momentum)
     return optimizers
 
 
 def build_schedulers(
     optimizers: dict[str, torch.optim.Optimizer], config: TrainConfig, steps_per_epoch: int
 ) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
-    """One per-step scheduler per optimizer (the quantizer optimizer follows ``--quant-learning-rate-schedule``)."""
-    total = steps_per_epoch * config.max_epochs
+    """One per-step scheduler per optimizer (the quantizer optimizer follows ``--quant-learning-rate-schedule``),
+    each after the ``--warmup-epochs`` warm-up (:func:`training.lr_schedule.lr_factor`)."""
+    optim = config.optim
+    total = steps_per_epoch * optim.max_epochs
+    warmup = steps_per_epoch * optim.warmup_epochs
     schedulers = {}
     for name, optimizer in optimizers.items():
-        text = config.quant_learning_rate_schedule if name == "quant" else config.learning_rate_schedule
+        text = optim.quant_learning_rate_schedule if name == "quant" else optim.learning_rate_schedule
         schedule = parse_lr_schedule(text)
         factors = []
         for group in optimizer.param_groups:
             base_lr = group["lr"]
-            factors.append(lambda step, s=schedule, lr=base_lr: lr_factor(s, step, total, steps_per_epoch, lr))
+            factors.append(lambda step, s=schedule, lr=base_lr: lr_factor(s, step, total, steps_per_epoch, lr, warmup))
         schedulers[name] = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     return schedulers
 
 
 def build_pruner(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> GradualMagnitudePruner | None:
-    if not config.prune:
+    pruning = config.pruning
+    if not pruning.enabled:
         return None
     schedule = PruningSchedule.from_epochs(
-        config.s_i, config.s_f, config.prune_epoch_start, config.prune_last_epoch, config.delta_t, steps_per_epoch,
-        config.max_epochs,
+        pruning.s_i, pruning.s_f, pruning.prune_epoch_start, pruning.prune_last_epoch, pruning.delta_t, steps_per_epoch,
+        config.optim.max_epochs,
     )  # fmt: skip
     logger.info("pruning: %s, %d mask updates every %d steps from step %d to %d",
-                config.prune_scope, schedule.n + 1, schedule.delta_t, schedule.t0, schedule.last_update_step)  # fmt: skip
-    return GradualMagnitudePruner(compressed_layers(model), schedule, PruningScope(config.prune_scope))
+                pruning.prune_scope, schedule.n + 1, schedule.delta_t, schedule.t0, schedule.last_update_step)  # fmt: skip
+    return GradualMagnitudePruner(compressed_layers(model), schedule, PruningScope(pruning.prune_scope))

@@ -13,7 +13,7 @@ from training.lr_schedule import parse_lr_schedule
 from utils.cli import DeviceType, default_device
 
 DEFAULTS = TrainConfig()
-UNIT_INTERVAL = click.FloatRange(0.0, 1.0, max_open=True)  # sparsities: [0, 1)
+UNIT_INTERVAL = click.FloatRange(0.0, 1.0, max_open=True)  # sparsities, label smoothing: [0, 1)
 POSITIVE = click.FloatRange(0.0, min_open=True)
 NON_NEGATIVE = click.FloatRange(0.0)
 
@@ -44,7 +44,7 @@ def _options(*decorators: Callable) -> Callable:
 
 
 model_data_options = _options(
-    click.option("--architecture", default=DEFAULTS.architecture, show_default=True,
+    click.option("--architecture", default=DEFAULTS.model.architecture, show_default=True,
                  help="resnet18, resnet50, mobilenet_v2, efficientnet_lite0 (or the paper's <name>_quantized), "
                       "or any other classifier of `main.py list-models`."),
     click.option("--images-dir", required=True, type=click.Path(file_okay=False, path_type=str),
@@ -52,91 +52,100 @@ model_data_options = _options(
     click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
                  help="Folder with the pretrained checkpoint under its torchvision file name (e.g. "
                       "resnet18-f37072fd.pth). Default: the torch hub cache / bundled weights."),
-    click.option("--pretrained/--no-pretrained", default=DEFAULTS.pretrained, show_default=True,
+    click.option("--pretrained/--no-pretrained", default=DEFAULTS.model.pretrained, show_default=True,
                  help="Start from ImageNet weights (--no-pretrained: seeded random init)."),
-    click.option("--image-size", type=click.IntRange(8, 1024), default=DEFAULTS.image_size, show_default=True,
+    click.option("--image-size", type=click.IntRange(8, 1024), default=DEFAULTS.data.image_size, show_default=True,
                  help="Crop size (validation resizes to size*256/224 first)."),
-    click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
+    click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.data.batch_size, show_default=True,
                  help="Global batch size (split over the processes of a torchrun run)."),
-    click.option("--num-workers", type=click.IntRange(0), default=min(DEFAULTS.num_workers, os.cpu_count() or 1),
+    click.option("--num-workers", type=click.IntRange(0), default=min(DEFAULTS.data.num_workers, os.cpu_count() or 1),
                  show_default=True, help="Data-loading worker processes per process."),
 )  # fmt: skip
 
 compression_options = _options(
-    click.option("--weight-quant/--no-weight-quant", default=DEFAULTS.weight_quant, show_default=True),
-    click.option("--act-quant/--no-act-quant", default=DEFAULTS.act_quant, show_default=True,
+    click.option("--weight-quant/--no-weight-quant", default=DEFAULTS.quant.weight_quant, show_default=True),
+    click.option("--act-quant/--no-act-quant", default=DEFAULTS.quant.act_quant, show_default=True,
                  help="Fake-quantize every quantized layer's input (the paper keeps activations in float)."),
-    click.option("--n-bits", type=click.IntRange(2, 16), default=DEFAULTS.n_bits, show_default=True,
+    click.option("--n-bits", type=click.IntRange(2, 16), default=DEFAULTS.quant.n_bits, show_default=True,
                  help="Weight bit-width (first/last layer: see --quant-setup)."),
-    click.option("--n-bits-act", type=click.IntRange(2, 16), default=DEFAULTS.n_bits_act, show_default=True),
+    click.option("--n-bits-act", type=click.IntRange(2, 16), default=DEFAULTS.quant.n_bits_act, show_default=True),
     click.option("--weight-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE"]),
-                 default=DEFAULTS.weight_quant_method, show_default=True, help="Weight range initialisation."),
+                 default=DEFAULTS.quant.weight_quant_method, show_default=True, help="Weight range initialisation."),
     click.option("--act-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE"]),
-                 default=DEFAULTS.act_quant_method, show_default=True, help="Activation range estimation."),
-    click.option("--per-channel/--no-per-channel", default=DEFAULTS.per_channel, show_default=True,
+                 default=DEFAULTS.quant.act_quant_method, show_default=True, help="Activation range estimation."),
+    click.option("--per-channel/--no-per-channel", default=DEFAULTS.quant.per_channel, show_default=True,
                  help="One weight step size per output channel."),
-    click.option("--qmethod", type=_choice(QMETHODS), default=DEFAULTS.qmethod, show_default=True, help="Weight grid."),
-    click.option("--qmethod-act", type=_choice(QMETHODS), default=DEFAULTS.qmethod_act, show_default=True,
+    click.option("--qmethod", type=_choice(QMETHODS), default=DEFAULTS.quant.qmethod, show_default=True,
+                 help="Weight grid."),
+    click.option("--qmethod-act", type=_choice(QMETHODS), default=DEFAULTS.quant.qmethod_act, show_default=True,
                  help="Activation grid."),
-    click.option("--quant-setup", type=click.Choice([s.value for s in QuantSetup]), default=DEFAULTS.quant_setup,
+    click.option("--quant-setup", type=click.Choice([s.value for s in QuantSetup]), default=DEFAULTS.quant.quant_setup,
                  show_default=True, help="all: every layer at --n-bits; LSQ_paper: first and last layer at 8 bits; "
                                          "FP_logits: last layer in float; FP_first_last: first and last in float."),
     click.option("--bit-policy", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
                  help='Per-layer bit-widths, JSON {"layers": [...], "weight_bits": [...], "act_bits": [...]} '
                       "(null: float; bits 2..8): overrides --n-bits/--n-bits-act/--quant-setup for the layers it "
                       "names, the others keep them. Keep the file with the checkpoints: evaluating them reads it."),
-    click.option("--num-est-batches", type=click.IntRange(1), default=DEFAULTS.num_est_batches, show_default=True,
+    click.option("--num-est-batches", type=click.IntRange(1), default=DEFAULTS.quant.num_est_batches, show_default=True,
                  help="Training batches for the activation range estimation."),
-    click.option("--grad-scaling/--no-grad-scaling", default=DEFAULTS.grad_scaling, show_default=True,
+    click.option("--grad-scaling/--no-grad-scaling", default=DEFAULTS.quant.grad_scaling, show_default=True,
                  help="LSQ gradient scaling of the step sizes (1/sqrt(numel * q_max))."),
-    click.option("--learn-step-size/--no-learn-step-size", default=DEFAULTS.learn_step_size, show_default=True),
-    click.option("--fold-bn/--no-fold-bn", default=DEFAULTS.fold_bn, show_default=True,
+    click.option("--learn-step-size/--no-learn-step-size", default=DEFAULTS.quant.learn_step_size, show_default=True),
+    click.option("--fold-bn/--no-fold-bn", default=DEFAULTS.bn.fold_bn, show_default=True,
                  help="Fold batch norm into the convolutions before quantizing (deployment style); "
                       "default: keep it separate (the paper)."),
-    click.option("--reestimate-bn-stats/--no-reestimate-bn-stats", default=DEFAULTS.reestimate_bn_stats,
+    click.option("--reestimate-bn-stats/--no-reestimate-bn-stats", default=DEFAULTS.bn.reestimate_bn_stats,
                  show_default=True, help="Re-estimate batch-norm statistics on training batches before evaluating."),
-    click.option("--bn-est-batches", type=click.IntRange(1), default=DEFAULTS.bn_est_batches, show_default=True,
+    click.option("--bn-est-batches", type=click.IntRange(1), default=DEFAULTS.bn.bn_est_batches, show_default=True,
                  help="Batches for the batch-norm re-estimation."),
-    click.option("--prune-method", type=_choice(PRUNE_METHODS), default=DEFAULTS.prune_method, show_default=True,
+    click.option("--prune-method", type=_choice(PRUNE_METHODS), default=DEFAULTS.pruning.prune_method, show_default=True,
                  help="zhu_gupta: gradual magnitude pruning with the cubic schedule."),
-    click.option("--s-i", type=UNIT_INTERVAL, default=DEFAULTS.s_i, show_default=True, help="Initial sparsity."),
-    click.option("--s-f", type=UNIT_INTERVAL, default=DEFAULTS.s_f, show_default=True,
+    click.option("--s-i", type=UNIT_INTERVAL, default=DEFAULTS.pruning.s_i, show_default=True, help="Initial sparsity."),
+    click.option("--s-f", type=UNIT_INTERVAL, default=DEFAULTS.pruning.s_f, show_default=True,
                  help="Final sparsity, in [0, 1) (the paper compares b bits with 1 - b/16)."),
-    click.option("--prune-scope", type=_choice([s.value for s in PruningScope]), default=DEFAULTS.prune_scope,
-                 show_default=True, help="layer: every layer at the same sparsity (the paper); global: one threshold."),
+    click.option("--prune-scope", type=_choice([s.value for s in PruningScope]), default=DEFAULTS.pruning.prune_scope,
+                 show_default=True, help="layer: every layer at the same sparsity (the paper); channel: every output "
+                                         "channel of every layer at that sparsity; global: one threshold over all "
+                                         "layers."),
 )  # fmt: skip
 
 training_options = _options(
-    click.option("--max-epochs", type=click.IntRange(1), default=DEFAULTS.max_epochs, show_default=True),
-    click.option("--optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optimizer.lower(), show_default=True),
-    click.option("--learning-rate", type=POSITIVE, default=DEFAULTS.learning_rate, show_default=True),
-    click.option("--momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=DEFAULTS.momentum,
+    click.option("--max-epochs", type=click.IntRange(1), default=DEFAULTS.optim.max_epochs, show_default=True),
+    click.option("--optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optim.optimizer.lower(), show_default=True),
+    click.option("--learning-rate", type=POSITIVE, default=DEFAULTS.optim.learning_rate, show_default=True),
+    click.option("--momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=DEFAULTS.optim.momentum,
                  show_default=True, help="SGD momentum."),
-    click.option("--weight-decay", type=NON_NEGATIVE, default=DEFAULTS.weight_decay, show_default=True),
-    click.option("--learning-rate-schedule", type=LrScheduleType(), default=DEFAULTS.learning_rate_schedule,
+    click.option("--weight-decay", type=NON_NEGATIVE, default=DEFAULTS.optim.weight_decay, show_default=True),
+    click.option("--learning-rate-schedule", type=LrScheduleType(), default=DEFAULTS.optim.learning_rate_schedule,
                  show_default=True, help="cosine (to 0.01*LR), cosine:<eta_min>, multistep:<e1>:<e2>... or constant; "
                                          "stepped every iteration."),
-    click.option("--sep-quant-optimizer/--no-sep-quant-optimizer", default=DEFAULTS.sep_quant_optimizer,
+    click.option("--warmup-epochs", type=click.IntRange(0), default=DEFAULTS.optim.warmup_epochs, show_default=True,
+                 help="Linear warm-up of every learning rate over this many epochs (counted in steps, from LR/steps "
+                      "up to LR), then the schedules over the remaining steps."),
+    click.option("--label-smoothing", type=UNIT_INTERVAL, default=DEFAULTS.optim.label_smoothing, show_default=True,
+                 help="Label smoothing of the training cross-entropy, in [0, 1) (the validation loss is plain)."),
+    click.option("--sep-quant-optimizer/--no-sep-quant-optimizer", default=DEFAULTS.optim.sep_quant_optimizer,
                  show_default=True, help="Own optimizer for the quantizer step sizes."),
-    click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.quant_optimizer.lower(),
+    click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optim.quant_optimizer.lower(),
                  show_default=True),
-    click.option("--quant-learning-rate", type=POSITIVE, default=DEFAULTS.quant_learning_rate, show_default=True),
-    click.option("--quant-weight-decay", type=NON_NEGATIVE, default=DEFAULTS.quant_weight_decay, show_default=True),
+    click.option("--quant-learning-rate", type=POSITIVE, default=DEFAULTS.optim.quant_learning_rate, show_default=True),
+    click.option("--quant-weight-decay", type=NON_NEGATIVE, default=DEFAULTS.optim.quant_weight_decay,
+                 show_default=True),
     click.option("--quant-learning-rate-schedule", type=LrScheduleType(),
-                 default=DEFAULTS.quant_learning_rate_schedule, show_default=True),
-    click.option("--freeze-bn/--no-freeze-bn", default=DEFAULTS.freeze_bn, show_default=True,
+                 default=DEFAULTS.optim.quant_learning_rate_schedule, show_default=True),
+    click.option("--freeze-bn/--no-freeze-bn", default=DEFAULTS.bn.freeze_bn, show_default=True,
                  help="Keep batch norms in eval mode while training (running statistics)."),
-    click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.sync_bn, show_default=True,
+    click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.bn.sync_bn, show_default=True,
                  help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
-    click.option("--prune-epoch-start", type=click.IntRange(0), default=DEFAULTS.prune_epoch_start, show_default=True,
-                 help="Pruning starts at the first step of this (0-based) epoch."),
-    click.option("--prune-last-epoch", type=click.IntRange(0), default=DEFAULTS.prune_last_epoch, show_default=True,
-                 help="s_f is reached at the last step of this (0-based) epoch; it must be below --max-epochs "
+    click.option("--prune-epoch-start", type=click.IntRange(0), default=DEFAULTS.pruning.prune_epoch_start,
+                 show_default=True, help="Pruning starts at the first step of this (0-based) epoch."),
+    click.option("--prune-last-epoch", type=click.IntRange(0), default=DEFAULTS.pruning.prune_last_epoch,
+                 show_default=True, help="s_f is reached at the last step of this (0-based) epoch; it must be below --max-epochs "
                       "(the default is moved to the last epoch of a shorter run, with a warning)."),
-    click.option("--delta-t", type=click.IntRange(1), default=DEFAULTS.delta_t, show_default=True,
+    click.option("--delta-t", type=click.IntRange(1), default=DEFAULTS.pruning.delta_t, show_default=True,
                  help="Steps between mask updates."),
     click.option("--save-checkpoint-dir", type=click.Path(file_okay=False, path_type=str),
-                 default=DEFAULTS.save_checkpoint_dir, show_default=True,
+                 default=DEFAULTS.runtime.save_checkpoint_dir, show_default=True,
                  help="Checkpoints, metrics.csv and summary.json. last.pt: after every epoch; best.pt: the best "
                       "validation top-1 among the epochs at the final sparsity (from the end of --prune-last-epoch "
                       "on; every epoch without pruning), never an under-compressed model."),
@@ -147,21 +156,21 @@ training_options = _options(
 )  # fmt: skip
 
 runtime_options = _options(
-    click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
-    click.option("--deterministic/--no-deterministic", default=DEFAULTS.deterministic, show_default=True,
+    click.option("--seed", type=int, default=DEFAULTS.runtime.seed, show_default=True),
+    click.option("--deterministic/--no-deterministic", default=DEFAULTS.runtime.deterministic, show_default=True,
                  help="Deterministic kernels (bitwise reproducible runs and resumptions)."),
-    click.option("--progress-bar/--no-progress-bar", default=DEFAULTS.progress_bar, show_default=True),
-    click.option("--amp/--no-amp", default=DEFAULTS.amp, show_default=True,
+    click.option("--progress-bar/--no-progress-bar", default=DEFAULTS.runtime.progress_bar, show_default=True),
+    click.option("--amp/--no-amp", default=DEFAULTS.runtime.amp, show_default=True,
                  help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
-    click.option("--channels-last/--no-channels-last", default=DEFAULTS.channels_last, show_default=True),
+    click.option("--channels-last/--no-channels-last", default=DEFAULTS.runtime.channels_last, show_default=True),
     click.option("--device", type=DeviceType(), default=default_device(), show_default=True),
 )  # fmt: skip
 
 
 def config_from_options(**options) -> TrainConfig:
-    """A :class:`TrainConfig` from the parsed options (range methods lower-case, device as a string)."""
+    """A :class:`TrainConfig` from the parsed flat options (range methods lower-case, device as a string)."""
     for key in ("weight_quant_method", "act_quant_method"):
         if key in options:
             options[key] = options[key].lower()
     options["device"] = str(options["device"])
-    return TrainConfig(**options)
+    return TrainConfig.from_options(**options)

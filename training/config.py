@@ -1,13 +1,22 @@
-"""All options of ``main.py train-compressed`` / ``main.py evaluate`` as one dataclass (plain values only).
+"""All options of ``main.py train-compressed`` / ``main.py evaluate``: one small frozen dataclass per concern.
+
+:class:`TrainConfig` holds the model, data, optimisation, quantization, batch-norm, pruning and
+runtime options (plain values only). Every leaf field is named after its command-line option
+(``n_bits`` is ``--n-bits``) and no name occurs twice, so the flat options of the command line
+map one to one onto their nested place (:meth:`TrainConfig.from_options`,
+:meth:`TrainConfig.options`).
 
 Every field has a working default (the paper's ResNet-18 INT4 QAT recipe on ImageNet, except
-``images_dir``). The config is stored in every checkpoint; :func:`differing_options` tells a
-resumed run which of the options that shape the result changed.
+``images_dir``). The config is stored in every checkpoint in its nested layout
+(:meth:`TrainConfig.as_dict`); checkpoints of earlier versions stored the flat options and are
+read as well (:func:`saved_config`). :func:`differing_options` tells a resumed run which of the
+options that shape the result changed.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from models.quantized import QuantSetup
@@ -36,24 +45,62 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def option_flag(name: str) -> str:
+    """The command-line flag of an option: ``n_bits`` -> ``--n-bits``."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    # data and model
+class ModelConfig:
     architecture: str = "resnet18"
-    images_dir: str = ""
     model_dir: str | None = None
     pretrained: bool = True
+
+    @property
+    def base_architecture(self) -> str:
+        """The registry name: the paper's ``<name>_quantized`` aliases map to ``<name>``."""
+        name = self.architecture
+        if name.endswith(QUANTIZED_SUFFIX) and name[: -len(QUANTIZED_SUFFIX)] in PAPER_ARCHITECTURES:
+            return name[: -len(QUANTIZED_SUFFIX)]
+        return name
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    images_dir: str = ""
     image_size: int = 224
     batch_size: int = 256
     num_workers: int = 4
-    # optimisation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The training loss, the optimizers and their learning-rate schedules."""
+
     max_epochs: int = 20
     optimizer: str = "SGD"
     learning_rate: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 1e-4
     learning_rate_schedule: str = "cosine"
-    # quantization
+    warmup_epochs: int = 0  # linear warm-up of every learning rate (training/lr_schedule.py)
+    label_smoothing: float = 0.0  # of the training loss only
+    sep_quant_optimizer: bool = True
+    quant_optimizer: str = "Adam"
+    quant_learning_rate: float = 1e-5
+    quant_weight_decay: float = 0.0
+    quant_learning_rate_schedule: str = "cosine"
+
+    def validate(self) -> None:
+        parse_lr_schedule(self.learning_rate_schedule)
+        parse_lr_schedule(self.quant_learning_rate_schedule)
+        if self.warmup_epochs and self.warmup_epochs >= self.max_epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of --max-epochs {self.max_epochs} "
+                             "for the learning-rate schedule")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantConfig:
     weight_quant: bool = True
     act_quant: bool = False
     n_bits: int = 4
@@ -68,47 +115,6 @@ class TrainConfig:
     num_est_batches: int = 1
     grad_scaling: bool = False
     learn_step_size: bool = True
-    sep_quant_optimizer: bool = True
-    quant_optimizer: str = "Adam"
-    quant_learning_rate: float = 1e-5
-    quant_weight_decay: float = 0.0
-    quant_learning_rate_schedule: str = "cosine"
-    # batch norm
-    fold_bn: bool = False
-    reestimate_bn_stats: bool = True
-    bn_est_batches: int = 50
-    freeze_bn: bool = False
-    sync_bn: bool = False
-    # pruning
-    prune_method: str = "none"
-    s_i: float = 0.0
-    s_f: float = 0.75
-    prune_epoch_start: int = 0
-    prune_last_epoch: int = 15
-    delta_t: int = 50
-    prune_scope: str = PruningScope.LAYER.value
-    # run
-    seed: int = 0
-    deterministic: bool = False
-    save_checkpoint_dir: str = "runs/train_compressed"
-    resume: str | None = None
-    tb_logging_dir: str | None = None
-    progress_bar: bool = True
-    amp: bool = False
-    channels_last: bool = False
-    device: str = "cpu"
-
-    @property
-    def base_architecture(self) -> str:
-        """The registry name: the paper's ``<name>_quantized`` aliases map to ``<name>``."""
-        name = self.architecture
-        if name.endswith(QUANTIZED_SUFFIX) and name[: -len(QUANTIZED_SUFFIX)] in PAPER_ARCHITECTURES:
-            return name[: -len(QUANTIZED_SUFFIX)]
-        return name
-
-    @property
-    def prune(self) -> bool:
-        return self.prune_method != "none"
 
     def weight_quantizer(self) -> QuantizerConfig | None:
         if not self.weight_quant:
@@ -128,51 +134,146 @@ class TrainConfig:
             learn_step_size=self.learn_step_size, grad_scaling=self.grad_scaling,
         )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class BatchNormConfig:
+    fold_bn: bool = False
+    reestimate_bn_stats: bool = True
+    bn_est_batches: int = 50
+    freeze_bn: bool = False
+    sync_bn: bool = False
+
     def validate(self) -> None:
-        """Raise ``ValueError`` (one line) for inconsistent options (single options are checked by the CLI)."""
-        parse_lr_schedule(self.learning_rate_schedule)
-        parse_lr_schedule(self.quant_learning_rate_schedule)
-        if self.prune and not 0.0 <= self.s_i <= self.s_f < 1.0:
-            raise ValueError(f"--s-i {self.s_i} must be in [0, --s-f {self.s_f}]")
-        if self.prune and self.prune_epoch_start > self.prune_last_epoch:
-            raise ValueError(f"--prune-epoch-start {self.prune_epoch_start} is after --prune-last-epoch {self.prune_last_epoch}")
         if self.fold_bn and self.sync_bn:
             raise ValueError("--fold-bn removes the batch norms; --sync-bn has nothing to synchronise")
 
+
+@dataclass(frozen=True)
+class PruningConfig:
+    prune_method: str = "none"
+    s_i: float = 0.0
+    s_f: float = 0.75
+    prune_epoch_start: int = 0
+    prune_last_epoch: int = 15
+    delta_t: int = 50
+    prune_scope: str = PruningScope.LAYER.value
+
+    @property
+    def enabled(self) -> bool:
+        return self.prune_method != "none"
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if not 0.0 <= self.s_i <= self.s_f < 1.0:
+            raise ValueError(f"--s-i {self.s_i} must be in [0, --s-f {self.s_f}]")
+        if self.prune_epoch_start > self.prune_last_epoch:
+            raise ValueError(
+                f"--prune-epoch-start {self.prune_epoch_start} is after --prune-last-epoch {self.prune_last_epoch}"
+            )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Seeding, devices and speed-ups, progress display, and where the run reads and writes its files."""
+
+    seed: int = 0
+    deterministic: bool = False
+    save_checkpoint_dir: str = "runs/train_compressed"
+    resume: str | None = None
+    tb_logging_dir: str | None = None
+    progress_bar: bool = True
+    amp: bool = False
+    channels_last: bool = False
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    bn: BatchNormConfig = field(default_factory=BatchNormConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """The config of the flat options given (the others at their defaults); see :meth:`with_options`."""
+        return cls().with_options(**options)
+
+    def with_options(self, **options: Any) -> TrainConfig:
+        """A copy with the flat options replaced in their groups; ``ValueError`` (one line) naming unknown options."""
+        unknown = sorted(name for name in options if name not in OPTION_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown options {', '.join(unknown)}")
+        changes: dict[str, dict[str, Any]] = {}
+        for name, value in options.items():
+            changes.setdefault(OPTION_GROUPS[name], {})[name] = value
+        return dataclasses.replace(
+            self, **{group: dataclasses.replace(getattr(self, group), **values) for group, values in changes.items()}
+        )
+
+    def options(self) -> dict[str, Any]:
+        """The flat ``{option name: value}`` of every option, group by group."""
+        return {name: getattr(getattr(self, group), name) for name, group in OPTION_GROUPS.items()}
+
     def as_dict(self) -> dict[str, Any]:
+        """The nested layout ``{group: {option name: value}}`` (stored in checkpoints and summaries)."""
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` (one line) for inconsistent options (single options are checked by the CLI)."""
+        self.optim.validate()
+        self.pruning.validate()
+        self.bn.validate()
 
-def saved_options(saved: dict[str, Any]) -> dict[str, Any]:
-    """The options stored in a checkpoint, as today's fields.
 
-    An option added after the checkpoint was written takes its default (the behaviour the run
-    had then). Raises ``ValueError`` (one line) naming the options this version does not know
-    (a checkpoint of a newer version, or an option renamed since).
+def _option_groups() -> dict[str, str]:
+    """``{option name: group name}`` over the groups of :class:`TrainConfig`, in field order."""
+    defaults = TrainConfig()
+    groups: dict[str, str] = {}
+    for group in dataclasses.fields(defaults):
+        for option in dataclasses.fields(getattr(defaults, group.name)):
+            if option.name in groups:
+                raise TypeError(f"option {option.name} is in both {groups[option.name]} and {group.name}")
+            groups[option.name] = group.name
+    return groups
+
+
+OPTION_GROUPS = _option_groups()
+GROUPS = frozenset(OPTION_GROUPS.values())
+
+
+def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
+    """The config of the options stored in a checkpoint, nested (today) or flat (earlier versions).
+
+    An option the checkpoint lacks (added after it was written) takes its default, the
+    behaviour the run had then. Raises ``ValueError`` (one line) naming the options this version
+    does not know (a checkpoint of a newer version, or an option renamed since).
     """
-    fields = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-    options = dict(fields)
-    unknown = []
+    flat: dict[str, Any] = {}
     for key, value in saved.items():
-        if key in fields:
-            options[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"unknown options {', '.join(sorted(unknown))} (written by another train-compressed)")
-    return options
+        if key in GROUPS and isinstance(value, Mapping):
+            flat.update(value)
+        else:  # the flat layout
+            flat[key] = value
+    try:
+        return TrainConfig.from_options(**flat)
+    except ValueError as error:
+        raise ValueError(f"{error} (written by another train-compressed)") from None
 
 
-def differing_options(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """``--option: checkpoint value -> current value`` for every result-shaping option that differs.
+def differing_options(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
+    """``--option: checkpoint value (checkpoint) vs current value (now)`` for every result-shaping option that differs.
 
-    Options missing from the checkpoint count with their defaults (see :func:`saved_options`).
+    ``saved``: the options a checkpoint stores, read by :func:`saved_config` (missing ones count
+    with their defaults).
     """
-    saved = saved_options(saved)
-    differences = []
-    for key, value in current.as_dict().items():
-        if key in RESUMABLE_CHANGES:
-            continue
-        if saved[key] != value:
-            differences.append(f"--{key.replace('_', '-')}: {saved[key]} (checkpoint) vs {value} (now)")
-    return differences
+    then = saved_config(saved).options()
+    return [
+        f"{option_flag(name)}: {then[name]} (checkpoint) vs {value} (now)"
+        for name, value in current.options().items()
+        if name not in RESUMABLE_CHANGES and then[name] != value
+    ]

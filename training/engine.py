@@ -96,9 +96,9 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default training loss: mean cross-entropy."""
-    return F.cross_entropy(logits, targets)
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The default training loss: mean cross-entropy against ``(1 - eps) onehot(y) + eps / K`` (label smoothing eps)."""
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 class TrainCallback:

@@ -7,6 +7,15 @@ Schedule strings (``--learning-rate-schedule``):
   ``lr(t) = eta_min + (lr0 - eta_min) (1 + cos(pi t / T)) / 2`` over ``T`` total steps;
 * ``multistep:<e1>:<e2>:...`` - the rate is multiplied by 0.1 at the start of each listed epoch;
 * ``constant`` - no decay.
+
+A linear warm-up (``--warmup-epochs``, ``W`` steps) comes first when asked: over the steps
+``t = 0 .. W-1`` the rate rises linearly from ``lr0 / W`` to ``lr0``,
+
+    lr(t) = lr0 (t + 1) / W,                          t < W,
+    lr(t) = lr0 f(t - W; T - W),                      t >= W,
+
+and the schedule ``f`` then runs over the remaining ``T - W`` steps on its own clock (it starts at
+``f = 1`` when the warm-up ends; multistep milestones count from there, as cosine's ``T`` does).
 """
 from __future__ import annotations
 
@@ -70,12 +79,19 @@ def parse_lr_schedule(text: str) -> LrSchedule:
     return LrSchedule(kind, milestones=milestones)
 
 
-def lr_factor(schedule: LrSchedule, step: int, total_steps: int, steps_per_epoch: int, base_lr: float) -> float:
+def lr_factor(
+    schedule: LrSchedule, step: int, total_steps: int, steps_per_epoch: int, base_lr: float, warmup_steps: int = 0
+) -> float:
     """``lr(step) / base_lr``.
 
-    cosine: ``f = r + (1 - r) (1 + cos(pi min(t, T) / T)) / 2`` with ``r = eta_min / base_lr``;
-    multistep: ``f = 0.1^(number of milestones m with t >= m * steps_per_epoch)``; constant: 1.
+    Warm-up (``t < W = warmup_steps``): ``(t + 1) / W``. After it, with ``t`` and ``T`` counted
+    from its end (``t - W``, ``T - W``): cosine: ``f = r + (1 - r) (1 + cos(pi min(t, T) / T)) / 2``
+    with ``r = eta_min / base_lr``; multistep: ``f = 0.1^(number of milestones m with
+    t >= m * steps_per_epoch)``; constant: 1.
     """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    step, total_steps = step - warmup_steps, total_steps - warmup_steps
     if schedule.kind is ScheduleKind.CONSTANT:
         return 1.0
     if schedule.kind is ScheduleKind.MULTISTEP:

@@ -18,7 +18,8 @@ import logging
 import math
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from training.builders import (
 )
 from training.callbacks import GradualPruningCallback
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import TrainConfig, differing_options, saved_options
+from training.config import TrainConfig, differing_options, option_flag, saved_config
 from training.data import DataLoaders, SkipRecorder, TrainUse, build_loaders, check_images_dir
 from training.distributed import (
     DistributedContext,
@@ -50,7 +51,15 @@ from training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from training.engine import Metrics, NonFiniteLossError, StepOptions, evaluate, image_batches, train_one_epoch
+from training.engine import (
+    Metrics,
+    NonFiniteLossError,
+    StepOptions,
+    cross_entropy_loss,
+    evaluate,
+    image_batches,
+    train_one_epoch,
+)
 from utils.io import OutputPathError, check_output_path, ensure_writable_dir, write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -78,29 +87,31 @@ def tensorboard_available() -> bool:
 
 
 def _step_options(config: TrainConfig, context: DistributedContext) -> StepOptions:
-    return StepOptions(context.device, config.amp, config.channels_last, config.progress_bar and context.is_main)
+    runtime = config.runtime
+    return StepOptions(context.device, runtime.amp, runtime.channels_last, runtime.progress_bar and context.is_main)
 
 
 def _loaders(config: TrainConfig, context: DistributedContext, train_use: TrainUse) -> DataLoaders:
-    if config.batch_size % context.world_size:
-        raise TrainingError(f"--batch-size {config.batch_size} is not divisible by the {context.world_size} processes")
+    data = config.data
+    if data.batch_size % context.world_size:
+        raise TrainingError(f"--batch-size {data.batch_size} is not divisible by the {context.world_size} processes")
     return build_loaders(
-        Path(config.images_dir), config.image_size, config.batch_size // context.world_size, config.num_workers,
-        config.seed, context.rank, context.world_size, train_use, pin_memory=context.device.type == "cuda",
+        Path(data.images_dir), data.image_size, data.batch_size // context.world_size, data.num_workers,
+        config.runtime.seed, context.rank, context.world_size, train_use, pin_memory=context.device.type == "cuda",
     )  # fmt: skip
 
 
 def _check_classes(model: nn.Module, config: TrainConfig, num_classes: int) -> int:
     """The number of classes ``model`` predicts: at least the dataset's ``num_classes``, else :class:`TrainingError`."""
-    outputs = output_classes(model, config.image_size)
+    outputs = output_classes(model, config.data.image_size)
     if num_classes > outputs:
-        raise TrainingError(f"the dataset has {num_classes} classes but {config.architecture} predicts {outputs}")
+        raise TrainingError(f"the dataset has {num_classes} classes but {config.model.architecture} predicts {outputs}")
     return outputs
 
 
 def _reestimate_bn(model: nn.Module, loaders: DataLoaders, config: TrainConfig, options: StepOptions) -> None:
-    if config.reestimate_bn_stats and loaders.estimation is not None:
-        reestimate_bn_stats(model, image_batches(loaders.estimation, config.bn_est_batches, options))
+    if config.bn.reestimate_bn_stats and loaders.estimation is not None:
+        reestimate_bn_stats(model, image_batches(loaders.estimation, config.bn.bn_est_batches, options))
 
 
 def _mean_sparsity(model: nn.Module) -> float:
@@ -122,27 +133,28 @@ class RunState:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Fine-tune ``config.architecture`` with QAT and/or gradual pruning; returns the summary dict."""
+    """Fine-tune ``config.model.architecture`` with QAT and/or gradual pruning; returns the summary dict."""
     try:
         config.validate()
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    if config.tb_logging_dir and not tensorboard_available():
+    runtime, pruning, max_epochs = config.runtime, config.pruning, config.optim.max_epochs
+    if runtime.tb_logging_dir and not tensorboard_available():
         raise TrainingError("--tb-logging-dir needs the tensorboard package (pip install tensorboard)")
     check_architecture(config)
-    check_images_dir(Path(config.images_dir))
-    outputs = {"--save-checkpoint-dir": config.save_checkpoint_dir, "--tb-logging-dir": config.tb_logging_dir}
+    check_images_dir(Path(config.data.images_dir))
+    outputs = {"--save-checkpoint-dir": runtime.save_checkpoint_dir, "--tb-logging-dir": runtime.tb_logging_dir}
     for option, folder in outputs.items():
         if folder:
             try:
                 check_output_path(folder, "dir")
             except OutputPathError as error:
                 raise TrainingError(f"{option}: {error}") from None
-    if config.prune and config.prune_last_epoch >= config.max_epochs:
+    if pruning.enabled and pruning.prune_last_epoch >= max_epochs:
         logger.warning("--prune-last-epoch %d is beyond this run's last epoch (--max-epochs %d): pruning reaches "
-                       "--s-f %g at the end of epoch %d instead", config.prune_last_epoch, config.max_epochs,
-                       config.s_f, config.max_epochs - 1)  # fmt: skip
-    context = init_distributed(torch.device(config.device))
+                       "--s-f %g at the end of epoch %d instead", pruning.prune_last_epoch, max_epochs, pruning.s_f,
+                       max_epochs - 1)  # fmt: skip
+    context = init_distributed(torch.device(runtime.device))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(config, context)
@@ -152,9 +164,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
-    configure_determinism(config.seed, config.deterministic, context.device)
-    out_dir = Path(config.save_checkpoint_dir)
-    checkpoint = _load_resume_checkpoint(config) if config.resume else None
+    configure_determinism(config.runtime.seed, config.runtime.deterministic, context.device)
+    out_dir = Path(config.runtime.save_checkpoint_dir)
+    checkpoint = _load_resume_checkpoint(config) if config.runtime.resume else None
     options = _step_options(config, context)
     loaders = _loaders(config, context, TrainUse.TRAINING)
     steps_per_epoch = len(loaders.train)
@@ -170,13 +182,14 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     model.to(context.device)
     if checkpoint is None:
         loaders.set_epoch(0)
-        calibrate_input_quantizers(model, image_batches(loaders.estimation, config.num_est_batches, options), train_mode=True)
+        estimation = image_batches(loaders.estimation, config.quant.num_est_batches, options)
+        calibrate_input_quantizers(model, estimation, train_mode=True)
     else:
         model.load_state_dict(checkpoint["model"])
         _freeze_input_quantizers(model)
-    if config.channels_last:
+    if config.runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    if config.sync_bn and context.is_distributed:
+    if config.bn.sync_bn and context.is_distributed:
         if context.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
@@ -185,10 +198,11 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     schedulers = build_schedulers(optimizers, config, steps_per_epoch)
     pruner = build_pruner(model, config, steps_per_epoch)
     callbacks = [GradualPruningCallback(pruner)] if pruner is not None else []
-    scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp and context.device.type == "cuda")
+    loss_fn = partial(cross_entropy_loss, label_smoothing=config.optim.label_smoothing)
+    scaler = torch.amp.GradScaler(context.device.type, enabled=config.runtime.amp and context.device.type == "cuda")
     if checkpoint is not None:
         state = _restore(checkpoint, optimizers, schedulers, scaler, state.num_classes)
-        logger.info("resumed from %s at epoch %d", config.resume, state.epoch)
+        logger.info("resumed from %s at epoch %d", config.runtime.resume, state.epoch)
     trained = (
         DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
         if context.is_distributed
@@ -197,13 +211,14 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     writer = _tensorboard_writer(config) if context.is_main else None
     train_batches, val_batches = SkipRecorder(loaders.train), SkipRecorder(loaders.val)
     warned_skipped = False
-    for epoch in range(state.epoch, config.max_epochs):
+    for epoch in range(state.epoch, config.optim.max_epochs):
         start = time.perf_counter()
         loaders.set_epoch(epoch)
         try:
             train_metrics, state.step = train_one_epoch(
                 trained, train_batches, list(optimizers.values()), list(schedulers.values()), scaler, state.step,
-                context, options, callbacks, freeze_bn=config.freeze_bn, description=f"epoch {epoch}",
+                context, options, callbacks, loss_fn=loss_fn, freeze_bn=config.bn.freeze_bn,
+                description=f"epoch {epoch}",
             )  # fmt: skip
         except NonFiniteLossError as error:
             last = out_dir / LAST
@@ -250,38 +265,41 @@ def _head_classes(checkpoint: dict[str, Any] | None, dataset_classes: int, confi
         return dataset_classes
     saved = checkpoint.get("num_classes")
     if saved is not None and saved != dataset_classes:
-        raise TrainingError(f"{config.resume} was trained on {saved} classes but --images-dir has {dataset_classes}")
+        raise TrainingError(
+            f"{config.runtime.resume} was trained on {saved} classes but --images-dir has {dataset_classes}"
+        )
     return saved
 
 
 def _describe_compression(config: TrainConfig) -> str:
     """One line: weight and activation bits, pruning schedule."""
-    if config.weight_quant:
-        channel = "per channel" if config.per_channel else "per tensor"
-        weights = f"{config.n_bits}-bit weights ({channel}, --quant-setup {config.quant_setup})"
+    quant, prune = config.quant, config.pruning
+    if quant.weight_quant:
+        channel = "per channel" if quant.per_channel else "per tensor"
+        weights = f"{quant.n_bits}-bit weights ({channel}, --quant-setup {quant.quant_setup})"
     else:
         weights = "float weights"
-    activations = f"{config.n_bits_act}-bit activations" if config.act_quant else "float activations"
-    if config.bit_policy is not None:
-        activations += f", per-layer bits of the layers named in --bit-policy {config.bit_policy}"
-    if config.prune:
-        last = min(config.prune_last_epoch, config.max_epochs - 1)
-        pruning = (f"{config.prune_method} pruning ({config.prune_scope}) from sparsity {config.s_i:g} in epoch "
-                   f"{min(config.prune_epoch_start, last)} to {config.s_f:g} at the end of epoch {last}")  # fmt: skip
+    activations = f"{quant.n_bits_act}-bit activations" if quant.act_quant else "float activations"
+    if quant.bit_policy is not None:
+        activations += f", per-layer bits of the layers named in --bit-policy {quant.bit_policy}"
+    if prune.enabled:
+        last = min(prune.prune_last_epoch, config.optim.max_epochs - 1)
+        pruning = (f"{prune.prune_method} pruning ({prune.prune_scope}) from sparsity {prune.s_i:g} in epoch "
+                   f"{min(prune.prune_epoch_start, last)} to {prune.s_f:g} at the end of epoch {last}")  # fmt: skip
     else:
         pruning = "no pruning"
     return f"{weights}, {activations}, {pruning}"
 
 
 def _log_header(config: TrainConfig, loaders: DataLoaders, context: DistributedContext, out_dir: Path) -> None:
-    start = "pretrained" if config.pretrained else "random init"
+    start = "pretrained" if config.model.pretrained else "random init"
     logger.info("train-compressed: %s (%s) on %s: %d classes, %d training and %d validation images",
-                config.architecture, start, config.images_dir, loaders.num_classes, len(loaders.train.dataset),
-                len(loaders.val.dataset))  # fmt: skip
+                config.model.architecture, start, config.data.images_dir, loaders.num_classes,
+                len(loaders.train.dataset), len(loaders.val.dataset))  # fmt: skip
     logger.info("compression: %s", _describe_compression(config))
     processes = f", {context.world_size} processes" if context.is_distributed else ""
     logger.info("device %s%s, %d epochs, batch %d; checkpoints and metrics in %s",
-                context.device, processes, config.max_epochs, config.batch_size, out_dir)  # fmt: skip
+                context.device, processes, config.optim.max_epochs, config.data.batch_size, out_dir)  # fmt: skip
 
 
 def _log_outputs(out_dir: Path, state: RunState) -> None:
@@ -306,18 +324,19 @@ def _freeze_input_quantizers(model: nn.Module) -> None:
 
 
 def _load_resume_checkpoint(config: TrainConfig) -> dict[str, Any]:
-    checkpoint = load_checkpoint(Path(config.resume))
+    resume = config.runtime.resume
+    checkpoint = load_checkpoint(Path(resume))
     try:
         differences = differing_options(checkpoint["options"], config)
     except ValueError as error:
-        raise TrainingError(f"cannot resume from {config.resume}: {error}") from None
+        raise TrainingError(f"cannot resume from {resume}: {error}") from None
     if differences:
-        raise TrainingError(f"cannot resume from {config.resume}, options differ: " + "; ".join(differences))
+        raise TrainingError(f"cannot resume from {resume}, options differ: " + "; ".join(differences))
     saved_policy = checkpoint.get("bit_policy")
     if saved_policy is not None and bit_policy_of(config).as_dict() != saved_policy:
-        raise TrainingError(f"cannot resume from {config.resume}: --bit-policy {config.bit_policy} has changed since")
-    if checkpoint["epoch"] >= config.max_epochs:
-        raise TrainingError(f"{config.resume} has finished all {config.max_epochs} epochs already")
+        raise TrainingError(f"cannot resume from {resume}: --bit-policy {config.quant.bit_policy} has changed since")
+    if checkpoint["epoch"] >= config.optim.max_epochs:
+        raise TrainingError(f"{resume} has finished all {config.optim.max_epochs} epochs already")
     return checkpoint
 
 
@@ -373,17 +392,17 @@ def _metrics_row(epoch: int, train_metrics: Metrics, val: Metrics, optimizers, m
 
 
 def _tensorboard_writer(config: TrainConfig):
-    if not config.tb_logging_dir:
+    if not config.runtime.tb_logging_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(config.tb_logging_dir)
+    return SummaryWriter(config.runtime.tb_logging_dir)
 
 
 def _summary(model: nn.Module, state: RunState, config: TrainConfig) -> dict[str, Any]:
     final = state.history[-1] if state.history else {}
     found = state.best_epoch is not None
-    out_dir = Path(config.save_checkpoint_dir)
+    out_dir = Path(config.runtime.save_checkpoint_dir)
     return {
         "final": final,
         "best_val_top1": state.best_top1 if found else None,
@@ -405,7 +424,7 @@ def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
     """The compressed model of a checkpoint (CPU, eval mode) and the options it was trained with."""
     checkpoint = load_checkpoint(checkpoint_path)
     try:
-        config = TrainConfig(**saved_options(checkpoint["options"]))
+        config = saved_config(checkpoint["options"])
     except ValueError as error:
         raise TrainingError(f"{checkpoint_path}: {error}") from None
     saved_policy = checkpoint.get("bit_policy")  # the bits it was trained with (not the file, which may have moved)
@@ -422,17 +441,18 @@ def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
 
 def conflicting_options(given: Collection[str], config: TrainConfig, trained: TrainConfig) -> list[str]:
     """``--option VALUE (checkpoint: VALUE)`` for each given option outside :data:`EVALUATION_OPTIONS` that differs."""
+    trained_options = trained.options()
     conflicts = []
-    for key in config.as_dict():  # in the options' order
+    for key, now in config.options().items():  # in the options' order
         if key not in given or key in EVALUATION_OPTIONS:
             continue
-        now, then = getattr(config, key), getattr(trained, key)
+        then = trained_options[key]
         if key == "architecture":
-            same = config.base_architecture == trained.base_architecture
+            same = config.model.base_architecture == trained.model.base_architecture
         else:
             same = now == then
         if not same:
-            conflicts.append(f"--{key.replace('_', '-')} {now} (checkpoint: {then})")
+            conflicts.append(f"{option_flag(key)} {now} (checkpoint: {then})")
     return conflicts
 
 
@@ -450,10 +470,10 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
     """
     if checkpoint is None:
         check_architecture(config)
-    context = init_distributed(torch.device(config.device))
+    context = init_distributed(torch.device(config.runtime.device))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        configure_determinism(config.seed, config.deterministic, context.device)
+        configure_determinism(config.runtime.seed, config.runtime.deterministic, context.device)
         options = _step_options(config, context)
         if checkpoint is not None:
             model, trained_config = restore_model(checkpoint)
@@ -461,10 +481,11 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
             if conflicts:
                 raise OptionConflictError(
                     f"--checkpoint {checkpoint} fixes every model and compression option (only "
-                    f"{', '.join('--' + key.replace('_', '-') for key in EVALUATION_OPTIONS)} apply); "
+                    f"{', '.join(option_flag(key) for key in EVALUATION_OPTIONS)} apply); "
                     f"drop {'; '.join(conflicts)}"
                 )
-            config = replace(trained_config, **{key: getattr(config, key) for key in EVALUATION_OPTIONS})
+            given_options = config.options()
+            config = trained_config.with_options(**{key: given_options[key] for key in EVALUATION_OPTIONS})
             loaders = _loaders(config, context, TrainUse.NONE)
             _check_classes(model, config, loaders.num_classes)
             model.to(context.device)
@@ -473,29 +494,32 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
                 config.validate()
             except ValueError as error:
                 raise TrainingError(str(error)) from None
-            estimating = (Path(config.images_dir) / "train").is_dir() and (config.act_quant or config.reestimate_bn_stats)
+            estimating = (Path(config.data.images_dir) / "train").is_dir() and (
+                config.quant.act_quant or config.bn.reestimate_bn_stats
+            )
             loaders = _loaders(config, context, TrainUse.ESTIMATION if estimating else TrainUse.NONE)
             model = build_compressed_model(config)
             outputs = _check_classes(model, config, loaders.num_classes)
             if outputs != loaders.num_classes:
                 logger.warning("the dataset has %d classes, %s predicts %d: class folder i (sorted) is scored as the "
-                               "model's class i", loaders.num_classes, config.architecture, outputs)  # fmt: skip
+                               "model's class i", loaders.num_classes, config.model.architecture, outputs)  # fmt: skip
             model.to(context.device)
-            if config.prune:
-                set_magnitude_masks(compressed_layers(model), config.s_f, PruningScope(config.prune_scope))
+            if config.pruning.enabled:
+                scope = PruningScope(config.pruning.prune_scope)
+                set_magnitude_masks(compressed_layers(model), config.pruning.s_f, scope)
             calibration = loaders.estimation if loaders.estimation is not None else loaders.val
-            calibrate_input_quantizers(model, image_batches(calibration, config.num_est_batches, options))
-            if config.reestimate_bn_stats and loaders.estimation is None:
+            calibrate_input_quantizers(model, image_batches(calibration, config.quant.num_est_batches, options))
+            if config.bn.reestimate_bn_stats and loaders.estimation is None:
                 logger.warning("no train/ folder: batch-norm statistics are not re-estimated")
             _reestimate_bn(model, loaders, config, options)
-        if config.channels_last:
+        if config.runtime.channels_last:
             model.to(memory_format=torch.channels_last)
         val_batches = SkipRecorder(loaders.val)
         metrics = evaluate(model, val_batches, context, options)
         if metrics.skipped:
-            _warn_skipped(metrics.skipped, val_batches.paths, f"in {Path(config.images_dir) / 'val'}")
+            _warn_skipped(metrics.skipped, val_batches.paths, f"in {Path(config.data.images_dir) / 'val'}")
         return {
-            "architecture": config.architecture,
+            "architecture": config.model.architecture,
             "checkpoint": str(checkpoint) if checkpoint is not None else None,
             "top1": metrics.top1,
             "top5": metrics.top5,
