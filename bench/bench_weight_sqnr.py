@@ -6,10 +6,11 @@ Reference (the paper's method): per tensor and bit-width, 100 candidate threshol
 magnitude pruning by ``topk`` for the plain and the corrected sparsity. Ours:
 :func:`studies.weight_sqnr.study_model` (sorted values, prefix sums, binned grid errors).
 
-Prints the seconds of each, their ratio, seconds per million parameters, and the worst
-difference ``ours - reference`` in quantization SQNR over all tensors and bit-widths. It
-must not be negative beyond float32 noise (1e-4 dB): the reference sums in float32 as the
-paper did, ours in float64.
+Prints the seconds of each (wall and CPU time of the process, each the least of the repeats; the
+CPU time is the fairer measure on a shared machine, with ``--threads 1`` that of one thread),
+their ratio, seconds per million parameters, and the worst difference ``ours - reference`` in
+quantization SQNR over all tensors and bit-widths. It must not be negative beyond float32 noise
+(1e-4 dB): the reference sums in float32 as the paper did, ours in float64.
 
     python bench/bench_weight_sqnr.py --models efficientnet_lite0 --device cpu
 """
@@ -27,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import load_model  # noqa: E402
-from models.layers import weight_layers  # noqa: E402
-from studies.weight_sqnr import study_model  # noqa: E402
-from utils.cli import DeviceType, IntListType, NameListType, default_device  # noqa: E402
+from models.layers import weight_layers
+from models.registry import load_model
+from studies.weight_sqnr import study_model
+from utils.cli import DeviceType, IntListType, NameListType, default_device
 
 T = TypeVar("T")
 
@@ -73,16 +74,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(run: Callable[[], T], repeats: int, device: torch.device) -> tuple[float, T]:
-    """Fastest of ``repeats`` runs (seconds) and the last result: robust to a noisy shared machine."""
-    seconds = []
+def best_time(run: Callable[[], T], repeats: int, device: torch.device) -> tuple[float, float, T]:
+    """Fastest of ``repeats`` runs in wall seconds and in CPU seconds of the process (each the
+    least over the runs), and the last result: robust to a noisy shared machine (CPU time does not
+    count the time other processes take the cores away)."""
+    seconds, cpu_seconds = [], []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = run()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return min(seconds), result
+        cpu_seconds.append(time.process_time() - cpu_start)
+    return min(seconds), min(cpu_seconds), result
 
 
 @click.command()
@@ -90,26 +94,33 @@ def best_time(run: Callable[[], T], repeats: int, device: torch.device) -> tuple
 @click.option("--bits", type=IntListType(2, 16), default="2-8", show_default=True)
 @click.option("--device", type=DeviceType(), default=default_device(), show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs of each; the fastest counts.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: torch's choice).")
 @click.option("--reference-candidates", type=click.IntRange(1), default=100, show_default=True,
               help="Thresholds the reference tries (the paper: 100; ~1000 matches our search's accuracy).")
-def main(models: list[str], bits: list[int], device: torch.device, repeats: int, reference_candidates: int) -> None:
+def main(
+    models: list[str], bits: list[int], device: torch.device, repeats: int, threads: int | None, reference_candidates: int
+) -> None:
     torch.manual_seed(0)
+    if threads is not None:
+        torch.set_num_threads(threads)
     for model_name in models:
         model = load_model(model_name)
         n_params = sum(m.weight.numel() for _, m in weight_layers(model)) / 1e6
         study_model(model, bits[:1], device=device, progress=False)  # warm-up
-        ours_seconds, ours = best_time(lambda: study_model(model, bits, device=device, progress=False), repeats, device)
-        reference_seconds, reference = best_time(
-            lambda: reference_study(model, bits, device, reference_candidates), repeats, device
+        ours_seconds, ours_cpu, ours = best_time(
+            lambda model=model: study_model(model, bits, device=device, progress=False), repeats, device
+        )
+        reference_seconds, reference_cpu, reference = best_time(
+            lambda model=model: reference_study(model, bits, device, reference_candidates), repeats, device
         )
         gains = [ours[b][name]["quant_sqnr"] - reference[b][name] for b in bits for name in reference[b]]
         worst, mean = min(gains), sum(gains) / len(gains)
         click.echo(
             f"{model_name}: {n_params:.2f}M weights, bits {bits[0]}-{bits[-1]}, device {device}\n"
-            f"  ours      {ours_seconds:8.3f} s  ({ours_seconds / n_params:.3f} s per M weights)\n"
-            f"  reference {reference_seconds:8.3f} s  ({reference_seconds / n_params:.3f} s per M weights, "
-            f"{reference_candidates} candidates)\n"
-            f"  speed-up  {reference_seconds / ours_seconds:8.1f}x\n"
+            f"  ours      {ours_seconds:8.3f} s wall, {ours_cpu:8.3f} s CPU  ({ours_seconds / n_params:.3f} s per M weights)\n"
+            f"  reference {reference_seconds:8.3f} s wall, {reference_cpu:8.3f} s CPU  "
+            f"({reference_seconds / n_params:.3f} s per M weights, {reference_candidates} candidates)\n"
+            f"  speed-up  {reference_seconds / ours_seconds:8.1f}x wall, {reference_cpu / ours_cpu:8.1f}x CPU\n"
             f"  quant SQNR gain over reference (dB): min {worst:+.4f} ({'ok' if worst >= -1e-4 else 'WORSE'}), "
             f"mean {mean:+.4f}"
         )

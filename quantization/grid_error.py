@@ -221,13 +221,31 @@ def grid_sse_lower_bound(
     next_low = interval_low[..., 1:]
     gap_start = torch.minimum(interval_high[..., :-1], next_low)  # == next_low where intervals overlap
     gap_middle = 0.5 * (gap_start + next_low)
+    # Cuts, rising: per gap the interval's start, the gap's start and middle; then the last interval's ends.
     triples = torch.stack([interval_low[..., :-1], gap_start, gap_middle], dim=-1).flatten(-2)
     cuts = torch.cat([triples, interval_low[..., -1:], interval_high[..., -1:]], dim=-1)
-    zero = torch.zeros_like(gap_start)
-    anchor_triples = torch.stack([zero, gap_start, next_low], dim=-1).flatten(-2)
-    anchors = torch.cat([interval_low[..., :1], anchor_triples, zero[..., :1], interval_high[..., -1:]], dim=-1)
-    counted = torch.tensor([True] + [False, True, True] * (n_levels - 1) + [False, True], device=low.device)
-    return segment_sse(sorted_values, cuts, anchors, counted)
+    rows = low.shape[0]
+    index = torch.searchsorted(sorted_values.values, cuts.reshape(rows, -1))
+    count = index.to(low.dtype).reshape(cuts.shape)
+    below = torch.gather(sorted_values.prefix_sum, 1, index).reshape(cuts.shape)
+    below_sq = torch.gather(sorted_values.prefix_sum_sq, 1, index).reshape(cuts.shape)
+
+    def run_error(start: slice, end: slice, anchor: torch.Tensor) -> torch.Tensor:
+        """``sum (x - anchor)^2`` over the values between the cuts ``start`` and ``end``."""
+        sums, sums_sq, counts = (t[..., end] - t[..., start] for t in (below, below_sq, count))
+        return (sums_sq - anchor * (2 * sums - anchor * counts)).sum(dim=-1)
+
+    last = 3 * (n_levels - 1)
+    first_anchor, last_anchor = interval_low[..., 0], interval_high[..., -1]
+    first = below_sq[..., 0] - first_anchor * (2 * below[..., 0] - first_anchor * count[..., 0])
+    beyond_sq = sorted_values.prefix_sum_sq[:, -1:] - below_sq[..., last + 1]
+    beyond_sum = sorted_values.prefix_sum[:, -1:] - below[..., last + 1]
+    beyond_count = sorted_values.n_values - count[..., last + 1]
+    end = beyond_sq - last_anchor * (2 * beyond_sum - last_anchor * beyond_count)
+    # Per gap: from its start to its middle (anchor: the start), from the middle to the next interval (anchor: its start).
+    to_middle = run_error(slice(1, last, 3), slice(2, last, 3), gap_start)
+    from_middle = run_error(slice(2, last, 3), slice(3, last + 1, 3), next_low)
+    return first + to_middle + from_middle + end
 
 
 def _direct_lower_bound(
@@ -266,26 +284,28 @@ class NarrowInterval:
     """How the values of each row behave on narrow step intervals ``[a, b]`` (shapes ``(R, G)``).
 
     On a narrow interval (``b / a <= J / (J - 1/2)``, :func:`narrow_ratio`) no value changes level
-    more than once. The *stable* values keep their level ``j`` and cost the parabola
-    ``P(s) = sum (x - j s)^2 = stable_sq - 2 s moment + s^2 curvature``. An *unstable* value (in the
+    more than once. The *stable* values keep their level ``j`` and cost
+    ``sum (x - j s)^2 = sum x^2 - 2 s moment + s^2 curvature``. An *unstable* value (in the
     zone between ``(j + 1/2) a`` and ``(j + 1/2) b``) goes from level ``j_a`` to ``j_b`` at its
     breakpoint ``x / (j + 1/2)``; it is never exactly on a level inside the interval, so its error
-    rises to the breakpoint and falls after it, least at an end: ``unstable_least`` sums
-    ``min((x - j_a a)^2, (x - j_b b)^2)``.
+    rises to the breakpoint and falls after it, least at an end: ``min((x - j_a a)^2, (x - j_b b)^2)``.
+    With ``constant = sum x^2`` over *all* values, ``excess`` sums each unstable value's least error
+    less its ``x^2``, so ``P(s) = constant - 2 s moment + s^2 curvature`` plus ``excess`` is the
+    stable values' error plus the unstable values' least errors.
     """
 
     moment: torch.Tensor
     curvature: torch.Tensor
-    stable_sq: torch.Tensor
-    unstable_least: torch.Tensor
+    constant: torch.Tensor
+    excess: torch.Tensor
     unstable: torch.Tensor
     unstable_values: Callable[[torch.Tensor], UnstableValues]  # of the chosen (R, G) intervals
 
     def bound(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(min_{a <= s <= b} P(s) + unstable_least, argmin)``: a lower bound on the least error
-        over the interval, exact when no value is unstable (then ``E = P`` there)."""
+        """``(min_{a <= s <= b} P(s) + excess, argmin)``: a lower bound on the least error over the
+        interval, exact when no value is unstable (then ``E = P`` there)."""
         step = parabola_argmin(self.moment, self.curvature, low, high)
-        return parabola(self.stable_sq, self.moment, self.curvature, step) + self.unstable_least, step
+        return parabola(self.constant, self.moment, self.curvature, step) + self.excess, step
 
 
 @dataclass(frozen=True)
@@ -323,31 +343,40 @@ def narrow_intervals(
     By segments: per level boundary ``j | j + 1`` the zone's ends ``(j + 1/2) a``, ``(j + 1/2) b``
     and, between them, the point where the two ends' errors are equal (the middle of
     ``j b`` and ``(j + 1) a`` for ``j >= 0``): left of it the least error is at the level of
-    the ``b`` end, right of it at that of the ``a`` end. (Few values: per value.)
+    the ``b`` end, right of it at that of the ``a`` end. On a narrow interval these three cuts
+    rise from one boundary to the next, so the stable run of a level lies between two zones and
+    every sum telescopes into the prefix sums at the cuts: only ``sum x`` is read there (the
+    ``x^2`` of every value is in ``constant``). (Few values: per value.)
     """
     n_levels = q_max - q_min + 1
     if use_direct_sum(sorted_values.n_values, 3 * n_levels):
         return _direct_narrow_intervals(sorted_values.values, low, high, zero_point, q_min, q_max)
-    n_candidates = low.shape[1]
-    integers = torch.arange(q_min, q_max + 1, dtype=low.dtype, device=low.device)
-    levels = integers - zero_point[..., None]  # (R, G, K)
+    rows, n_candidates = low.shape
+    sv = sorted_values
+    # The levels below and above each boundary, (R, G, K - 1).
+    lower = torch.arange(q_min, q_max, dtype=low.dtype, device=low.device) - zero_point[..., None]
+    upper = lower + 1
     a, b = low[..., None], high[..., None]
-    left_anchor = levels[..., :-1] * torch.where(levels[..., :-1] >= 0, b, a)
-    right_anchor = levels[..., 1:] * torch.where(levels[..., 1:] >= 0, a, b)
-    half = levels[..., :-1] + 0.5
+    left_anchor = lower * torch.where(lower >= 0, b, a)
+    right_anchor = upper * torch.where(upper >= 0, a, b)
+    half = lower + 0.5
     zone_low = torch.minimum(half * a, half * b)
     zone_high = torch.maximum(half * a, half * b)
     zone_middle = torch.minimum(torch.maximum(0.5 * (left_anchor + right_anchor), zone_low), zone_high)
-    cuts = torch.cummax(torch.stack([zone_low, zone_middle, zone_high], dim=-1).flatten(-2), dim=-1).values
-    bounds, counts, sums, sums_sq = _segment_sums(sorted_values, cuts)
-    # Segments: the stable values of level 0, then per boundary (left part of its zone, right part, stable next level).
-    stable = torch.arange(0, 3 * n_levels - 2, 3, device=low.device)
-    left, right = stable[:-1] + 1, stable[:-1] + 2
-
-    def error(part: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return (sums_sq[..., part] - 2 * anchor * sums[..., part] + anchor * anchor * counts[..., part]).sum(dim=2)
-
-    zone_start, zone_end = bounds[..., 1:-1:3], bounds[..., 3::3]
+    cuts = torch.stack([zone_low, zone_middle, zone_high], dim=-1)  # (R, G, K - 1, 3), rising
+    index = torch.searchsorted(sv.values, cuts.reshape(rows, -1))
+    below = torch.gather(sv.prefix_sum, 1, index).reshape(cuts.shape)  # sum of the values below each cut
+    index = index.reshape(cuts.shape)
+    count = index.to(low.dtype)
+    at_low, at_middle, at_high = count.unbind(-1)
+    sum_low, sum_middle, sum_high = below.unbind(-1)
+    # The stable runs: level lower[0] up to the first zone, upper[k] from zone k to zone k + 1, the top after the last.
+    top = (q_max - zero_point)[..., None]
+    moment = (lower * sum_low - upper * sum_high).sum(dim=2) + top[..., 0] * sv.prefix_sum[:, -1:]
+    curvature = (lower * lower * at_low - upper * upper * at_high).sum(dim=2) + (top * top)[..., 0] * sv.n_values
+    left = left_anchor * (left_anchor * (at_middle - at_low) - 2 * (sum_middle - sum_low))
+    right = right_anchor * (right_anchor * (at_high - at_middle) - 2 * (sum_high - sum_middle))
+    zone_start, zone_end = index[..., 0], index[..., 2]
 
     def unstable_values(chosen: torch.Tensor) -> UnstableValues:
         """The index runs ``[zone_low, zone_high)`` of the chosen intervals' zones."""
@@ -355,18 +384,18 @@ def narrow_intervals(
         zone = torch.repeat_interleave(torch.arange(sizes.numel(), device=low.device), sizes)
         offset = torch.arange(zone.numel(), device=low.device) - (torch.cumsum(sizes, 0) - sizes)[zone]
         node = zone // (n_levels - 1)
-        value = sorted_values.values[node // n_candidates, zone_start.reshape(-1)[zone] + offset]
-        level = levels[..., :-1].reshape(-1)[zone]
+        value = sv.values[node // n_candidates, zone_start.reshape(-1)[zone] + offset]
+        level = lower.reshape(-1)[zone]
         rising = level + 0.5 > 0  # at a, x / a is above the boundary: the upper level
         level_low, level_high = torch.where(rising, level + 1, level), torch.where(rising, level, level + 1)
         return UnstableValues(node, value, level_low, level_high, value / (level + 0.5))
 
     return NarrowInterval(
-        moment=(levels * sums[..., stable]).sum(dim=2),
-        curvature=(levels * levels * counts[..., stable]).sum(dim=2),
-        stable_sq=sums_sq[..., stable].sum(dim=2),
-        unstable_least=error(left, left_anchor) + error(right, right_anchor),
-        unstable=(counts[..., left] + counts[..., right]).sum(dim=2),
+        moment=moment,
+        curvature=curvature,
+        constant=sv.prefix_sum_sq[:, -1:].expand(rows, n_candidates),
+        excess=(left + right).sum(dim=2),
+        unstable=(at_high - at_low).sum(dim=2),
         unstable_values=unstable_values,
     )
 
@@ -393,8 +422,8 @@ def _direct_narrow_intervals(
     return NarrowInterval(
         moment=(levels * x).sum(dim=2),
         curvature=(levels * levels).sum(dim=2),
-        stable_sq=torch.where(stable, x * x, 0.0).sum(dim=2),
-        unstable_least=torch.where(stable, 0.0, least).sum(dim=2),
+        constant=(values * values).sum(dim=1, keepdim=True).expand_as(low),
+        excess=torch.where(stable, 0.0, least - x * x).sum(dim=2),
         unstable=(~stable).sum(dim=2).to(low.dtype),
         unstable_values=unstable_values,
     )
@@ -428,7 +457,7 @@ def interval_minimum(
     def per_node(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n_nodes, dtype=low.dtype, device=low.device).index_add_(0, node, values)
 
-    constant = stats.stable_sq.reshape(-1) + per_node(value * value)
+    constant = stats.constant.reshape(-1)
     start_moment = stats.moment.reshape(-1) + per_node(level_low * value)
     start_curvature = stats.curvature.reshape(-1) + per_node(level_low * level_low)
     counts = torch.bincount(node, minlength=n_nodes)

@@ -103,7 +103,7 @@ def sqnr(x: np.ndarray, sse: float) -> float:
     return 10.0 * np.log10(np.sum(x * x) / sse)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_sample(dist: str) -> np.ndarray:
     rng = np.random.default_rng({"gaussian": 11, "laplace": 12, "student_t3": 13}[dist])
     if dist == "gaussian":
@@ -516,6 +516,36 @@ def test_narrow_bound_and_sweep(scheme, n_bits, n):
     level_a = np.clip(np.round(x_rows[:, None, :] / low[..., None]) + zero[..., None], q_min, q_max)
     level_b = np.clip(np.round(x_rows[:, None, :] / high[..., None]) + zero[..., None], q_min, q_max)
     np.testing.assert_array_equal(stats.unstable.numpy(), np.sum(level_a != level_b, axis=2))
+
+
+@pytest.mark.parametrize("n_bits", [2, 4, 8])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_segment_sums_equal_per_value_sums(scheme, n_bits):
+    """The narrow statistics and the union bound read off prefix sums at cuts (telescoped sums)
+    equal the same quantities summed value by value."""
+    rng = np.random.default_rng(zlib.crc32(f"telescoped-{scheme.value}-{n_bits}".encode()))
+    q_min, q_max = integer_range(n_bits, scheme)
+    n = 9 * (q_max - q_min + 1) + 500  # above the per-value crossover: the segment path
+    x_rows, low, high, zero, q_min, q_max = interval_cases(rng, n, n_bits, scheme, narrow=True, count=20)
+    x_rows[0, :40] = 0.0  # values on the level 0
+    sv = SortedValues.from_rows(torch.from_numpy(x_rows))
+    lo_t, hi_t, z_t = as_tensors(low, high, zero)
+    energy = torch.from_numpy(np.sum(x_rows**2, axis=1, keepdims=True))
+    by_segments = narrow_intervals(sv, lo_t, hi_t, z_t, q_min, q_max)
+    per_value = grid_error_mod._direct_narrow_intervals(sv.values, lo_t, hi_t, z_t, q_min, q_max)
+    torch.testing.assert_close(by_segments.unstable, per_value.unstable, rtol=0, atol=0)
+    torch.testing.assert_close(by_segments.curvature, per_value.curvature, rtol=1e-12, atol=0)
+    scale = torch.from_numpy(np.abs(x_rows).sum(axis=1, keepdims=True))
+    torch.testing.assert_close(by_segments.moment / scale, per_value.moment / scale, rtol=0, atol=1e-12)
+    for segments, values in ((by_segments.constant, per_value.constant), (by_segments.excess, per_value.excess)):
+        torch.testing.assert_close(segments / energy, values / energy, rtol=0, atol=1e-12)
+    torch.testing.assert_close(by_segments.bound(lo_t, hi_t)[0] / energy, per_value.bound(lo_t, hi_t)[0] / energy, rtol=0, atol=1e-12)
+    for widen in (1.0, 1.3, 3.0):  # narrow, wide, very wide
+        for shift in (0, 2):  # one zero point, a range of them
+            args = lo_t, hi_t * widen, q_min - z_t - shift, q_max - z_t
+            union = grid_sse_lower_bound(sv, *args)
+            union_per_value = grid_error_mod._direct_lower_bound(sv.values, *args)
+            torch.testing.assert_close(union / energy, union_per_value / energy, rtol=0, atol=1e-12)
 
 
 def test_narrow_bound_exact_without_breakpoints():
