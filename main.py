@@ -9,7 +9,7 @@ import torch
 from click.core import ParameterSource
 
 from training.cli_options import compression_options, model_data_options, runtime_options, training_options
-from utils.cli import DeviceType, default_device, setup_logging
+from utils.cli import DeviceType, IntListType, default_device, setup_logging
 
 WEIGHTS_STATUS_TEXT = {"at hand": "weights at hand", "needs download": "needs download",
                        "not installed": "weights not installed", "none exist": "no pretrained weights"}  # fmt: skip
@@ -212,6 +212,50 @@ def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | No
         return
     click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
                f"sparsity {result['sparsity']:.4f}  ({result['images']} images)")  # fmt: skip
+
+
+@cli.command("search-bit-policy")
+@click.option("--architecture", default="resnet50", show_default=True, help="A classifier of the model zoo.")
+@click.option("--indicators", default=None,
+              help="Importance indicators: a JSON file or LIMPQ's pickle ({'weight', 'act', 'layer_name'}), or "
+                   "weight-mse / output-mse to compute data-free ones from the pretrained model. Default: the "
+                   "published ResNet-50 indicators (data/limpq/resnet50_indicators.json).")  # fmt: skip
+@click.option("--bits", type=IntListType(2, 8), default="2-6", show_default=True, help="Candidate bit-widths.")
+@click.option("--wb", type=click.IntRange(1, 32), default=3, show_default=True,
+              help="BitOPs budget: that of every searched layer at WB-bit weights ...")
+@click.option("--ab", type=click.IntRange(1, 32), default=4, show_default=True, help="... and AB-bit inputs.")
+@click.option("--compression-ratio", type=click.FloatRange(min=0), default=12.2, show_default=True,
+              help="The model's weights at most 32-bit size / CR (first conv and classifier at 8 bits); 0: off.")
+@click.option("--bitops/--no-bitops", default=True, show_default=True, help="The BitOPs constraint.")
+@click.option("--alpha", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Weight of the weight indicators in the objective.")
+@click.option("--bitops-geometry", type=click.Choice(["floored", "official"]), default="floored", show_default=True,
+              help="MACs from the real (floored) output sizes, or LIMPQ's true-division count.")
+@click.option("--image-size", type=click.IntRange(16, 4096), default=224, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The policy file to write (a valid --bit-policy file).")
+def search_bit_policy(output: Path, indicators: str | None, bits: list[int], bitops_geometry: str, **options) -> None:
+    """LIMPQ's ILP search of per-layer weight and activation bit-widths (every conv but the first)."""
+    from studies.bit_policy_search import (
+        BUNDLED_INDICATORS,
+        BitPolicySearchError,
+        SearchSettings,
+        run_bit_policy_search,
+    )
+
+    _check_output(output, "file", "--output")
+    settings = SearchSettings(indicators=indicators or str(BUNDLED_INDICATORS), bits=tuple(sorted(bits, reverse=True)),
+                              geometry=bitops_geometry, **options)  # fmt: skip
+    try:
+        policy = run_bit_policy_search(settings, output)
+    except BitPolicySearchError as error:
+        if error.option:
+            raise click.BadParameter(str(error), param_hint=f"'{error.option}'") from None
+        raise click.ClickException(str(error)) from None
+    target = f" (target {policy['bitops_target']:.4g})" if policy["bitops_target"] is not None else ""
+    click.echo(f"{policy['status']}: {len(policy['layers'])} layers, objective {policy['objective']:.6g}, "
+               f"BitOPs {policy['bitops']:.4g}{target}, compression ratio {policy['compression_ratio']:.3f}, "
+               f"solved in {policy['solve_seconds'] * 1e3:.0f} ms -> {output}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Time LIMPQ's bit-width search (``main.py search-bit-policy``): the whole path, the ILP alone, and CBC.
+
+Rows, each the best and the median of ``--repeats`` runs (wall-clock and CPU seconds of this
+process; CBC runs as a child process, so its CPU column is only PuLP's model building):
+
+* ``command (subprocess)``: ``python main.py search-bit-policy`` in a fresh interpreter, imports
+  included (``--subprocess``, wall only);
+* ``command path``: :func:`studies.bit_policy_search.run_bit_policy_search` in this process:
+  indicators read, model built (random weights), one forward pass for the geometry, the solve,
+  the policy written;
+* ``geometry``: building the model and its geometry (:func:`models.geometry.layer_geometry`);
+* ``solve (reduced)``: :func:`quantization.bit_allocation.allocate_bits` as the command runs it
+  (LP relaxation, reduced-cost fixing, HiGHS on the kept choices);
+* ``solve (every choice)``: the same ILP given whole to HiGHS (``reduce=False``);
+* ``CBC (PuLP)``: the same ILP (every allowed choice) built with PuLP and solved by CBC, the
+  official search's solver, when ``pulp`` is installed (an optional bench dependency, imported
+  here only); model building included.
+
+All solves must agree on the objective (checked). Defaults: the published ResNet-50 indicators,
+B = 6..2, W3A4 BitOPs, compression ratio 12.2, alpha 2.
+
+    python bench/bench_bit_policy_search.py --repeats 5 --geometry official --subprocess
+"""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.geometry import layer_geometry
+from models.registry import load_model
+from quantization.bit_allocation import FIXED_LAYER_BITS, allocate_bits, forbidden_choices
+from studies.bit_policy_search import (
+    SearchProblem,
+    SearchSettings,
+    run_bit_policy_search,
+    search_problem,
+    solve_search_problem,
+)
+from studies.indicators import read_indicators
+
+
+def timed(function: Callable[[], object], repeats: int) -> tuple[list[float], list[float], object]:
+    """Wall and CPU seconds of each of ``repeats`` calls, and the last result."""
+    walls, cpus, result = [], [], None
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = function()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return walls, cpus, result
+
+
+def cbc_objective(problem: SearchProblem, settings: SearchSettings) -> float:
+    """The ILP with every allowed choice, built with PuLP and solved by CBC (no gap)."""
+    import pulp
+
+    indicators = problem.indicators
+    bits = indicators.bits
+    allowed_w = ~forbidden_choices(indicators.weight, bits)
+    allowed_a = ~forbidden_choices(indicators.act, bits)
+    ilp = pulp.LpProblem("limpq", pulp.LpMinimize)
+    x = {(l, i, j): ilp.add_variable(f"x_{l}_{i}_{j}", 0, 1, cat="Binary")
+         for l in range(len(problem.macs))
+         for i in np.flatnonzero(allowed_w[l]) for j in np.flatnonzero(allowed_a[l])}  # fmt: skip
+    ilp += pulp.lpSum((indicators.act[l, j] + settings.alpha * indicators.weight[l, i]) * v
+                      for (l, i, j), v in x.items())  # fmt: skip
+    for layer in range(len(problem.macs)):
+        ilp += pulp.lpSum(v for (l, _, _), v in x.items() if l == layer) == 1
+    if settings.bitops:
+        ilp += (pulp.lpSum(problem.macs[l] * bits[i] * bits[j] * v for (l, i, j), v in x.items())
+                <= sum(problem.macs) * settings.wb * settings.ab)  # fmt: skip
+    if settings.compression_ratio > 0:
+        total = sum(problem.weight_counts) + problem.fixed_weight_count
+        ilp += (FIXED_LAYER_BITS * problem.fixed_weight_count
+                + pulp.lpSum(problem.weight_counts[l] * bits[i] * v for (l, i, j), v in x.items())
+                <= 32 * total / settings.compression_ratio)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "PULP_CBC_CMD is deprecated", DeprecationWarning)  # PuLP's bundled CBC
+        ilp.solve(pulp.PULP_CBC_CMD(msg=0, gapRel=0, gapAbs=0))
+    if pulp.LpStatus[ilp.status] != "Optimal":
+        raise RuntimeError(f"CBC: {pulp.LpStatus[ilp.status]}")
+    return float(pulp.value(ilp.objective))
+
+
+def row(name: str, walls: list[float], cpus: list[float] | None = None) -> str:
+    cpu = f"{min(cpus) * 1e3:9.1f} {statistics.median(cpus) * 1e3:9.1f}" if cpus else f"{'-':>9} {'-':>9}"
+    return f"{name:24s} {min(walls) * 1e3:9.1f} {statistics.median(walls) * 1e3:9.1f} {cpu}"
+
+
+@click.command()
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--geometry", type=click.Choice(["floored", "official"]), default="floored", show_default=True)
+@click.option("--subprocess/--no-subprocess", "run_subprocess", default=False, show_default=True,
+              help="Also time the command in fresh interpreters (imports included).")
+def main(repeats: int, geometry: str, run_subprocess: bool) -> None:
+    settings = SearchSettings(geometry=geometry)
+    indicators = read_indicators(settings.indicators)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "policy.json"
+        if run_subprocess:
+            command = [sys.executable, str(ROOT / "main.py"), "search-bit-policy", "--bitops-geometry", geometry,
+                       "--output", str(output)]  # fmt: skip
+            walls, _, _ = timed(lambda: subprocess.run(command, check=True, capture_output=True), repeats)
+            rows.append(row("command (subprocess)", walls))
+        walls, cpus, document = timed(lambda: run_bit_policy_search(settings, output), repeats)
+        rows.append(row("command path", walls, cpus))
+    walls, cpus, model = timed(lambda: (m := load_model("resnet50", pretrained=False), layer_geometry(m))[0], repeats)
+    rows.append(row("geometry", walls, cpus))
+    problem = search_problem(model, indicators, settings)
+    reduced_walls, reduced_cpus, reduced = timed(lambda: solve_search_problem(problem, settings), repeats)
+    rows.append(row("solve (reduced)", reduced_walls, reduced_cpus))
+    full_walls, full_cpus, full = timed(lambda: allocate_bits(
+        indicators.weight, indicators.act, indicators.bits, np.array(problem.macs), np.array(problem.weight_counts),
+        alpha=settings.alpha, bitops_bits=(settings.wb, settings.ab), compression_ratio=settings.compression_ratio,
+        fixed_weight_count=problem.fixed_weight_count, reduce=False), repeats)  # fmt: skip
+    rows.append(row("solve (every choice)", full_walls, full_cpus))
+    objectives = {"command": document["objective"], "reduced": reduced.objective, "every choice": full.objective}
+    cbc_walls = None
+    if importlib.util.find_spec("pulp") is not None:
+        cbc_walls, cbc_cpus, objectives["CBC"] = timed(lambda: cbc_objective(problem, settings), repeats)
+        rows.append(row("CBC (PuLP)", cbc_walls, cbc_cpus))
+    else:
+        rows.append("CBC (PuLP)               not installed")
+
+    click.echo(f"ResNet-50, {geometry} geometry, B=6..2, W3A4, CR 12.2, alpha 2; {repeats} repeats; milliseconds")
+    click.echo(f"{'':24s} {'wall best':>9} {'median':>9} {'cpu best':>9} {'median':>9}")
+    click.echo("\n".join(rows))
+    spread = max(objectives.values()) - min(objectives.values())
+    click.echo(f"objectives: {', '.join(f'{k} {v:.12g}' for k, v in objectives.items())} (spread {spread:.2g})")
+    if spread > 1e-9:
+        raise click.ClickException("the solvers disagree")
+    ratios = [f"every choice / reduced {statistics.median(full_walls) / statistics.median(reduced_walls):.2f}x wall"]
+    if cbc_walls is not None:
+        ratios.append(f"CBC / reduced {statistics.median(cbc_walls) / statistics.median(reduced_walls):.2f}x wall")
+    click.echo("medians: " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+    main()
