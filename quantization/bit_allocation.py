@@ -28,7 +28,23 @@ smallest allowed weight and activation bit-widths uses the least of both: the se
 feasible exactly when that policy is. It is checked first; an infeasible setting gets
 ``status="infeasible"`` and a one-line ``reason``, without a solver call.
 
-**Exact solution, smaller.** The problem is solved by :func:`scipy.optimize.milp` (HiGHS) with
+**Exact solution by bounded dynamic programming** (``solver="dp"``, the default). Every row holds
+integers (MACs, weight counts, bit-widths), divided by its greatest common divisor. The row with
+the least slack above the smallest policy's use (ResNet-50: size, 864 units) is handled exactly by a
+DP over that slack; the other row by a Lagrange multiplier ``mu >= 0``: ``G_k(mu, r)``, the least
+``sum cost + mu * other`` of layers ``k..`` using at most ``r`` slack units, bounds every completion of
+a partial policy (``cost >= G - mu * room left in the other row``), for any ``mu``. The multiplier of
+the best bound is searched on a coarse copy of the DP row, the exact tables are built for a grid
+around it, and a forward pass over the layers keeps the partial policies ("labels") whose bound
+under every multiplier of the grid is at most the incumbent's cost, fit both rows, and are not
+dominated (same DP use, no cheaper label with no more other-row use). The incumbent is the best of
+the DP's own policies and of a heuristic pass keeping 64 labels per layer. The cheapest complete
+label is the optimum: a cheaper policy's labels would all have survived. Where the DP's tables
+or labels would exceed fixed sizes (counts, not time: the same result on any machine), HiGHS
+solves it as below.
+
+**HiGHS after a reduction** (``solver="highs"``; ``"highs-full"`` gives it every choice). The
+problem is solved by :func:`scipy.optimize.milp` (HiGHS) with
 no optimality gap (``mip_rel_gap=0``), after a reduction that keeps the exact optimum
 (Lagrangian reduced-cost fixing). With ``mu >= 0`` the duals of the two constraints in the LP
 relaxation, every choice ``v`` of layer ``l`` has the penalised cost
@@ -51,6 +67,7 @@ not settable through SciPy) is ``1e-12`` of the largest cost spread of a layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -65,10 +82,11 @@ from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FIXED_LAYER_BITS", "FULL_PRECISION_BITS", "BitAllocation", "allocate_bits", "forbidden_choices"]
+__all__ = ["FIXED_LAYER_BITS", "FULL_PRECISION_BITS", "SOLVERS", "BitAllocation", "allocate_bits", "forbidden_choices"]
 
 FIXED_LAYER_BITS = 8  # the first conv and the classifier, outside the search
 FULL_PRECISION_BITS = 32  # the reference of the compression ratio
+SOLVERS = ("dp", "highs", "highs-full")
 _COST_SCALE = 1e6  # the largest per-layer cost spread after scaling (HiGHS's absolute gap is 1e-6)
 
 
@@ -93,6 +111,7 @@ class BitAllocation:
     compression_ratio: float | None
     solve_seconds: float
     reason: str = ""
+    solver: str = ""  # "dp", "highs" or "highs-full": what found the optimum; "" where none was needed
 
 
 def forbidden_choices(scores: np.ndarray, bits: Sequence[int]) -> np.ndarray:
@@ -139,7 +158,7 @@ def allocate_bits(
     bitops_bits: tuple[int, int] | None = None,
     compression_ratio: float | None = None,
     fixed_weight_count: int = 0,
-    reduce: bool = True,
+    solver: str = "dp",
 ) -> BitAllocation:
     """The optimal per-layer (weight, activation) bit-widths of the module doc's ILP.
 
@@ -154,20 +173,27 @@ def allocate_bits(
         compression_ratio: ``CR > 0``: weights at most ``32 P_total / CR`` bits; ``None``: no size
             constraint.
         fixed_weight_count: ``P_fixed``, the weights kept at :data:`FIXED_LAYER_BITS` bits.
-        reduce: solve the reduced ILP (exact, faster); ``False`` gives HiGHS every choice.
+        solver: ``"dp"``: the bounded dynamic programme (module doc; HiGHS as below where it would
+            exceed its limits); ``"highs"``: HiGHS after the reduced-cost reduction; ``"highs-full"``:
+            HiGHS on every choice. All are exact; the result says which one solved it.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     choices = _choices(weight_scores, act_scores, bits, macs, weight_counts, alpha, bitops_bits, compression_ratio,
                        fixed_weight_count)  # fmt: skip
     started = time.perf_counter()
     reason = _infeasibility(choices)
     if reason:
         return _result(choices, None, time.perf_counter() - started, reason)
-    chosen = _solve_reduced(choices) if reduce else _solve_milp(choices, np.arange(choices.cost.size))
+    chosen = _solve_dp(choices) if solver == "dp" else None
+    if chosen is None:
+        solver = "highs-full" if solver == "highs-full" else "highs"
+        chosen = _solve_reduced(choices) if solver == "highs" else _solve_milp(choices, np.arange(choices.cost.size))
     seconds = time.perf_counter() - started
     if chosen is None:  # cannot happen: the smallest policy is feasible
         raise RuntimeError("HiGHS found no policy although the smallest bit-widths fit the constraints")
-    _check_exactly(choices, chosen)
-    return _result(choices, chosen, seconds)
+    _check_exactly(choices, chosen, solver)
+    return _result(choices, chosen, seconds, solver=solver)
 
 
 def _choices(
@@ -359,15 +385,224 @@ def _solve_reduced(choices: _Choices) -> np.ndarray | None:
         delta = excess if delta > 0 else excess / 4
 
 
-def _check_exactly(choices: _Choices, chosen: np.ndarray) -> None:
+_MU_GRID = 16  # Lagrange multipliers per DP pass
+_MU_ROUNDS = 3  # coarse DP passes of the multiplier search
+_MU_SPREAD = 0.3  # the exact tables' multipliers: the coarse peak times 1 -+ this
+_COARSE_CAPACITY = 128  # the coarse DP row's capacity, about
+_BEAM = 64  # labels kept per layer by the heuristic pass that finds the incumbent
+_MAX_TABLE = 1 << 23  # DP table entries at most: (layers + 1) * multipliers * (capacity + 1), else HiGHS
+_MAX_LABELS = 100_000  # labels kept after any layer at most, else HiGHS (a count: the same on any machine)
+
+
+@dataclass(frozen=True)
+class _Layered:
+    """The choices as ``[layers, width]`` arrays for the DP (padding: ``kept`` False)."""
+
+    kept: np.ndarray  # [L, m] bool: a choice, not dominated within its layer
+    index: np.ndarray  # [L, m] index into the _Choices arrays
+    cost: np.ndarray  # [L, m] float64
+    excess: np.ndarray  # [L, m] int64: the DP row's usage above the layer's least, in units of the row's gcd
+    other: np.ndarray  # [L, m] float64: the other row's usage in units of its gcd (integers), zeros if none
+    capacity: int  # the DP row's limit above the sum of the layers' least usage (units)
+    other_limit: float  # the other row's limit (units); 0 if none
+
+
+def _layered(choices: _Choices) -> _Layered | None:
+    """The DP's view of the problem: the row of least slack is the DP's, the other is Lagrangian; None: too big."""
+    n_layers, n_rows = choices.n_layers, choices.usage.shape[0]
+    position = np.arange(choices.layer.size) - np.searchsorted(choices.layer, choices.layer)
+    width = int(position.max()) + 1
+    index = np.zeros((n_layers, width), dtype=np.int64)
+    valid = np.zeros((n_layers, width), dtype=bool)
+    index[choices.layer, position], valid[choices.layer, position] = np.arange(choices.layer.size), True
+    divisors = np.array([max(int(np.gcd.reduce(row)), 1) for row in choices.usage], dtype=np.int64)
+    units = np.where(valid[None], choices.usage[:, index] // divisors[:, None, None], np.iinfo(np.int64).max)
+    limits = choices.limit // divisors
+    least = units.min(axis=2)  # [rows, L]
+    slack = limits - least.sum(axis=1)
+    dp_row = int(np.argmin(slack))
+    capacity = int(slack[dp_row])  # >= 0: the smallest policy fits (checked before)
+    if (n_layers + 1) * _MU_GRID * (capacity + 1) > _MAX_TABLE or limits.max() >= 2**52:
+        return None
+    excess = np.where(valid, units[dp_row] - least[dp_row][:, None], 0)
+    if n_rows == 2:
+        other, other_limit = np.where(valid, units[1 - dp_row], 0).astype(np.float64), float(limits[1 - dp_row])
+    else:
+        other, other_limit = np.zeros(valid.shape), 0.0
+    cost = np.where(valid, choices.cost[index], np.inf)
+    # a choice no cheaper and using no less of either row than another of its layer is never needed
+    no_better = ((cost[:, :, None] <= cost[:, None, :]) & (excess[:, :, None] <= excess[:, None, :])
+                 & (other[:, :, None] <= other[:, None, :]))  # [L, w, v]: w is at least as good as v  # fmt: skip
+    strictly = ((cost[:, :, None] < cost[:, None, :]) | (excess[:, :, None] < excess[:, None, :])
+                | (other[:, :, None] < other[:, None, :]))  # fmt: skip
+    first = np.arange(width)[:, None] < np.arange(width)[None, :]  # equal choices: the first is kept
+    dominated = (valid[:, :, None] & no_better & (strictly | first[None])).any(axis=1)
+    return _Layered(valid & ~dominated, index, cost, excess, other, capacity, other_limit)
+
+
+def _dp_tables(problem: _Layered, multipliers: np.ndarray) -> np.ndarray:
+    """``G[k, j, r]``: the least ``sum cost + mu_j * other`` over layers ``k..`` with DP excess at most ``r``."""
+    n_layers, capacity = problem.cost.shape[0], problem.capacity
+    layer, slot = np.nonzero(problem.kept)
+    excess = problem.excess[layer, slot]
+    order = np.lexsort((excess, layer))
+    layer, slot, excess = layer[order], slot[order], excess[order]
+    starts = np.flatnonzero(np.r_[True, (layer[1:] != layer[:-1]) | (excess[1:] != excess[:-1])])
+    penalised = problem.cost[layer, slot][None] + multipliers[:, None] * problem.other[layer, slot][None]
+    group_best = np.minimum.reduceat(penalised, starts, axis=1)  # [K, groups]: the best of each (layer, excess)
+    group_layer, group_excess = layer[starts].tolist(), excess[starts].tolist()
+    tables = np.empty((n_layers + 1, multipliers.size, capacity + 1))
+    tables[n_layers] = 0.0
+    group = len(starts) - 1
+    for k in range(n_layers - 1, -1, -1):
+        current, following = tables[k], tables[k + 1]
+        current.fill(np.inf)
+        while group >= 0 and group_layer[group] == k:
+            e = group_excess[group]
+            if e <= capacity:
+                np.minimum(current[:, e:], following[:, :capacity + 1 - e] + group_best[:, group, None],
+                           out=current[:, e:])  # fmt: skip
+            group -= 1
+    return tables
+
+
+def _multipliers(problem: _Layered) -> tuple[np.ndarray, np.ndarray]:
+    """Multipliers of the other row around the best DP-Lagrangian bound, and their DP tables.
+
+    The bound ``G[0, j, capacity] - mu_j * other_limit`` is concave in ``mu``. Its peak is searched
+    on a coarse copy of the DP row (usage and capacity divided by a common factor and rounded, so a
+    pass is cheap; an approximation that only steers the search): a geometric grid, then finer grids
+    between the best point's neighbours. The exact tables are then built for a grid around that peak
+    (any multipliers give valid bounds, these give tight ones) and one multiplier so large that its
+    DP policy uses the least of the other row (a feasible policy: a first incumbent).
+    """
+    if problem.other_limit == 0 and not problem.other.any():
+        return np.zeros(1), _dp_tables(problem, np.zeros(1))
+    spread = np.where(problem.kept, problem.cost, -np.inf).max(axis=1) - np.where(problem.kept, problem.cost,
+                                                                                  np.inf).min(axis=1)  # fmt: skip
+    large = 2.0 * float(spread.sum()) + 1.0  # one unit of the other row outweighs any cost difference
+    factor = -(-problem.capacity // _COARSE_CAPACITY)
+    coarse = problem
+    if factor > 1:
+        coarse = dataclasses.replace(problem, excess=(problem.excess + factor // 2) // factor,
+                                     capacity=(problem.capacity + factor // 2) // factor)  # fmt: skip
+    grid = np.r_[0.0, large * np.logspace(-12, 0, _MU_GRID - 1)]
+    for round_ in range(_MU_ROUNDS):
+        value = _dp_tables(coarse, grid)[0, :, coarse.capacity] - grid * problem.other_limit
+        best = int(np.argmax(value))
+        centre, low, high = grid[best], grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
+        if round_ < _MU_ROUNDS - 1:
+            grid = np.geomspace(low, high, _MU_GRID) if low > 0 else np.r_[0.0, np.geomspace(high * 1e-4, high,
+                                                                                             _MU_GRID - 1)]  # fmt: skip
+    if centre > 0:
+        final = centre * np.linspace(1 - _MU_SPREAD, 1 + _MU_SPREAD, _MU_GRID - 1)
+    else:
+        final = np.r_[0.0, np.geomspace(high * 1e-3, high, _MU_GRID - 2)]
+    final = np.r_[final, large]
+    return final, _dp_tables(problem, final)
+
+
+def _dp_policy_costs(problem: _Layered, multipliers: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """The cost of each multiplier's DP policy (it fits the DP row); inf where it exceeds the other row."""
+    n_layers, count = problem.cost.shape[0], multipliers.size
+    rows = np.arange(count)[:, None]
+    room = np.full(count, problem.capacity)
+    cost, other = np.zeros(count), np.zeros(count)
+    for k in range(n_layers):
+        mine = np.flatnonzero(problem.kept[k])
+        excess = problem.excess[k, mine]
+        fits = excess[None] <= room[:, None]
+        rest = tables[k + 1][rows, np.where(fits, room[:, None] - excess[None], 0)]
+        value = problem.cost[k, mine][None] + multipliers[:, None] * problem.other[k, mine][None] + rest
+        pick = mine[np.argmin(np.where(fits, value, np.inf), axis=1)]
+        room -= problem.excess[k, pick]
+        cost += problem.cost[k, pick]
+        other += problem.other[k, pick]
+    return np.where(other <= problem.other_limit, cost, np.inf)
+
+
+def _solve_dp(choices: _Choices) -> np.ndarray | None:
+    """The exact optimum by bounded dynamic programming (module doc); None if it would exceed its limits."""
+    problem = _layered(choices)
+    if problem is None:
+        return None
+    multipliers, tables = _multipliers(problem)
+    incumbent = float(_dp_policy_costs(problem, multipliers, tables).min())
+    guess = _label_pass(problem, multipliers, tables, incumbent, beam=_BEAM)
+    if guess is not None and guess.size:  # a policy (the heuristic pass keeps only the most promising labels)
+        incumbent = min(incumbent, float(problem.cost[np.arange(guess.size), guess].sum()))
+    found = _label_pass(problem, multipliers, tables, incumbent)
+    if found is None or found.size == 0:
+        return None  # too many labels (none found cannot happen: the incumbent's policy or a better one stays)
+    chosen = problem.index[np.arange(found.size), found]
+    logger.debug("bit allocation DP: capacity %d, multipliers %s, incumbent %.12g, optimum %.12g",
+                 problem.capacity, multipliers, incumbent, float(choices.cost[chosen].sum()))  # fmt: skip
+    return chosen
+
+
+def _label_pass(problem: _Layered, multipliers: np.ndarray, tables: np.ndarray, ceiling: float,
+                beam: int = 0) -> np.ndarray | None:
+    """The cheapest policy (``[L]`` slots) among those whose bounds stay below ``ceiling``: empty if none, None if
+    more than :data:`_MAX_LABELS` labels would be kept. ``beam > 0``: a heuristic, only the ``beam`` labels
+    of least bound are kept after each layer."""
+    n_layers, capacity, limit = problem.cost.shape[0], problem.capacity, problem.other_limit
+    scale = float(np.abs(np.where(problem.kept, problem.cost, 0)).max(axis=1).sum())
+    scale += multipliers * (limit + float(np.where(problem.kept, problem.other, 0).max(axis=1).sum()))
+    tolerance = 1e-9 * (1.0 + scale)  # [K], far above the float error of the bounds
+    least_other = np.where(problem.kept, problem.other, np.inf).min(axis=1)
+    other_after = np.r_[np.cumsum(least_other[::-1])[::-1], 0.0][1:]  # least other-row use of layers k+1..
+    used, cost, other = np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros(1)
+    parents, picks = [], []
+    for k in range(n_layers):
+        mine = np.flatnonzero(problem.kept[k])
+        parent = np.repeat(np.arange(used.size), mine.size)
+        pick = np.tile(mine, used.size)
+        new_used = used[parent] + problem.excess[k, pick]
+        new_other = other[parent] + problem.other[k, pick]
+        live = np.flatnonzero((new_used <= capacity) & (new_other + other_after[k] <= limit))
+        parent, pick, new_used, new_other = parent[live], pick[live], new_used[live], new_other[live]
+        new_cost = cost[parent] + problem.cost[k, pick]
+        bounds = (new_cost[None] + tables[k + 1][:, capacity - new_used]
+                  - multipliers[:, None] * (limit - new_other[None]))  # fmt: skip
+        live = np.flatnonzero((bounds - tolerance[:, None] <= ceiling).all(axis=0))
+        parent, pick, new_used, new_other, new_cost = (a[live] for a in (parent, pick, new_used, new_other, new_cost))
+        if beam and live.size > beam:
+            best = np.argsort(bounds[:, live].max(axis=0), kind="stable")[:beam]
+            parent, pick, new_used, new_other, new_cost = (a[best] for a in (parent, pick, new_used, new_other,
+                                                                               new_cost))  # fmt: skip
+        # of labels with the same DP use, keep those with less other-row use than every cheaper one
+        order = np.lexsort((new_other, new_cost, new_used))
+        parent, pick, new_used, new_other, new_cost = (a[order] for a in (parent, pick, new_used, new_other, new_cost))
+        rank = np.unique(new_other, return_inverse=True)[1].astype(np.int64)
+        group = np.cumsum(np.r_[True, new_used[1:] != new_used[:-1]])
+        shifted = rank - group * (rank.size + 1)  # groups in ascending order, each below the previous
+        before = np.r_[np.iinfo(np.int64).max, np.minimum.accumulate(shifted)[:-1]]
+        live = np.flatnonzero(shifted < before)
+        if live.size > _MAX_LABELS:
+            return None
+        parents.append(parent[live])
+        picks.append(pick[live])
+        used, other, cost = new_used[live], new_other[live], new_cost[live]
+        if cost.size == 0:
+            return np.empty(0, dtype=np.int64)
+    label = int(np.argmin(cost))
+    slots = np.empty(n_layers, dtype=np.int64)
+    for k in range(n_layers - 1, -1, -1):
+        slots[k] = picks[k][label]
+        label = int(parents[k][label])
+    return slots
+
+
+def _check_exactly(choices: _Choices, chosen: np.ndarray, solver: str) -> None:
     """Re-check the solver's policy in exact integer arithmetic."""
     used = choices.usage[:, chosen].sum(axis=1)
     for name, use, limit in zip(choices.row_names, used.tolist(), choices.limit.tolist()):
         if use > limit:
-            raise RuntimeError(f"HiGHS returned a policy over the {name} limit ({use} > {limit})")
+            raise RuntimeError(f"the {solver} solver returned a policy over the {name} limit ({use} > {limit})")
 
 
-def _result(choices: _Choices, chosen: np.ndarray | None, seconds: float, reason: str = "") -> BitAllocation:
+def _result(choices: _Choices, chosen: np.ndarray | None, seconds: float, reason: str = "",
+            solver: str = "") -> BitAllocation:
     limits = dict(zip(choices.row_names, choices.limit.tolist()))
     if chosen is None:
         return BitAllocation("infeasible", (), (), None, None, limits.get("bitops"), None, choices.size_budget, None,
@@ -378,4 +613,4 @@ def _result(choices: _Choices, chosen: np.ndarray | None, seconds: float, reason
     total_bits = FULL_PRECISION_BITS * (int(choices.weight_counts.sum()) + choices.fixed_weight_count)
     return BitAllocation("optimal", tuple(weight_bits.tolist()), tuple(act_bits.tolist()),
                          float(choices.cost[chosen].sum()), bitops, limits.get("bitops"), size, choices.size_budget,
-                         total_bits / size, seconds)  # fmt: skip
+                         total_bits / size, seconds, solver=solver)  # fmt: skip

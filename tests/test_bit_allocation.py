@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from quantization.bit_allocation import FIXED_LAYER_BITS, allocate_bits, forbidden_choices
+from quantization.bit_allocation import FIXED_LAYER_BITS, SOLVERS, allocate_bits, forbidden_choices
 
 CONSTRAINTS = ("bitops", "size", "both")
 
@@ -75,13 +75,13 @@ def check_against_brute_force(seed: int, kind: str, bits=(6, 4, 2)) -> str:
     fixed = int(rng.integers(0, 100))
     expected = brute_force(weight.tolist(), act.tolist(), list(bits), macs.tolist(), counts.tolist(), alpha,
                            bitops_bits, ratio, fixed)  # fmt: skip
-    for reduce in (True, False):
+    for solver in SOLVERS:
         result = allocate_bits(weight, act, bits, macs, counts, alpha=alpha, bitops_bits=bitops_bits,
-                               compression_ratio=ratio, fixed_weight_count=fixed, reduce=reduce)  # fmt: skip
+                               compression_ratio=ratio, fixed_weight_count=fixed, solver=solver)  # fmt: skip
         if expected is None:
             assert result.status == "infeasible" and result.reason and result.weight_bits == ()
             continue
-        assert result.status == "optimal", (seed, kind, result)
+        assert result.status == "optimal" and result.solver in (solver, "highs"), (seed, kind, result)
         assert result.objective == pytest.approx(expected[0], rel=1e-12), (seed, kind)
         assert (result.weight_bits, result.act_bits) == expected[1:], (seed, kind)  # ties have probability 0
         w_bits, a_bits = np.array(result.weight_bits), np.array(result.act_bits)
@@ -123,9 +123,10 @@ def test_near_ties_are_resolved_exactly() -> None:
     macs, counts = np.array([300, 200, 100]), np.array([10, 20, 30])
     expected = brute_force(weight.tolist(), act.tolist(), list(bits), macs.tolist(), counts.tolist(), 1.0, (4, 4),
                            None, 0)  # fmt: skip
-    result = allocate_bits(weight, act, bits, macs, counts, alpha=1.0, bitops_bits=(4, 4))
-    assert (result.weight_bits, result.act_bits) == expected[1:]
-    assert result.objective == pytest.approx(expected[0], rel=1e-14, abs=0)
+    for solver in SOLVERS:
+        result = allocate_bits(weight, act, bits, macs, counts, alpha=1.0, bitops_bits=(4, 4), solver=solver)
+        assert (result.weight_bits, result.act_bits) == expected[1:]
+        assert result.objective == pytest.approx(expected[0], rel=1e-14, abs=0)
 
 
 def test_outlier_rule_is_the_official_one_for_consecutive_bits() -> None:
@@ -207,6 +208,8 @@ def test_bad_arguments_are_value_errors() -> None:
         allocate_bits(weight, np.ones((3, 3)), (6, 4, 2), [1, 2], [1, 2], bitops_bits=(4, 4))
     with pytest.raises(ValueError, match="finite"):
         allocate_bits(weight * np.nan, weight, (6, 4, 2), [1, 2], [1, 2], bitops_bits=(4, 4))
+    with pytest.raises(ValueError, match="solver must be one of"):
+        allocate_bits(weight, weight, (6, 4, 2), [1, 2], [1, 2], bitops_bits=(4, 4), solver="cbc")
     with pytest.raises(ValueError, match="macs must hold 2 non-negative integers"):
         allocate_bits(weight, weight, (6, 4, 2), [1.5, 2], [1, 2], bitops_bits=(4, 4))
 
@@ -256,9 +259,52 @@ def test_a_restriction_without_a_policy_keeps_more_choices(seed: int, monkeypatc
     n_layers, bits = int(rng.integers(2, 5)), (6, 4, 2)
     weight, act, macs, counts = random_instance(rng, n_layers=n_layers, bits=bits)
     bitops_bits, ratio = settings(rng, "both", bits)
-    result = allocate_bits(weight, act, bits, macs, counts, bitops_bits=bitops_bits, compression_ratio=ratio)
+    result = allocate_bits(weight, act, bits, macs, counts, bitops_bits=bitops_bits, compression_ratio=ratio,
+                           solver="highs")  # fmt: skip
     expected = brute_force(weight.tolist(), act.tolist(), list(bits), macs.tolist(), counts.tolist(), 2.0,
                            bitops_bits, ratio, 0)  # fmt: skip
     assert solves[0] is None and solves[-1] is not None
     assert (result.objective, result.weight_bits, result.act_bits) == (pytest.approx(expected[0], rel=1e-12),
                                                                       *expected[1:])  # fmt: skip
+
+
+def _layer_instance(seed: int, n_layers: int, kind: str, bits=(6, 5, 4, 3, 2)):
+    """A ResNet-like instance: MACs and weight counts with large common factors, binding constraints."""
+    rng = np.random.default_rng(seed)
+    weight, act, _, _ = random_instance(rng, n_layers=n_layers, bits=bits)
+    macs = rng.integers(1, 64, n_layers) * 4096 * int(rng.choice([1, 49, 196]))
+    counts = rng.integers(1, 300, n_layers) * 64
+    bitops_bits = (int(rng.integers(2, 6)), int(rng.integers(2, 6)))
+    ratio = float(rng.uniform(32 / 5.5, 32 / 2.5))
+    return {"weight_scores": weight, "act_scores": act, "bits": bits, "macs": macs, "weight_counts": counts,
+            "alpha": float(rng.uniform(0.5, 3)), "bitops_bits": bitops_bits if kind != "size" else None,
+            "compression_ratio": ratio if kind != "bitops" else None,
+            "fixed_weight_count": int(rng.integers(0, 5000))}
+
+
+@pytest.mark.parametrize("kind", CONSTRAINTS)
+def test_dp_matches_highs(kind: str) -> None:
+    """The bounded DP against HiGHS on every choice: 10 to 30 layers, five candidates, both outcomes."""
+    statuses = []
+    for seed in range(8):
+        problem = _layer_instance(seed, 10 + 3 * seed, kind)
+        dp = allocate_bits(**problem)
+        highs = allocate_bits(**problem, solver="highs-full")
+        statuses.append(dp.status)
+        assert dp.status == highs.status, (seed, dp, highs)
+        if dp.status == "optimal":
+            assert dp.solver == "dp"
+            assert dp.objective == pytest.approx(highs.objective, rel=1e-9, abs=1e-9), seed
+    assert "optimal" in statuses
+
+
+def test_dp_falls_back_to_highs_past_its_label_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantization import bit_allocation
+
+    problem = _layer_instance(3, 14, "both")
+    expected = allocate_bits(**problem)
+    assert expected.solver == "dp"
+    monkeypatch.setattr(bit_allocation, "_MAX_LABELS", 1)  # a count of labels, not a time: deterministic
+    fallback = allocate_bits(**problem)
+    assert fallback.solver == "highs" and fallback.objective == pytest.approx(expected.objective, rel=1e-12)
+    assert (fallback.weight_bits, fallback.act_bits) == (expected.weight_bits, expected.act_bits)
