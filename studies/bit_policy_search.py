@@ -11,7 +11,7 @@ true-division count (``"official"``, which the published policy was searched wit
 The policy file is a valid ``--bit-policy`` file (:mod:`models.bit_policy`): ``layers``,
 ``weight_bits``, ``act_bits``, plus ``status``, ``objective``, ``bitops`` and ``bitops_target``
 (searched layers), ``size_bits``, ``size_budget_bits`` and ``compression_ratio`` (whole model),
-``fixed_layers``, ``solve_seconds`` and the ``settings``. A setting no policy meets is an error
+``fixed_layers``, ``solve_seconds``, ``solver`` and the ``settings``. A setting no policy meets is an error
 and nothing is written.
 """
 from __future__ import annotations
@@ -187,6 +187,7 @@ def policy_document(problem: SearchProblem, allocation: BitAllocation, settings:
         "compression_ratio": allocation.compression_ratio,
         "fixed_layers": {name: FIXED_LAYER_BITS for name in problem.fixed_layers},
         "solve_seconds": allocation.solve_seconds,
+        "solver": allocation.solver,
         "settings": {**dataclasses.asdict(settings), "bits": list(settings.bits)},
     }
     try:

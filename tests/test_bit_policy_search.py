@@ -305,7 +305,7 @@ def test_command_writes_a_bit_policy_file(tmp_path: Path) -> None:
     assert list(policy.weight_bits) == PUBLISHED_WEIGHT_BITS and list(policy.act_bits) == PUBLISHED_ACT_BITS
     document = json.loads(output.read_text())
     assert document["settings"]["geometry"] == "official" and document["settings"]["bits"] == [6, 5, 4, 3, 2]
-    assert document["status"] == "optimal" and document["solve_seconds"] > 0
+    assert document["status"] == "optimal" and document["solve_seconds"] > 0 and document["solver"] == "dp"
 
 
 def test_command_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
