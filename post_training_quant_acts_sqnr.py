@@ -18,6 +18,7 @@ DEFAULT_MODEL = "efficientnet_lite0"
 # tests/test_quant_bounds.py checks all three agree).
 QUANT_METHODS = ("rtn", "sdp_rounding", "gptq", "adaround")
 PRUNE_METHODS = ("magnitude", "magnitude_refit", "obs", "iht", "swap")
+BLOCK_PRUNE_METHODS = ("magnitude", "magnitude_refit", "obs", "swap")  # pruning.group_sparse_ls.METHODS
 MAX_WHOLE_DIM = 128
 
 
@@ -117,6 +118,7 @@ def layer_data_options(command: Callable) -> Callable:
 # only: the CLI passes None and the solvers apply their own (tests/test_bounds_determinism.py checks these agree).
 QUANT_NODE_LIMIT = 10_000_000
 PRUNE_NODE_LIMIT = 100_000
+BLOCK_PRUNE_NODE_LIMIT = 20_000  # pruning.group_sparse_ls.DEFAULT_NODE_LIMIT
 
 
 def exact_limit_options(default_nodes: str) -> Callable[[Callable], Callable]:
@@ -288,6 +290,54 @@ def prune_bounds_data_opt(
     layers, setup = prepare_run(model_name, layer_names, num_samples, images_dir, device, seed, output_dir, save_problems,
                                 progress)
     record, files = run_prune_bounds(layers, config, setup)
+    _echo_summary(record, files, save_problems)
+
+
+@cli.command("block-prune-bounds-data-opt")
+@layer_data_options
+@exact_limit_options(f"the solver's, {BLOCK_PRUNE_NODE_LIMIT:,}")
+@click.option("--block-size", type=click.IntRange(1), default=4, show_default=True,
+              help="N: output channels per 1xN block (a block: N channels x one input channel x the kernel).")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="p: share of the blocks removed from every block row and chunk (floor(p m) of m).")
+@click.option("--max-exact-dim", type=click.IntRange(0), default=48, show_default=True,
+              help="Solve chunks of at most this many inputs exactly (larger ones: certified bounds only).")
+@_methods_option(BLOCK_PRUNE_METHODS, "1xN pruning methods (feasible points; swap starts from the best of the others)")
+@_max_whole_dim_option("bound")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("plots_data/block_prune_bounds"), show_default=True)
+def block_prune_bounds_data_opt(
+    model_name, layer_names, list_only, opt_dim, num_output_channels, num_samples, images_dir, node_limit, time_limit,
+    device, seed, save_problems, progress, block_size, sparsity, max_exact_dim, methods, max_whole_dim, output_dir,
+) -> None:
+    """Exact post-training 1xN block pruning of each layer, certified bounds and real methods.
+
+    Per block row (N consecutive output channels) and chunk of whole input channels, the best
+    blocks to keep (the same input channels for the N channels, refit) minimise the summed
+    ||A (w_c - x_c)||^2; a branch and bound over input channels proves the optimum (or reports the
+    gap at its limit), the unstructured and the group perspective relaxations bound it, and the
+    1xN magnitude mask (with and without refit), group OBS and a swap search (--methods) are
+    compared. Default layers: those 1xN pruning prunes (not the first conv, no depthwise conv, no
+    classifier). --num-output-channels is rounded up to whole block rows.
+
+    Writes OUTPUT_DIR/<run>.json, <run>.csv, <run>.png and <run>.pdf (with --save-problems also
+    <run>_problems/), <run> = block_prune_bounds_<model>_1x<N>_sparsity<p>_opt<d>, followed by
+    _methods-<m1>+<m2> when not all methods run.
+    """
+    if _listed_only(model_name, list_only, num_output_channels):
+        return
+    from pruning.block_masks import prunable_layers
+    from studies.block_prune_bounds import BlockPruneBoundsConfig, run_block_prune_bounds
+
+    config = BlockPruneBoundsConfig(
+        block_size=block_size, sparsity=sparsity, opt_dim=opt_dim, node_limit=node_limit, time_limit=time_limit,
+        max_exact_dim=max_exact_dim, num_output_channels=num_output_channels,
+        **_given(methods=methods, max_whole_dim=max_whole_dim),
+    )
+    names = layer_names or tuple(prunable_layers(_load_model(model_name)))
+    layers, setup = prepare_run(model_name, names, num_samples, images_dir, device, seed, output_dir, save_problems,
+                                progress)
+    record, files = run_block_prune_bounds(layers, config, setup)
     _echo_summary(record, files, save_problems)
 
 

@@ -262,7 +262,7 @@ class NodeBatch:
         return self.b.shape[0]
 
 
-def _top_sum(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def top_sum(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Sum of the ``count`` largest entries (all >= 0) of every row of ``values`` ``(R, n)``."""
     ordered = torch.sort(values, dim=-1, descending=True).values
     prefix = torch.cat([torch.zeros_like(ordered[:, :1]), ordered.cumsum(-1)], dim=-1)
@@ -290,7 +290,7 @@ def dual_value(nodes: NodeBatch, v: torch.Tensor) -> torch.Tensor:
     q = s * s * nodes.inv_d[:, None, :]
     fixed = (q * nodes.unconstrained[:, None, :]).sum(-1)
     chosen = torch.where(nodes.choice[:, None, :], q, torch.zeros((), dtype=q.dtype))
-    top = _top_sum(chosen.reshape(B * m, n), nodes.budget.repeat_interleave(m)).reshape(B, m)
+    top = top_sum(chosen.reshape(B * m, n), nodes.budget.repeat_interleave(m)).reshape(B, m)
     value = nodes.r[:, None] - (V * Mv).sum(-1) - fixed - top
     return value[:, 0] if single else value
 

@@ -112,7 +112,7 @@ _ENUMERATION_SUPPORTS = 2048  # nodes with at most this many supports C(|U|, k')
 DEFAULT_NODE_LIMIT = 100_000
 
 
-class _Search:
+class SupportSearch:
     """The branch-and-bound state of one problem."""
 
     def __init__(self, index: int, support: np.ndarray, ub: float, resolution: float, margin: float) -> None:
@@ -225,7 +225,7 @@ def solve_exact_batch(
         torch.set_num_threads(previous_threads)
 
 
-def _condition(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def live_condition_number(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """``cond(G_LL)`` of the live inputs of every problem (``inf`` when singular), ``(B,)``."""
     scale = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
     pair = live[:, :, None] & live[:, None, :]
@@ -282,7 +282,7 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
             d[searched] = problem_splits(Gt[searched] if not shared else Gt[:1].expand(searched.numel(), n, n))
     d = torch.where(live, d, 0.0)
     problems = NodeBatch.from_problems(Gt, Wt, d, torch.zeros_like(live), live, root_budget)
-    condition = _condition(Gt[:1], live[:1]).expand(len(todo)) if shared and bool(live.all()) else _condition(Gt, live)
+    condition = live_condition_number(Gt[:1], live[:1]).expand(len(todo)) if shared and bool(live.all()) else live_condition_number(Gt, live)
     resolution = 32.0 * (n + 2) * _EPS * problems.abs_r
     margin = resolution * (1.0 + condition)
 
@@ -296,7 +296,7 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
         best_error[searched] = reconstruction_error(Gs, Ws, x).clamp_min(0.0)
     searches = []
     for t, p in enumerate(todo):
-        search = _Search(p, (best[t] != 0).numpy(), float(best_error[t]), float(resolution[t]), float(margin[t]))
+        search = SupportSearch(p, (best[t] != 0).numpy(), float(best_error[t]), float(resolution[t]), float(margin[t]))
         search.push(-math.inf, np.zeros(n, dtype=bool), live[t].numpy(), None)
         searches.append(search)
     setup_share = (time.perf_counter() - start) / len(todo)

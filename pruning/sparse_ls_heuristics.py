@@ -87,7 +87,8 @@ def magnitude_refit(gram, weights, k: int) -> torch.Tensor:
     return refit(gram, weights, magnitude_support(weights, k))
 
 
-def _damped_inverse(G: torch.Tensor, damping: float) -> torch.Tensor:
+def damped_inverse(G: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(G + lam I)^-1`` per problem with ``lam = damping * mean(diag G)`` (``damping`` alone when that mean is 0)."""
     mean_diagonal = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
     lam = damping * torch.where(mean_diagonal > 0, mean_diagonal, torch.ones_like(mean_diagonal))
     H = G + lam[:, None, None] * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
@@ -104,7 +105,7 @@ def obs_prune(gram, weights, k: int, damping: float = 1e-6) -> torch.Tensor:
     k = check_budget(k, n)
     if damping <= 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    inverse = _damped_inverse(G, damping)
+    inverse = damped_inverse(G, damping)
     x = W.clone()
     alive = torch.ones_like(W, dtype=torch.bool)
     rows = torch.arange(W.shape[0], device=W.device)

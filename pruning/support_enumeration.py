@@ -46,7 +46,7 @@ from pruning.least_squares import masked_pinv
 __all__ = ["enumerate_supports", "support_count"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binomials(n: int) -> torch.Tensor:
     """``C(a, b)`` for ``0 <= a, b <= n`` (float64, 0 where ``b > a``)."""
     return torch.tensor([[math.comb(a, b) for b in range(n + 1)] for a in range(n + 1)], dtype=torch.float64)
@@ -121,7 +121,7 @@ def enumerate_supports(
         ``owner`` ``(C,)``; and ``rest`` ``(N,)``, a lower bound on the errors of the node's other
         supports (``inf`` when there are none).
     """
-    N, n = b.shape
+    N = b.shape[0]
     inverse = masked_pinv(G, forced_in)
     x_f = torch.bmm(inverse, b[..., None])[..., 0]
     R = G - torch.bmm(G, torch.bmm(inverse, G))
