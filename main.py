@@ -8,7 +8,13 @@ import click
 import torch
 from click.core import ParameterSource
 
-from training.cli_options import compression_options, model_data_options, runtime_options, training_options
+from training.cli_options import (
+    compression_options,
+    indicator_options,
+    model_data_options,
+    runtime_options,
+    training_options,
+)
 from utils.cli import DeviceType, IntListType, default_device, setup_logging
 
 WEIGHTS_STATUS_TEXT = {"at hand": "weights at hand", "needs download": "needs download",
@@ -212,6 +218,43 @@ def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | No
         return
     click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
                f"sparsity {result['sparsity']:.4f}  ({result['images']} images)")  # fmt: skip
+
+
+@cli.command("train-indicators")
+@model_data_options
+@indicator_options
+@runtime_options
+def train_indicators(**options) -> None:
+    """LIMPQ, stage 1: learn the importance indicators of every convolution but the first (Tang et al., ECCV 2022).
+
+    Each quantizer learns one step size per candidate bit-width (--bits): every batch runs one
+    pass at each candidate and one at a random per-layer mix, gradients are clipped to [-1, 1],
+    one SGD step trains weights and step sizes. After every epoch the output folder receives
+    indicators.json (LIMPQ's layout: the input of `search-bit-policy --indicators`) and its
+    figure; validation runs at the largest bit-width. Resumable (--resume) like train-compressed,
+    and distributed under `torchrun --nproc_per_node N main.py train-indicators ...`.
+    """
+    from training.builders import ArchitectureError
+    from training.cli_options import indicator_config_from_options
+    from training.distributed import is_main_process
+    from training.limpq import check_searchable_layers
+    from training.run import train
+
+    _check_output(options["save_checkpoint_dir"], "dir", "--output-dir")
+    _check_output(options["tb_logging_dir"], "dir", "--tb-logging-dir")
+    config = indicator_config_from_options(**options)
+    try:
+        check_searchable_layers(config)
+        summary = train(config)
+    except ArchitectureError as error:
+        raise click.BadParameter(str(error), param_hint="'--architecture'") from None
+    except _compression_errors() as error:
+        raise click.ClickException(str(error)) from None
+    final = summary["final"]
+    if final and is_main_process():
+        click.echo(f"indicators at {','.join(map(str, config.indicators.bits))} bits -> {summary['indicators']}  "
+                   f"(val top-1 at {max(config.indicators.bits)} bits {final['val_top1']:.2f}%, "
+                   f"loss {final['val_loss']:.4f})")  # fmt: skip
 
 
 @cli.command("search-bit-policy")

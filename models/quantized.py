@@ -24,11 +24,14 @@ Which layers are quantized at which bit-width (``quant_setup``):
 * ``all`` - every layer at ``n_bits``;
 * ``LSQ_paper`` - the first and the last layer at 8 bits, all others at ``n_bits`` (the paper);
 * ``FP_logits`` - every layer at ``n_bits`` except the last (the classifier), kept in floating point;
-* ``FP_first_last`` - the first and the last layer in floating point, the others at ``n_bits``.
+* ``FP_first_last`` - the first and the last layer in floating point, the others at ``n_bits``;
+* ``LIMPQ`` - LIMPQ's fine-tuning (Tang et al., ECCV 2022): the first layer's weights at 8 bits
+  and its input (the image) in floating point, the last layer at 8 bits, all others at ``n_bits``
+  (a ``--bit-policy`` from ``search-bit-policy`` then sets the searched layers).
 
 "First" and "last" are the first and last compressed layer in module order, which is the
 execution order for the supported architectures. Activation quantizers follow the same rule
-with the activation bit-width. A :class:`models.bit_policy.BitPolicy` (``spec.bit_policy``)
+with the activation bit-width (``LIMPQ``: no input quantizer on the first layer). A :class:`models.bit_policy.BitPolicy` (``spec.bit_policy``)
 then overrides the bit-widths of the layers it names; the others keep the ``quant_setup`` ones.
 
 A subclass of those layer types (its forward is unknown, e.g. the output projection of
@@ -89,10 +92,13 @@ class QuantSetup(str, enum.Enum):
     LSQ_PAPER = "LSQ_paper"
     FP_LOGITS = "FP_logits"
     FP_FIRST_LAST = "FP_first_last"
+    LIMPQ = "LIMPQ"
 
 
-def layer_bit_widths(layer_names: list[str], n_bits: int, setup: QuantSetup | str) -> dict[str, int | None]:
-    """Bit-width of each layer under ``setup`` (``None``: kept in floating point)."""
+def layer_bit_widths(
+    layer_names: list[str], n_bits: int, setup: QuantSetup | str, inputs: bool = False
+) -> dict[str, int | None]:
+    """Bit-width of each layer's weights (``inputs``: of its input) under ``setup`` (``None``: floating point)."""
     setup = QuantSetup(setup)
     bits: dict[str, int | None] = {name: n_bits for name in layer_names}
     if not layer_names:
@@ -100,6 +106,10 @@ def layer_bit_widths(layer_names: list[str], n_bits: int, setup: QuantSetup | st
     first, last = layer_names[0], layer_names[-1]
     if setup is QuantSetup.LSQ_PAPER:
         bits[first] = bits[last] = FIRST_LAST_BITS
+    elif setup is QuantSetup.LIMPQ:
+        bits[first] = bits[last] = FIRST_LAST_BITS
+        if inputs:
+            bits[first] = None
     elif setup is QuantSetup.FP_LOGITS:
         bits[last] = None
     elif setup is QuantSetup.FP_FIRST_LAST:
@@ -403,7 +413,7 @@ def compress_model(model: nn.Module, spec: CompressionSpec, example_input: torch
         logger.warning("not compressed (subclasses of the supported layer types compute an unknown forward): %s",
                        ", ".join(f"{name} ({kind})" for name, kind in skipped.items()))  # fmt: skip
     weight_bits = layer_bit_widths(names, spec.weight_quant.n_bits, spec.quant_setup) if spec.weight_quant else {}
-    act_bits = layer_bit_widths(names, spec.act_quant.n_bits, spec.quant_setup) if spec.act_quant else {}
+    act_bits = layer_bit_widths(names, spec.act_quant.n_bits, spec.quant_setup, inputs=True) if spec.act_quant else {}
     if spec.bit_policy is not None:
         weight_bits, act_bits = apply_bit_policy(spec.bit_policy, weight_bits, act_bits)
     new_layers: dict[str, nn.Module] = {}

@@ -29,8 +29,14 @@ from quantization.multi_bit_lsq import (
 from quantization.quantizers import QuantScheme
 from training.data import Batch
 from training.distributed import DistributedContext
-from training.engine import StepInputs, StepOptions, TrainCallback, train_one_epoch
-from training.limpq import ClipGradientValues, JointIndicatorStep, indicator_loss, prepare_indicator_model
+from training.engine import StepInputs, StepOptions, TrainCallback, cross_entropy_loss, train_one_epoch
+from training.limpq import (
+    ClipGradientValues,
+    JointIndicatorStep,
+    NoSearchableLayersError,
+    prepare_indicator_model,
+    signed_input_layers,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +93,7 @@ def next_module_names(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 def scaled_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Large enough for gradient elements beyond the clip limit."""
-    return 50.0 * indicator_loss(logits, targets)
+    return 50.0 * cross_entropy_loss(logits, targets, label_smoothing=0.1)
 
 
 def reference_passes(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -193,6 +199,13 @@ def test_batch_norms_are_found_in_torchvision_models(architecture: str) -> None:
     assert {name for name, m in model.named_modules() if isinstance(m, SwitchableBatchNorm2d)} == set(expected)
     for bn, conv in expected.items():
         assert model.get_submodule(bn).bit_source is model.get_submodule(conv).weight_quantizer
+    # signed input quantizers exactly where no ReLU precedes: ResNet-50 none; MobileNet-V2 the first conv of every
+    # block whose input is the previous block's linear bottleneck (blocks 2..17, and the last 1x1 conv, features.18)
+    signed = {name for name in names if model.get_submodule(name).input_quantizer.scheme is QuantScheme.SYMMETRIC}
+    unsigned = {name for name in names if model.get_submodule(name).input_quantizer.scheme is QuantScheme.UNSIGNED}
+    expected_signed = set() if architecture == "resnet50" else \
+        {f"features.{block}.conv.0.0" for block in range(2, 18)} | {"features.18.0"}  # fmt: skip
+    assert signed == expected_signed and unsigned == set(names) - expected_signed
 
 
 # --------------------------------------------------------------------------- model preparation
@@ -212,6 +225,33 @@ def test_prepare_indicator_model_on_resnet18() -> None:
         assert layer.weight_quantizer.grad_scaling and layer.input_quantizer.grad_scaling
     bn_names = {name for name, m in model.named_modules() if isinstance(m, SwitchableBatchNorm2d)}
     assert bn_names == set(next_module_names(model, names).values())
+
+
+def test_only_convolutions_are_searched_the_other_layers_stay_float() -> None:
+    """The search space of search-bit-policy: every conv but the first; a linear layer inside the model stays float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+    example = torch.rand(2, 1, 8, 8)
+    assert signed_input_layers(model, ["3", "6", "8"], example) == ["6"]  # the linear layer reads a batch norm's output
+    assert prepare_indicator_model(model, example) == ["3"]
+    assert isinstance(model[3].weight_quantizer, MultiBitLSQ) and isinstance(model[4], SwitchableBatchNorm2d)
+    for index in (0, 6, 8):
+        assert model[index].weight_quantizer is None and model[index].input_quantizer is None
+    with pytest.raises(NoSearchableLayersError, match="no searchable layers"):
+        prepare_indicator_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(10)), example)
+
+
+def test_a_given_input_scheme_applies_to_every_layer_a_mapping_to_each(digit_batches: list[Batch]) -> None:
+    example = digit_batches[0].images
+    for act_scheme, expected in (("symmetric", ["symmetric"] * 2), ({"3": "unsigned", "6": "symmetric"},
+                                                                    ["unsigned", "symmetric"])):  # fmt: skip
+        model = tiny_cnn()
+        prepare_indicator_model(model, example, act_scheme=act_scheme)
+        assert [model[index].input_quantizer.scheme.value for index in (3, 6)] == expected
 
 
 # --------------------------------------------------------------------------- the joint training step

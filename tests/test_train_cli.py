@@ -225,7 +225,7 @@ def test_checkpoints_of_earlier_versions_resume_and_evaluate(small_digits: Path,
             "--no-reestimate-bn-stats"]  # fmt: skip
     _invoke(args + ["--max-epochs", "1", "--save-checkpoint-dir", str(out)])
     checkpoint = _checkpoint(out / "last.pt")
-    assert set(checkpoint["options"]) == {"model", "data", "optim", "quant", "bn", "pruning", "runtime"}
+    assert set(checkpoint["options"]) == {"model", "data", "optim", "quant", "bn", "pruning", "indicators", "runtime"}
     checkpoint["options"]["optim"]["max_epochs"] = 2  # as if interrupted after the first of two epochs
     del checkpoint["options"]["optim"]["quant_weight_decay"]  # as if written before the option existed (default 0.0)
     old = dict(checkpoint, options=_old_flat_options(checkpoint["options"]))
@@ -305,11 +305,12 @@ def test_every_option_has_one_place_in_the_config() -> None:
     from training.config import OPTION_GROUPS, TrainConfig, differing_options, saved_config
 
     command = cli.commands["train-compressed"]
-    assert {param.name for param in command.params} == set(OPTION_GROUPS)
+    assert {param.name for param in command.params} == {name for name, group in OPTION_GROUPS.items()
+                                                         if group != "indicators"}  # (train-indicators' own)  # fmt: skip
     assert {param.name for param in cli.commands["evaluate"].params} - {"checkpoint", "output_json"} < set(OPTION_GROUPS)
     defaults = {param.name: param.default for param in command.params}
     config = config_from_options(**defaults)
-    expected = TrainConfig().options()
+    expected = {name: value for name, value in TrainConfig().options().items() if OPTION_GROUPS[name] != "indicators"}
     for name in ("images_dir", "num_workers", "device", "optimizer", "quant_optimizer"):  # CLI-side defaults
         del defaults[name], expected[name]
     assert {name: value for name, value in config.options().items() if name in expected} == expected

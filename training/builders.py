@@ -1,9 +1,12 @@
 """From a :class:`training.config.TrainConfig` to the objects of a run: model, optimizers, schedulers, pruner."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,8 +43,25 @@ def configure_determinism(seed: int, deterministic: bool, device: torch.device) 
         torch.backends.cudnn.benchmark = True
 
 
-class UnknownArchitectureError(SetupError):
-    """``--architecture`` is not a classifier of the model zoo (a usage error: the CLI exits with code 2)."""
+@contextmanager
+def image_size_check(config: TrainConfig) -> Iterator[None]:
+    """Turn a forward pass that fails on ``--image-size`` images (too small for the model) into a one-line
+    :class:`SetupError`."""
+    try:
+        yield
+    except RuntimeError as error:
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        size = config.data.image_size
+        raise SetupError(f"{config.model.architecture} does not run on {size}x{size} images (--image-size): "
+                         f"{first_line}") from None  # fmt: skip
+
+
+class ArchitectureError(SetupError):
+    """``--architecture`` cannot be used for the run (a usage error: the CLI exits with code 2)."""
+
+
+class UnknownArchitectureError(ArchitectureError):
+    """``--architecture`` is not a classifier of the model zoo."""
 
 
 def check_architecture(config: TrainConfig) -> None:
@@ -121,21 +141,30 @@ def build_compressed_model(
     ``bit_policy``: the per-layer bits (default: the ``--bit-policy`` file's, if any).
     """
     if for_state_dict:
-        pretrained = False
         config = config.with_options(weight_quant_method="current_minmax")
-    model = load_base_model(config, pretrained)
-    if num_classes is not None:
-        replaced = replace_head(model, num_classes, config)
-        if replaced is not None and not for_state_dict:  # (a saved state overwrites the new head next)
-            head, outputs = replaced
-            logger.info("%s: the dataset has %d classes: replaced the %d-way classifier head '%s' by a new %d-way one "
-                        "(random init, --seed %d)", config.model.architecture, num_classes, outputs, head, num_classes,
-                        config.runtime.seed)  # fmt: skip
+    model = build_float_model(config, pretrained, for_state_dict, num_classes)
     example = torch.zeros(2, 3, config.data.image_size, config.data.image_size)
     try:
         compress_model(model, compression_spec(config, bit_policy), example)
     except BitPolicyError as error:
         raise SetupError(f"--bit-policy {config.quant.bit_policy}: {error}") from None
+    return model
+
+
+def build_float_model(
+    config: TrainConfig, pretrained: bool | None = None, for_state_dict: bool = False, num_classes: int | None = None
+) -> nn.Module:
+    """The base model (random weights when ``for_state_dict``), with a new ``num_classes``-way head if it predicts
+    another number of classes (see :func:`build_compressed_model`)."""
+    model = load_base_model(config, False if for_state_dict else pretrained)
+    if num_classes is not None:
+        with image_size_check(config):
+            replaced = replace_head(model, num_classes, config)
+        if replaced is not None and not for_state_dict:  # (a saved state overwrites the new head next)
+            head, outputs = replaced
+            logger.info("%s: the dataset has %d classes: replaced the %d-way classifier head '%s' by a new %d-way one "
+                        "(random init, --seed %d)", config.model.architecture, num_classes, outputs, head, num_classes,
+                        config.runtime.seed)  # fmt: skip
     return model
 
 
@@ -165,9 +194,10 @@ def replace_head(model: nn.Module, num_classes: int, config: TrainConfig) -> tup
 
 
 def output_classes(model: nn.Module, image_size: int) -> int:
-    """Number of logits the classifier produces."""
+    """Number of logits the classifier produces (found on a copy: no quantizer or batch norm of ``model`` sees the
+    blank image, and its mode is kept)."""
     with torch.no_grad():
-        return model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[1]
+        return copy.deepcopy(model).eval()(torch.zeros(1, 3, image_size, image_size)).shape[1]
 
 
 def step_size_parameters(model: nn.Module) -> list[nn.Parameter]:

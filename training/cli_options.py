@@ -1,4 +1,10 @@
-"""Click options of ``main.py train-compressed`` and ``main.py evaluate`` (names as in the paper's code)."""
+"""Click options of ``main.py train-compressed``, ``evaluate`` and ``train-indicators`` (names as in the papers' code).
+
+Each option is a field of :class:`training.config.TrainConfig` under the same name; the options
+both training commands share (:func:`optimization_options`, :func:`output_options`) take the
+command's defaults: train-compressed's (:data:`DEFAULTS`) or LIMPQ's recipe
+(:data:`training.config.INDICATOR_RECIPE`).
+"""
 from __future__ import annotations
 
 import os
@@ -6,9 +12,18 @@ from collections.abc import Callable
 
 import click
 
+from models.bit_policy import MAX_BITS, MIN_BITS
 from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
-from training.config import OPTIMIZERS, PRUNE_METHODS, QMETHODS, TrainConfig
+from training.config import (
+    ACT_SCHEMES,
+    INDICATOR_RECIPE,
+    OPTIMIZERS,
+    PRUNE_METHODS,
+    QMETHODS,
+    TrainConfig,
+    indicator_training_config,
+)
 from training.lr_schedule import parse_lr_schedule
 from utils.cli import DeviceType, default_device
 
@@ -28,6 +43,33 @@ class LrScheduleType(click.ParamType):
             return str(parse_lr_schedule(str(value)))
         except ValueError as error:
             self.fail(str(error), param, ctx)
+
+
+class CandidateBitsType(click.ParamType):
+    """Distinct bit-widths in ``2..8``, e.g. ``6,5,4,3,2`` or ``2-6``; kept largest first (LIMPQ's order)."""
+
+    name = "bits"
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        numbers: list[int] = []
+        for part in str(value).split(","):
+            start, _, stop = part.strip().partition("-")
+            try:
+                first, last = int(start), int(stop or start)
+            except ValueError:
+                self.fail(f"'{value}' is not a comma-separated list of bit-widths (or a range like 2-6)", param, ctx)
+            if last < first:
+                self.fail(f"the range '{part.strip()}' must be ascending: use {last}-{first}", param, ctx)
+            numbers.extend(range(first, last + 1))
+        outside = [n for n in numbers if not MIN_BITS <= n <= MAX_BITS]
+        if outside:
+            self.fail(f"{outside[0]} is outside {MIN_BITS}..{MAX_BITS}", param, ctx)
+        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+        if repeated:
+            self.fail(f"{', '.join(map(str, repeated))} given more than once: each bit-width once", param, ctx)
+        return tuple(sorted(numbers, reverse=True))
 
 
 def _choice(values) -> click.Choice:
@@ -81,7 +123,8 @@ compression_options = _options(
                  help="Activation grid."),
     click.option("--quant-setup", type=click.Choice([s.value for s in QuantSetup]), default=DEFAULTS.quant.quant_setup,
                  show_default=True, help="all: every layer at --n-bits; LSQ_paper: first and last layer at 8 bits; "
-                                         "FP_logits: last layer in float; FP_first_last: first and last in float."),
+                                         "FP_logits: last layer in float; FP_first_last: first and last in float; "
+                                         "LIMPQ: first and last at 8 bits, the first layer's input in float."),
     click.option("--bit-policy", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
                  help='Per-layer bit-widths, JSON {"layers": [...], "weight_bits": [...], "act_bits": [...]} '
                       "(null: float; bits 2..8): overrides --n-bits/--n-bits-act/--quant-setup for the layers it "
@@ -109,21 +152,41 @@ compression_options = _options(
                                          "layers."),
 )  # fmt: skip
 
+def optimization_options(defaults: TrainConfig = DEFAULTS) -> Callable:
+    """Epochs, optimizer, learning rate and its schedule, weight decay, label smoothing, with ``defaults``'s values."""
+    optim = defaults.optim
+    return _options(
+        click.option("--max-epochs", type=click.IntRange(1), default=optim.max_epochs, show_default=True),
+        click.option("--optimizer", type=_choice(OPTIMIZERS), default=optim.optimizer.lower(), show_default=True),
+        click.option("--learning-rate", type=POSITIVE, default=optim.learning_rate, show_default=True),
+        click.option("--momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=optim.momentum,
+                     show_default=True, help="SGD momentum."),
+        click.option("--weight-decay", type=NON_NEGATIVE, default=optim.weight_decay, show_default=True),
+        click.option("--learning-rate-schedule", type=LrScheduleType(), default=optim.learning_rate_schedule,
+                     show_default=True, help="cosine (to 0.01*LR), cosine:<eta_min>, multistep:<e1>:<e2>... or "
+                                             "constant; stepped every iteration."),
+        click.option("--warmup-epochs", type=click.IntRange(0), default=optim.warmup_epochs, show_default=True,
+                     help="Linear warm-up of every learning rate over this many epochs (counted in steps, from "
+                          "LR/steps up to LR), then the schedules over the remaining steps."),
+        click.option("--label-smoothing", type=UNIT_INTERVAL, default=optim.label_smoothing, show_default=True,
+                     help="Label smoothing of the training cross-entropy, in [0, 1) (the validation loss is plain)."),
+    )  # fmt: skip
+
+
+def output_options(flag: str, defaults: TrainConfig, help_text: str) -> Callable:
+    """The run's folder (``flag``, e.g. ``--save-checkpoint-dir``), ``--resume`` and ``--tb-logging-dir``."""
+    return _options(
+        click.option(flag, "save_checkpoint_dir", type=click.Path(file_okay=False, path_type=str),
+                     default=defaults.runtime.save_checkpoint_dir, show_default=True, help=help_text),
+        click.option("--resume", type=click.Path(exists=True, path_type=str), default=None,
+                     help="Continue from a checkpoint file (or a folder holding last.pt)."),
+        click.option("--tb-logging-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+                     help="Write TensorBoard scalars here (needs the tensorboard package)."),
+    )  # fmt: skip
+
+
 training_options = _options(
-    click.option("--max-epochs", type=click.IntRange(1), default=DEFAULTS.optim.max_epochs, show_default=True),
-    click.option("--optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optim.optimizer.lower(), show_default=True),
-    click.option("--learning-rate", type=POSITIVE, default=DEFAULTS.optim.learning_rate, show_default=True),
-    click.option("--momentum", type=click.FloatRange(0.0, 1.0, max_open=True), default=DEFAULTS.optim.momentum,
-                 show_default=True, help="SGD momentum."),
-    click.option("--weight-decay", type=NON_NEGATIVE, default=DEFAULTS.optim.weight_decay, show_default=True),
-    click.option("--learning-rate-schedule", type=LrScheduleType(), default=DEFAULTS.optim.learning_rate_schedule,
-                 show_default=True, help="cosine (to 0.01*LR), cosine:<eta_min>, multistep:<e1>:<e2>... or constant; "
-                                         "stepped every iteration."),
-    click.option("--warmup-epochs", type=click.IntRange(0), default=DEFAULTS.optim.warmup_epochs, show_default=True,
-                 help="Linear warm-up of every learning rate over this many epochs (counted in steps, from LR/steps "
-                      "up to LR), then the schedules over the remaining steps."),
-    click.option("--label-smoothing", type=UNIT_INTERVAL, default=DEFAULTS.optim.label_smoothing, show_default=True,
-                 help="Label smoothing of the training cross-entropy, in [0, 1) (the validation loss is plain)."),
+    optimization_options(DEFAULTS),
     click.option("--sep-quant-optimizer/--no-sep-quant-optimizer", default=DEFAULTS.optim.sep_quant_optimizer,
                  show_default=True, help="Own optimizer for the quantizer step sizes."),
     click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optim.quant_optimizer.lower(),
@@ -144,15 +207,24 @@ training_options = _options(
                       "(the default is moved to the last epoch of a shorter run, with a warning)."),
     click.option("--delta-t", type=click.IntRange(1), default=DEFAULTS.pruning.delta_t, show_default=True,
                  help="Steps between mask updates."),
-    click.option("--save-checkpoint-dir", type=click.Path(file_okay=False, path_type=str),
-                 default=DEFAULTS.runtime.save_checkpoint_dir, show_default=True,
-                 help="Checkpoints, metrics.csv and summary.json. last.pt: after every epoch; best.pt: the best "
-                      "validation top-1 among the epochs at the final sparsity (from the end of --prune-last-epoch "
-                      "on; every epoch without pruning), never an under-compressed model."),
-    click.option("--resume", type=click.Path(exists=True, path_type=str), default=None,
-                 help="Continue from a checkpoint file (or a folder holding last.pt)."),
-    click.option("--tb-logging-dir", type=click.Path(file_okay=False, path_type=str), default=None,
-                 help="Write TensorBoard scalars here (needs the tensorboard package)."),
+    output_options("--save-checkpoint-dir", DEFAULTS,
+                   "Checkpoints, metrics.csv and summary.json. last.pt: after every epoch; best.pt: the best "
+                   "validation top-1 among the epochs at the final sparsity (from the end of --prune-last-epoch "
+                   "on; every epoch without pruning), never an under-compressed model."),
+)  # fmt: skip
+
+indicator_options = _options(
+    click.option("--bits", type=CandidateBitsType(), default=",".join(map(str, INDICATOR_RECIPE.indicators.bits)),
+                 show_default=True, help=f"Candidate bit-widths (distinct, {MIN_BITS}..{MAX_BITS}; a list or a range "
+                                         "like 2-6): one step size per bit-width in every quantizer."),
+    click.option("--act-scheme", type=click.Choice(ACT_SCHEMES), default=INDICATOR_RECIPE.indicators.act_scheme,
+                 show_default=True, help="Input quantizers: auto: signed for the layers whose input can be negative "
+                                         "(found on a random image: MobileNet-V2's blocks), unsigned for the others "
+                                         "(post-ReLU inputs: every layer of a ResNet); or one scheme for all."),
+    optimization_options(INDICATOR_RECIPE),
+    output_options("--output-dir", INDICATOR_RECIPE,
+                   "indicators.json and indicators.png/.pdf (after every epoch), last.pt, best.pt (best validation "
+                   "top-1 at the largest bit-width), metrics.csv and summary.json."),
 )  # fmt: skip
 
 runtime_options = _options(
@@ -169,8 +241,17 @@ runtime_options = _options(
 
 def config_from_options(**options) -> TrainConfig:
     """A :class:`TrainConfig` from the parsed flat options (range methods lower-case, device as a string)."""
+    return TrainConfig.from_options(**_normalised(options))
+
+
+def indicator_config_from_options(**options) -> TrainConfig:
+    """The config of ``train-indicators`` from its parsed flat options (:func:`training.config.indicator_training_config`)."""
+    return indicator_training_config(**_normalised(options))
+
+
+def _normalised(options: dict) -> dict:
     for key in ("weight_quant_method", "act_quant_method"):
         if key in options:
             options[key] = options[key].lower()
     options["device"] = str(options["device"])
-    return TrainConfig.from_options(**options)
+    return options

@@ -1,7 +1,7 @@
-"""All options of ``main.py train-compressed`` / ``main.py evaluate``: one small frozen dataclass per concern.
+"""All options of ``main.py train-compressed`` / ``evaluate`` / ``train-indicators``: one small frozen dataclass per concern.
 
-:class:`TrainConfig` holds the model, data, optimisation, quantization, batch-norm, pruning and
-runtime options (plain values only). Every leaf field is named after its command-line option
+:class:`TrainConfig` holds the model, data, optimisation, quantization, batch-norm, pruning,
+indicator-training and runtime options (plain values only). Every leaf field is named after its command-line option
 (``n_bits`` is ``--n-bits``) and no name occurs twice, so the flat options of the command line
 map one to one onto their nested place (:meth:`TrainConfig.from_options`,
 :meth:`TrainConfig.options`).
@@ -11,6 +11,10 @@ Every field has a working default (the paper's ResNet-18 INT4 QAT recipe on Imag
 (:meth:`TrainConfig.as_dict`); checkpoints of earlier versions stored the flat options and are
 read as well (:func:`saved_config`). :func:`differing_options` tells a resumed run which of the
 options that shape the result changed.
+
+The same run trains LIMPQ's importance indicators (``main.py train-indicators``) when
+``indicators.bits`` names candidate bit-widths; :func:`indicator_training_config` gives that run
+the recipe's defaults (:data:`INDICATOR_RECIPE`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.bit_policy import MAX_BITS, MIN_BITS
 from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
 from quantization.fake_quant import QuantizerConfig, RangeEstimator
@@ -38,6 +43,7 @@ RANGE_METHODS = {
 }
 PRUNE_METHODS = ("none", "zhu_gupta")
 OPTIMIZERS = ("SGD", "Adam")
+ACT_SCHEMES = ("auto", "unsigned", "symmetric")  # input quantizers of indicator training
 
 # Options that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset(
@@ -174,6 +180,29 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class IndicatorConfig:
+    """LIMPQ's joint training of importance indicators (``train-indicators``); no ``bits``: a train-compressed run."""
+
+    bits: tuple[int, ...] = ()  # candidate bit-widths, largest first
+    act_scheme: str = ACT_SCHEMES[0]  # input quantizers: auto (signed where a layer's input can be negative) or one scheme
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))  # a list read back from a file compares equal
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bits)
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if len(set(self.bits)) != len(self.bits) or not all(MIN_BITS <= b <= MAX_BITS for b in self.bits):
+            raise ValueError(f"--bits {','.join(map(str, self.bits))}: distinct bit-widths in {MIN_BITS}..{MAX_BITS} needed")
+        if self.act_scheme not in ACT_SCHEMES:
+            raise ValueError(f"--act-scheme {self.act_scheme} is not one of {', '.join(ACT_SCHEMES)}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Seeding, devices and speed-ups, progress display, and where the run reads and writes its files."""
 
@@ -196,6 +225,7 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     bn: BatchNormConfig = field(default_factory=BatchNormConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    indicators: IndicatorConfig = field(default_factory=IndicatorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @classmethod
@@ -228,6 +258,14 @@ class TrainConfig:
         self.optim.validate()
         self.pruning.validate()
         self.bn.validate()
+        self.indicators.validate()
+        if self.indicators.enabled and self.pruning.enabled:
+            raise ValueError("indicator training does not prune (--prune-method none)")
+
+    @property
+    def command(self) -> str:
+        """The command that runs this config: ``train-indicators`` or ``train-compressed``."""
+        return "train-indicators" if self.indicators.enabled else "train-compressed"
 
 
 def _option_groups() -> dict[str, str]:
@@ -244,6 +282,30 @@ def _option_groups() -> dict[str, str]:
 
 OPTION_GROUPS = _option_groups()
 GROUPS = frozenset(OPTION_GROUPS.values())
+
+# LIMPQ's indicator training (Tang et al., ECCV 2022; the official recipe): 3 epochs of SGD (momentum 0.9) at
+# 0.01 with a per-step cosine to 1e-5, weight decay 2.5e-5, label smoothing 0.1, candidates 6..2 bits. Validation
+# runs at the largest candidate with the batch-norm copies trained for it (no re-estimation).
+INDICATOR_RECIPE = TrainConfig(
+    optim=OptimConfig(max_epochs=3, learning_rate=1e-2, momentum=0.9, weight_decay=2.5e-5,
+                      learning_rate_schedule="cosine:1e-05", label_smoothing=0.1),
+    bn=BatchNormConfig(reestimate_bn_stats=False),
+    indicators=IndicatorConfig(bits=(6, 5, 4, 3, 2)),
+    runtime=RuntimeConfig(save_checkpoint_dir="runs/train_indicators"),
+)  # fmt: skip
+
+
+def indicator_training_config(**options: Any) -> TrainConfig:
+    """The config of a ``train-indicators`` run: :data:`INDICATOR_RECIPE` with the flat options replaced.
+
+    Weights and step sizes share one optimizer, its learning rate, weight decay and schedule
+    (LIMPQ trains ``model.parameters()`` with one SGD): the quantizer options follow the model's.
+    """
+    config = INDICATOR_RECIPE.with_options(**options)
+    optim = config.optim
+    return config.with_options(sep_quant_optimizer=False, quant_optimizer=optim.optimizer,
+                               quant_learning_rate=optim.learning_rate, quant_weight_decay=optim.weight_decay,
+                               quant_learning_rate_schedule=optim.learning_rate_schedule)  # fmt: skip
 
 
 def saved_config(saved: Mapping[str, Any]) -> TrainConfig:

@@ -1,4 +1,12 @@
-"""The ``train-compressed`` and ``evaluate`` runs: set-up, epoch loop, checkpoints, metrics files.
+"""The ``train-compressed``, ``train-indicators`` and ``evaluate`` runs: set-up, epoch loop, checkpoints, metrics files.
+
+One run trains with one *method* (:class:`TrainingMethod`): :class:`CompressionTraining`
+(``train-compressed``: quantization-aware training and/or gradual pruning) or
+:class:`training.limpq.IndicatorTraining` (``train-indicators``: LIMPQ's joint training of the
+importance indicators), chosen by the config (:func:`training_method`). The method builds the
+model, plugs its step function and callbacks into the loop, prepares each evaluation and adds
+its own state to the checkpoints and its own files to the outputs; set-up, epoch loop,
+distribution, checkpoints, resuming and metrics are the run's.
 
 Outputs of a training run (in ``--save-checkpoint-dir``, written by rank 0, atomically):
 
@@ -9,7 +17,8 @@ Outputs of a training run (in ``--save-checkpoint-dir``, written by rank 0, atom
 * ``metrics.csv``: one row per epoch (train loss/top-1, validation loss/top-1/top-5, the
   learning rate, the mean sparsity, skipped images, epoch time);
 * ``summary.json`` at the end: final and best metrics, per-layer sparsity and bit-widths, options;
-* TensorBoard scalars in ``--tb-logging-dir`` when asked.
+* TensorBoard scalars in ``--tb-logging-dir`` when asked;
+* the method's files after every epoch (``indicators.json`` and its figure for ``train-indicators``).
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
@@ -39,6 +48,7 @@ from training.builders import (
     build_schedulers,
     check_architecture,
     configure_determinism,
+    image_size_check,
     output_classes,
 )
 from training.callbacks import GradualPruningCallback
@@ -54,12 +64,16 @@ from training.distributed import (
 from training.engine import (
     Metrics,
     NonFiniteLossError,
+    StepFunction,
     StepOptions,
+    TrainCallback,
     cross_entropy_loss,
     evaluate,
     image_batches,
+    single_pass_step,
     train_one_epoch,
 )
+from training.limpq import IndicatorTraining
 from utils.io import OutputPathError, check_output_path, ensure_writable_dir, write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -103,7 +117,8 @@ def _loaders(config: TrainConfig, context: DistributedContext, train_use: TrainU
 
 def _check_classes(model: nn.Module, config: TrainConfig, num_classes: int) -> int:
     """The number of classes ``model`` predicts: at least the dataset's ``num_classes``, else :class:`TrainingError`."""
-    outputs = output_classes(model, config.data.image_size)
+    with image_size_check(config):
+        outputs = output_classes(model, config.data.image_size)
     if num_classes > outputs:
         raise TrainingError(f"the dataset has {num_classes} classes but {config.model.architecture} predicts {outputs}")
     return outputs
@@ -120,6 +135,93 @@ def _mean_sparsity(model: nn.Module) -> float:
     return sum(layer["sparsity"] * layer["numel"] for layer in report.values()) / max(total, 1)
 
 
+class TrainingMethod(Protocol):
+    """What a training run trains: the parts of the run that differ between ``train-compressed`` and ``train-indicators``.
+
+    The run calls, in this order: :meth:`load_state_dict` (when resuming, with the state a
+    checkpoint stored), :meth:`build_model` (on CPU), :meth:`start` (a fresh run, the model on
+    its device), :meth:`plugins` (after the optimizers are built); every epoch
+    :meth:`before_evaluation`, then on rank 0 :meth:`state_dict` (into the checkpoint) and
+    :meth:`write_epoch_outputs`.
+    """
+
+    find_unused_parameters: bool  # for DistributedDataParallel: some parameters take no part in a pass
+
+    def describe(self) -> str:
+        """One line for the run's log: what is trained."""
+
+    def build_model(self, num_classes: int | None, for_state_dict: bool) -> nn.Module:
+        """The model to train, with a new ``num_classes``-way head when the base model predicts another number;
+        ``for_state_dict``: a checkpoint's state is loaded next (no pretrained weights needed)."""
+
+    def start(self, model: nn.Module, loaders: DataLoaders, options: StepOptions) -> None:
+        """Set-up of a fresh run before the first epoch (e.g. activation ranges from training batches)."""
+
+    def plugins(self, model: nn.Module) -> tuple[StepFunction, list[TrainCallback]]:
+        """The step function and the callbacks of the training loop for ``model`` (unwrapped)."""
+
+    def before_evaluation(self, model: nn.Module, loaders: DataLoaders, options: StepOptions) -> None:
+        """Prepare ``model`` for the validation pass after each epoch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state, for a checkpoint (tensors and plain containers)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state."""
+
+    def write_epoch_outputs(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
+        """Write the method's files after an epoch (rank 0); their paths, for the summary."""
+
+
+class CompressionTraining:
+    """``train-compressed``: QAT and/or gradual pruning (:func:`training.builders.build_compressed_model`).
+
+    A fresh run estimates the activation ranges on training batches (in train mode); each
+    evaluation is preceded by the batch-norm re-estimation (``--reestimate-bn-stats``). One
+    forward/backward pass per step; the pruning callback is the run's (it needs the schedule).
+    """
+
+    find_unused_parameters = False
+
+    def __init__(self, config: TrainConfig, bit_policy: BitPolicy | None) -> None:
+        self.config = config
+        self.bit_policy = bit_policy
+
+    def describe(self) -> str:
+        return f"compression: {_describe_compression(self.config)}"
+
+    def build_model(self, num_classes: int | None, for_state_dict: bool) -> nn.Module:
+        return build_compressed_model(self.config, for_state_dict=for_state_dict, num_classes=num_classes,
+                                      bit_policy=self.bit_policy)  # fmt: skip
+
+    def start(self, model: nn.Module, loaders: DataLoaders, options: StepOptions) -> None:
+        estimation = image_batches(loaders.estimation, self.config.quant.num_est_batches, options)
+        calibrate_input_quantizers(model, estimation, train_mode=True)
+
+    def plugins(self, model: nn.Module) -> tuple[StepFunction, list[TrainCallback]]:
+        return single_pass_step, []
+
+    def before_evaluation(self, model: nn.Module, loaders: DataLoaders, options: StepOptions) -> None:
+        _reestimate_bn(model, loaders, self.config, options)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def write_epoch_outputs(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
+        return {}
+
+
+def training_method(config: TrainConfig, bit_policy: BitPolicy | None = None) -> TrainingMethod:
+    """LIMPQ's indicator training when ``config.indicators`` names candidate bit-widths, else QAT/pruning
+    (with ``bit_policy``, the ``--bit-policy`` file's)."""
+    if config.indicators.enabled:
+        return IndicatorTraining(config)
+    return CompressionTraining(config, bit_policy)
+
+
 @dataclass
 class RunState:
     """What the epoch loop carries from one epoch to the next (and through a checkpoint)."""
@@ -133,7 +235,7 @@ class RunState:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Fine-tune ``config.model.architecture`` with QAT and/or gradual pruning; returns the summary dict."""
+    """Train ``config.model.architecture`` with the config's method (:func:`training_method`); returns the summary dict."""
     try:
         config.validate()
     except ValueError as error:
@@ -167,23 +269,24 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     configure_determinism(config.runtime.seed, config.runtime.deterministic, context.device)
     out_dir = Path(config.runtime.save_checkpoint_dir)
     checkpoint = _load_resume_checkpoint(config) if config.runtime.resume else None
+    bit_policy = bit_policy_of(config)
+    method = training_method(config, bit_policy)
+    if checkpoint is not None:
+        method.load_state_dict(checkpoint.get("method", {}))
     options = _step_options(config, context)
     loaders = _loaders(config, context, TrainUse.TRAINING)
     steps_per_epoch = len(loaders.train)
     if context.is_main:
-        _log_header(config, loaders, context, out_dir)
+        _log_header(config, method, loaders, context, out_dir)
     num_classes = _head_classes(checkpoint, loaders.num_classes, config)
-    bit_policy = bit_policy_of(config)
-    model = build_compressed_model(config, for_state_dict=checkpoint is not None, num_classes=num_classes,
-                                   bit_policy=bit_policy)  # fmt: skip
+    model = method.build_model(num_classes, for_state_dict=checkpoint is not None)
     state = RunState(num_classes=_check_classes(model, config, loaders.num_classes))
     if context.is_main:  # every input is checked: now the output folder may be created
         ensure_writable_dir(out_dir)
     model.to(context.device)
     if checkpoint is None:
         loaders.set_epoch(0)
-        estimation = image_batches(loaders.estimation, config.quant.num_est_batches, options)
-        calibrate_input_quantizers(model, estimation, train_mode=True)
+        method.start(model, loaders, options)
     else:
         model.load_state_dict(checkpoint["model"])
         _freeze_input_quantizers(model)
@@ -197,34 +300,38 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config, steps_per_epoch)
     pruner = build_pruner(model, config, steps_per_epoch)
-    callbacks = [GradualPruningCallback(pruner)] if pruner is not None else []
+    step_fn, callbacks = method.plugins(model)
+    if pruner is not None:
+        callbacks.append(GradualPruningCallback(pruner))
     loss_fn = partial(cross_entropy_loss, label_smoothing=config.optim.label_smoothing)
     scaler = torch.amp.GradScaler(context.device.type, enabled=config.runtime.amp and context.device.type == "cuda")
     if checkpoint is not None:
         state = _restore(checkpoint, optimizers, schedulers, scaler, state.num_classes)
         logger.info("resumed from %s at epoch %d", config.runtime.resume, state.epoch)
     trained = (
-        DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+        DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
+                                find_unused_parameters=method.find_unused_parameters)
         if context.is_distributed
         else model
-    )
+    )  # fmt: skip
     writer = _tensorboard_writer(config) if context.is_main else None
     train_batches, val_batches = SkipRecorder(loaders.train), SkipRecorder(loaders.val)
     warned_skipped = False
+    outputs: dict[str, Any] = {}  # the method's files (rank 0)
     for epoch in range(state.epoch, config.optim.max_epochs):
         start = time.perf_counter()
         loaders.set_epoch(epoch)
         try:
             train_metrics, state.step = train_one_epoch(
                 trained, train_batches, list(optimizers.values()), list(schedulers.values()), scaler, state.step,
-                context, options, callbacks, loss_fn=loss_fn, freeze_bn=config.bn.freeze_bn,
+                context, options, callbacks, loss_fn=loss_fn, step_fn=step_fn, freeze_bn=config.bn.freeze_bn,
                 description=f"epoch {epoch}",
             )  # fmt: skip
         except NonFiniteLossError as error:
             last = out_dir / LAST
             kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
             raise TrainingError(f"{error} (epoch {epoch}): stopping; {kept}") from None
-        _reestimate_bn(model, loaders, config, options)
+        method.before_evaluation(model, loaders, options)
         val = evaluate(model, val_batches, context, options)
         row = _metrics_row(epoch, train_metrics, val, optimizers, model, time.perf_counter() - start)
         state.history.append(row)
@@ -240,11 +347,12 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
         logger.info("epoch %d: train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | sparsity %.4f",
                     epoch, train_metrics.loss, train_metrics.top1, val.loss, val.top1, val.top5, row["sparsity"])  # fmt: skip
         if context.is_main:
-            payload = _checkpoint_payload(model, optimizers, schedulers, scaler, state, config, bit_policy)
+            payload = _checkpoint_payload(model, optimizers, schedulers, scaler, state, config, bit_policy, method)
             save_checkpoint(out_dir / LAST, payload)
             if is_best:
                 save_checkpoint(out_dir / BEST, payload)
             write_csv(out_dir / METRICS_CSV, pd.DataFrame(state.history))
+            outputs = method.write_epoch_outputs(model, out_dir)
             if writer is not None:
                 for key, value in row.items():
                     if key != "epoch":
@@ -252,7 +360,7 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
         barrier(context)
     if writer is not None:
         writer.close()
-    summary = _summary(model, state, config)
+    summary = _summary(model, state, config) | outputs
     if context.is_main:
         write_json(out_dir / SUMMARY_JSON, summary)
         _log_outputs(out_dir, state)
@@ -291,12 +399,14 @@ def _describe_compression(config: TrainConfig) -> str:
     return f"{weights}, {activations}, {pruning}"
 
 
-def _log_header(config: TrainConfig, loaders: DataLoaders, context: DistributedContext, out_dir: Path) -> None:
+def _log_header(
+    config: TrainConfig, method: TrainingMethod, loaders: DataLoaders, context: DistributedContext, out_dir: Path
+) -> None:
     start = "pretrained" if config.model.pretrained else "random init"
-    logger.info("train-compressed: %s (%s) on %s: %d classes, %d training and %d validation images",
+    logger.info("%s: %s (%s) on %s: %d classes, %d training and %d validation images", config.command,
                 config.model.architecture, start, config.data.images_dir, loaders.num_classes,
                 len(loaders.train.dataset), len(loaders.val.dataset))  # fmt: skip
-    logger.info("compression: %s", _describe_compression(config))
+    logger.info("%s", method.describe())
     processes = f", {context.world_size} processes" if context.is_distributed else ""
     logger.info("device %s%s, %d epochs, batch %d; checkpoints and metrics in %s",
                 context.device, processes, config.optim.max_epochs, config.data.batch_size, out_dir)  # fmt: skip
@@ -327,9 +437,12 @@ def _load_resume_checkpoint(config: TrainConfig) -> dict[str, Any]:
     resume = config.runtime.resume
     checkpoint = load_checkpoint(Path(resume))
     try:
+        command = saved_config(checkpoint["options"]).command
         differences = differing_options(checkpoint["options"], config)
     except ValueError as error:
         raise TrainingError(f"cannot resume from {resume}: {error}") from None
+    if command != config.command:
+        raise TrainingError(f"cannot resume from {resume}: it was written by {command}, not {config.command}")
     if differences:
         raise TrainingError(f"cannot resume from {resume}, options differ: " + "; ".join(differences))
     saved_policy = checkpoint.get("bit_policy")
@@ -341,7 +454,8 @@ def _load_resume_checkpoint(config: TrainConfig) -> dict[str, Any]:
 
 
 def _checkpoint_payload(
-    model, optimizers, schedulers, scaler, state: RunState, config: TrainConfig, bit_policy: BitPolicy | None
+    model, optimizers, schedulers, scaler, state: RunState, config: TrainConfig, bit_policy: BitPolicy | None,
+    method: TrainingMethod,
 ) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
@@ -357,6 +471,7 @@ def _checkpoint_payload(
         "num_classes": state.num_classes,
         "options": config.as_dict(),
         "bit_policy": None if bit_policy is None else bit_policy.as_dict(),  # the bits trained, whatever the file holds later
+        "method": method.state_dict(),
     }
 
 
@@ -427,6 +542,9 @@ def restore_model(checkpoint_path: Path) -> tuple[nn.Module, TrainConfig]:
         config = saved_config(checkpoint["options"])
     except ValueError as error:
         raise TrainingError(f"{checkpoint_path}: {error}") from None
+    if config.indicators.enabled:
+        raise TrainingError(f"{checkpoint_path} was written by train-indicators: its result is indicators.json next to "
+                            "it (evaluate scores train-compressed checkpoints)")  # fmt: skip
     saved_policy = checkpoint.get("bit_policy")  # the bits it was trained with (not the file, which may have moved)
     bit_policy = None if saved_policy is None else bit_policy_of(config, saved_policy)
     model = build_compressed_model(config, for_state_dict=True, num_classes=checkpoint.get("num_classes"),
