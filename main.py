@@ -263,7 +263,8 @@ def train_indicators(**options) -> None:
               help="Importance indicators: a JSON file or LIMPQ's pickle ({'weight', 'act', 'layer_name'}), or "
                    "weight-mse / output-mse to compute data-free ones from the pretrained model. Default: the "
                    "published ResNet-50 indicators (data/limpq/resnet50_indicators.json).")  # fmt: skip
-@click.option("--bits", type=IntListType(2, 8), default="2-6", show_default=True, help="Candidate bit-widths.")
+@click.option("--bits", type=IntListType(2, 8, distinct=True, descending=True), default="6,5,4,3,2", show_default=True,
+              help="Candidate bit-widths (distinct; a list or a range like 2-6).")
 @click.option("--wb", type=click.IntRange(1, 32), default=3, show_default=True,
               help="BitOPs budget: that of every searched layer at WB-bit weights ...")
 @click.option("--ab", type=click.IntRange(1, 32), default=4, show_default=True, help="... and AB-bit inputs.")
@@ -287,7 +288,7 @@ def search_bit_policy(output: Path, indicators: str | None, bits: list[int], bit
     )
 
     _check_output(output, "file", "--output")
-    settings = SearchSettings(indicators=indicators or str(BUNDLED_INDICATORS), bits=tuple(sorted(bits, reverse=True)),
+    settings = SearchSettings(indicators=indicators or str(BUNDLED_INDICATORS), bits=tuple(bits),
                               geometry=bitops_geometry, **options)  # fmt: skip
     try:
         policy = run_bit_policy_search(settings, output)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_train_step import best_seconds
 from models import load_model
-from training.cli_options import CandidateBitsType
+from training.cli_options import CANDIDATE_BITS
 from training.config import INDICATOR_RECIPE
 from training.data import Batch
 from training.distributed import DistributedContext
@@ -54,7 +54,7 @@ def make_step(model: nn.Module, batch: Batch, device: torch.device, step_fn=sing
 @click.option("--architecture", default="resnet18", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--image-size", type=click.IntRange(16), default=224, show_default=True)
-@click.option("--bits", type=CandidateBitsType(), default="6,5,4,3,2", show_default=True, help="Candidate bit-widths.")
+@click.option("--bits", type=CANDIDATE_BITS, default="6,5,4,3,2", show_default=True, help="Candidate bit-widths.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: torch's).")

@@ -313,7 +313,7 @@ def test_the_options_are_the_config_and_default_to_the_recipe() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--bits", "6,1"], "Invalid value for '--bits': 1 is outside 2..8"),
     (["--bits", "9"], "Invalid value for '--bits': 9 is outside 2..8"),
-    (["--bits", "4,3,4"], "Invalid value for '--bits': 4 given more than once: each bit-width once"),
+    (["--bits", "4,3,4"], "Invalid value for '--bits': 4 given more than once: each value once"),
     (["--bits", "2-4,3"], "Invalid value for '--bits': 3 given more than once"),
     (["--bits", "6-2"], "Invalid value for '--bits': the range '6-2' must be ascending: use 2-6"),
     (["--architecture", "tiny_mlp"], ("Invalid value for '--architecture': tiny_mlp has no searchable layers: "

@@ -25,7 +25,7 @@ from training.config import (
     indicator_training_config,
 )
 from training.lr_schedule import parse_lr_schedule
-from utils.cli import DeviceType, default_device
+from utils.cli import DeviceType, IntListType, default_device
 
 DEFAULTS = TrainConfig()
 UNIT_INTERVAL = click.FloatRange(0.0, 1.0, max_open=True)  # sparsities, label smoothing: [0, 1)
@@ -45,31 +45,8 @@ class LrScheduleType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-class CandidateBitsType(click.ParamType):
-    """Distinct bit-widths in ``2..8``, e.g. ``6,5,4,3,2`` or ``2-6``; kept largest first (LIMPQ's order)."""
-
-    name = "bits"
-
-    def convert(self, value, param, ctx) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        numbers: list[int] = []
-        for part in str(value).split(","):
-            start, _, stop = part.strip().partition("-")
-            try:
-                first, last = int(start), int(stop or start)
-            except ValueError:
-                self.fail(f"'{value}' is not a comma-separated list of bit-widths (or a range like 2-6)", param, ctx)
-            if last < first:
-                self.fail(f"the range '{part.strip()}' must be ascending: use {last}-{first}", param, ctx)
-            numbers.extend(range(first, last + 1))
-        outside = [n for n in numbers if not MIN_BITS <= n <= MAX_BITS]
-        if outside:
-            self.fail(f"{outside[0]} is outside {MIN_BITS}..{MAX_BITS}", param, ctx)
-        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
-        if repeated:
-            self.fail(f"{', '.join(map(str, repeated))} given more than once: each bit-width once", param, ctx)
-        return tuple(sorted(numbers, reverse=True))
+# LIMPQ's candidate bit-widths: distinct, largest first
+CANDIDATE_BITS = IntListType(MIN_BITS, MAX_BITS, distinct=True, descending=True)
 
 
 def _choice(values) -> click.Choice:
@@ -214,7 +191,7 @@ training_options = _options(
 )  # fmt: skip
 
 indicator_options = _options(
-    click.option("--bits", type=CandidateBitsType(), default=",".join(map(str, INDICATOR_RECIPE.indicators.bits)),
+    click.option("--bits", type=CANDIDATE_BITS, default=",".join(map(str, INDICATOR_RECIPE.indicators.bits)),
                  show_default=True, help=f"Candidate bit-widths (distinct, {MIN_BITS}..{MAX_BITS}; a list or a range "
                                          "like 2-6): one step size per bit-width in every quantizer."),
     click.option("--act-scheme", type=click.Choice(ACT_SCHEMES), default=INDICATOR_RECIPE.indicators.act_scheme,

@@ -11,16 +11,21 @@ if TYPE_CHECKING:
 
 
 class IntListType(click.ParamType):
-    """A comma-separated list of integers within ``[low, high]``, e.g. ``2,3,4`` or ``2-8``."""
+    """A comma-separated list of integers within ``[low, high]``, e.g. ``2,3,4`` or ``2-8``.
+
+    By default repeats are merged and the list sorted ascending; ``distinct`` refuses a value given
+    twice, ``descending`` sorts largest first (LIMPQ's order of candidate bit-widths).
+    """
 
     name = "int-list"
 
-    def __init__(self, low: int, high: int) -> None:
+    def __init__(self, low: int, high: int, distinct: bool = False, descending: bool = False) -> None:
         self.low, self.high = low, high
+        self.distinct, self.descending = distinct, descending
 
     def convert(self, value, param, ctx) -> list[int]:
-        if isinstance(value, list):
-            return value
+        if isinstance(value, (list, tuple)):
+            return list(value)
         numbers: list[int] = []
         for part in str(value).split(","):
             start, _, stop = part.strip().partition("-")
@@ -36,7 +41,10 @@ class IntListType(click.ParamType):
         bad = [n for n in numbers if not self.low <= n <= self.high]
         if bad:
             self.fail(f"{bad[0]} is outside {self.low}..{self.high}", param, ctx)
-        return sorted(set(numbers))
+        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+        if self.distinct and repeated:
+            self.fail(f"{', '.join(map(str, repeated))} given more than once: each value once", param, ctx)
+        return sorted(set(numbers), reverse=self.descending)
 
 
 class NameListType(click.ParamType):
