@@ -13,13 +13,15 @@ model and every bit-width ``b``:
 * ``SQNR = 10 log10(mean(w^2) / mse)`` dB and the biased excess sample kurtosis
   ``m4 / m2^2 - 3``.
 
-All sums run in float64 (float32 on MPS) whatever the weights' dtype.
+All sums run in float64 (float32 on MPS) whatever the weights' dtype. Each tensor is sorted once for
+all bit-widths (:func:`prepare_tensor`); only the range search runs per bit-width.
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +45,8 @@ METRICS = (
     "sample_kurtosis", "quant_sqnr", "quant_mse", "quant_sparsity", "quant_step_size",
     "pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected",
 )  # fmt: skip
+# Sorted tensors kept between bit-widths by iter_study_model (about 32 bytes per weight): up to 1 GiB.
+PREPARED_CACHE_BYTES = 1 << 30
 
 
 def excess_kurtosis(values: torch.Tensor) -> float:
@@ -53,30 +57,58 @@ def excess_kurtosis(values: torch.Tensor) -> float:
     return float(m4 / (m2 * m2) - 3.0) if m2 > 0 else math.nan
 
 
-def study_tensor(
-    weight: torch.Tensor,
-    bits: Sequence[int],
-    range_estimator: str = "mse",
-    ch_axis: int | None = None,
-) -> dict[int, dict[str, float | list[float]]]:
-    """The study's metrics of one weight tensor for each bit-width in ``bits``.
+@dataclass(frozen=True)
+class PreparedTensor:
+    """What every bit-width of one weight tensor's study needs, computed once: its sorts, prefix sums and moments.
 
-    Args:
-        weight: any shape and float dtype, on any device.
-        range_estimator: ``mse`` (MSE-optimal clipping) or ``minmax``.
-        ch_axis: quantize per channel along this axis; None for one quantizer per tensor.
+    ``sorted_rows``: the rows (one, or one per channel) sorted, with their prefix sums;
+    ``squares_prefix``: ``[0, cumsum(sort(w^2))]`` over the whole tensor (magnitude pruning);
+    the tensor's size, mean square and excess kurtosis; ``per_channel``: one row per channel.
     """
-    if range_estimator not in RANGE_ESTIMATORS:
-        raise ValueError(f"range_estimator must be one of {RANGE_ESTIMATORS}, got {range_estimator!r}")
+
+    sorted_rows: SortedValues
+    squares_prefix: torch.Tensor
+    numel: int
+    mean_square: float
+    kurtosis: float
+    per_channel: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by its tensors."""
+        tensors = (self.sorted_rows.values, self.sorted_rows.prefix_sum, self.sorted_rows.prefix_sum_sq, self.squares_prefix)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prepare_tensor(weight: torch.Tensor, ch_axis: int | None = None) -> PreparedTensor:
+    """Sort ``weight`` (per channel of ``ch_axis``, else as one row) and take what every bit-width needs."""
     weight = weight.detach()
     sorted_rows = SortedValues.from_rows(as_rows(weight, ch_axis))
     flat = sorted_rows.values.reshape(-1)  # the same values, in another order
     numel = flat.numel()
-    mean_square = float(sorted_rows.prefix_sum_sq[:, -1].sum()) / numel
-    kurtosis = excess_kurtosis(flat)
     squares = sort_rows(weight.abs().reshape(1, -1))[0] ** 2
-    squares_prefix = torch.cat([squares.new_zeros(1), squares.cumsum(0)])
+    return PreparedTensor(
+        sorted_rows=sorted_rows,
+        squares_prefix=torch.cat([squares.new_zeros(1), squares.cumsum(0)]),
+        numel=numel,
+        mean_square=float(sorted_rows.prefix_sum_sq[:, -1].sum()) / numel,
+        kurtosis=excess_kurtosis(flat),
+        per_channel=ch_axis is not None,
+    )
 
+
+def check_range_estimator(range_estimator: str) -> None:
+    """Raise ValueError unless ``range_estimator`` is one of :data:`RANGE_ESTIMATORS`."""
+    if range_estimator not in RANGE_ESTIMATORS:
+        raise ValueError(f"range_estimator must be one of {RANGE_ESTIMATORS}, got {range_estimator!r}")
+
+
+def study_prepared(
+    prepared: PreparedTensor, bits: Sequence[int], range_estimator: str = "mse"
+) -> dict[int, dict[str, float | list[float]]]:
+    """The study's metrics of one prepared weight tensor (:func:`prepare_tensor`) for each bit-width in ``bits``."""
+    check_range_estimator(range_estimator)
+    sorted_rows, numel, mean_square = prepared.sorted_rows, prepared.numel, prepared.mean_square
     results = {}
     for n_bits in bits:
         if range_estimator == "mse":
@@ -89,21 +121,38 @@ def study_tensor(
         quant_sparsity = float(zero_count(sorted_rows, params.step_size).sum()) / numel
         sparsity = pruning_sparsity(n_bits)
         corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * n_bits / 16.0
-        pruning_mse = float(magnitude_pruning_sse(squares_prefix, sparsity)) / numel
-        pruning_mse_corrected = float(magnitude_pruning_sse(squares_prefix, corrected_sparsity)) / numel
+        pruning_mse = float(magnitude_pruning_sse(prepared.squares_prefix, sparsity)) / numel
+        pruning_mse_corrected = float(magnitude_pruning_sse(prepared.squares_prefix, corrected_sparsity)) / numel
         step_size = params.step_size.tolist()
         results[n_bits] = {
-            "sample_kurtosis": kurtosis,
+            "sample_kurtosis": prepared.kurtosis,
             "quant_sqnr": sqnr_db(mean_square, quant_mse),
             "quant_mse": quant_mse,
             "quant_sparsity": quant_sparsity,
-            "quant_step_size": step_size[0] if ch_axis is None else step_size,
+            "quant_step_size": step_size if prepared.per_channel else step_size[0],
             "pruning_sqnr": sqnr_db(mean_square, pruning_mse),
             "pruning_mse": pruning_mse,
             "pruning_sqnr_corrected": sqnr_db(mean_square, pruning_mse_corrected),
             "pruning_mse_corrected": pruning_mse_corrected,
         }
     return results
+
+
+def study_tensor(
+    weight: torch.Tensor,
+    bits: Sequence[int],
+    range_estimator: str = "mse",
+    ch_axis: int | None = None,
+) -> dict[int, dict[str, float | list[float]]]:
+    """The study's metrics of one weight tensor for each bit-width in ``bits`` (sorted once).
+
+    Args:
+        weight: any shape and float dtype, on any device.
+        range_estimator: ``mse`` (MSE-optimal clipping) or ``minmax``.
+        ch_axis: quantize per channel along this axis; None for one quantizer per tensor.
+    """
+    check_range_estimator(range_estimator)
+    return study_prepared(prepare_tensor(weight, ch_axis), bits, range_estimator)
 
 
 def iter_study_model(
@@ -113,21 +162,33 @@ def iter_study_model(
     per_channel: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    cache_bytes: int = PREPARED_CACHE_BYTES,
 ) -> Iterator[tuple[int, dict[str, dict]]]:
     """Yield ``(b, {module name: metrics + shape + numel})`` for each bit-width as soon as it is done.
 
     Bit-widths are studied one after the other (every tensor at ``b``, then the next ``b``), so a
-    caller can save each one before the next starts.
+    caller can save each one before the next starts. Each tensor is sorted once
+    (:func:`prepare_tensor`) and kept for the next bit-widths while the kept ones hold at most
+    ``cache_bytes``; the tensors beyond are prepared again for each bit-width.
     """
+    check_range_estimator(range_estimator)
     layers = list(weight_layers(model))
+    kept: dict[str, PreparedTensor] = {}
+    kept_bytes = 0
     with tqdm(total=len(bits) * len(layers), desc="tensors x bits", leave=False, disable=not progress) as bar:
-        for n_bits in bits:
+        for position, n_bits in enumerate(bits):
+            last = position == len(bits) - 1
             per_layer: dict[str, dict] = {}
             for name, module in layers:
-                weight = module.weight.detach().to(device)
-                ch_axis = output_channel_axis(module) if per_channel else None
-                metrics = study_tensor(weight, [n_bits], range_estimator, ch_axis)[n_bits]
-                per_layer[name] = {"shape": list(weight.shape), "numel": weight.numel(), **metrics}
+                prepared = kept.get(name)
+                if prepared is None:
+                    ch_axis = output_channel_axis(module) if per_channel else None
+                    prepared = prepare_tensor(module.weight.detach().to(device), ch_axis)
+                    if not last and kept_bytes + prepared.nbytes <= cache_bytes:
+                        kept[name] = prepared
+                        kept_bytes += prepared.nbytes
+                metrics = study_prepared(prepared, [n_bits], range_estimator)[n_bits]
+                per_layer[name] = {"shape": list(module.weight.shape), "numel": prepared.numel, **metrics}
                 bar.update()
             yield n_bits, per_layer
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-import models.registry as registry
+from models import registry
 from models.layers import weight_layers
 from plot_weights_sqnr import main as plot_main
 from quant_pruning_weights_sqnr import main
@@ -315,16 +315,16 @@ def test_each_bit_width_is_written_as_it_completes_and_a_rerun_resumes(
     """A run killed during bit-width 5 leaves bits 3 and 4 on disk; the rerun computes only 5 and 6."""
     from studies import weight_sqnr
 
-    original = weight_sqnr.study_tensor
+    original = weight_sqnr.study_prepared
     studied: list[int] = []
 
-    def study_tensor(weight, bits, *args, **kwargs):
+    def study_prepared(prepared, bits, *args, **kwargs):
         studied.extend(bits)
         if bits == [5] and kill:
             raise Killed
-        return original(weight, bits, *args, **kwargs)
+        return original(prepared, bits, *args, **kwargs)
 
-    monkeypatch.setattr(weight_sqnr, "study_tensor", study_tensor)
+    monkeypatch.setattr(weight_sqnr, "study_prepared", study_prepared)
     kill = True
     killed = run("--models", "tiny", "--bits", "3-6", "--output-dir", str(tmp_path))
     assert isinstance(killed.exception, Killed)

@@ -8,8 +8,19 @@ import pytest
 import scipy.integrate
 import scipy.stats
 import torch
+from torch import nn
 
-from studies.weight_sqnr import METRICS, excess_kurtosis, pruning_sparsity, sqnr_db, study_tensor
+from studies import weight_sqnr
+from studies.weight_sqnr import (
+    METRICS,
+    excess_kurtosis,
+    iter_study_model,
+    prepare_tensor,
+    pruning_sparsity,
+    sqnr_db,
+    study_prepared,
+    study_tensor,
+)
 
 BITS = (2, 3, 4, 6, 8)
 
@@ -236,3 +247,65 @@ def test_zero_channel_per_channel_is_finite():
     for n_bits, result in results.items():
         assert np.isfinite(result["quant_sqnr"]) and np.isfinite(result["pruning_sqnr"])
         check_against_numpy(result, w.numpy(), n_bits, 0)
+
+
+# --------------------------------------------------------------------------- one sort for every bit-width
+@pytest.mark.parametrize("estimator", ["mse", "minmax"])
+@pytest.mark.parametrize("ch_axis", [None, 1])
+def test_prepared_once_equals_prepared_per_bit(estimator, ch_axis):
+    """All bit-widths from one prepared tensor give exactly the numbers of a fresh preparation per bit-width."""
+    w = sample_weight(21, shape=(24, 8, 3, 3))
+    prepared = prepare_tensor(w, ch_axis)
+    assert prepared.numel == w.numel() and prepared.per_channel == (ch_axis is not None)
+    # values, their two prefix sums and the squares' prefix sum: 8 bytes each
+    rows = 1 if ch_axis is None else w.shape[ch_axis]
+    assert prepared.nbytes == 8 * (w.numel() + 2 * (w.numel() + rows) + w.numel() + 1)
+    together = study_prepared(prepared, BITS, estimator)
+    assert list(together) == list(BITS)
+    for n_bits in BITS:
+        assert together[n_bits] == study_tensor(w, [n_bits], estimator, ch_axis)[n_bits]
+        check_against_numpy(together[n_bits], w.double().numpy(), n_bits, ch_axis)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.ConvTranspose2d(8, 4, 2), nn.Linear(20, 6))
+
+
+@pytest.mark.parametrize(("estimator", "per_channel"), [("mse", False), ("minmax", True)])
+def test_iter_study_model_prepares_each_tensor_once(monkeypatch, estimator, per_channel):
+    """With room for every tensor each is sorted once for all bit-widths; without room, once per bit-width;
+    with room for the first only, the others once per bit-width. The numbers are the same."""
+    model = small_model()
+    bits = [2, 5, 8]
+    calls: list[int] = []
+    original = weight_sqnr.prepare_tensor
+
+    def counting(weight, ch_axis=None):
+        calls.append(weight.numel())
+        return original(weight, ch_axis)
+
+    monkeypatch.setattr(weight_sqnr, "prepare_tensor", counting)
+    sizes = [module.weight.numel() for module in model.modules() if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+
+    def run(cache_bytes: int) -> list:
+        calls.clear()
+        return list(iter_study_model(model, bits, estimator, per_channel, progress=False, cache_bytes=cache_bytes))
+
+    cached = run(1 << 30)
+    assert calls == sizes
+    uncached = run(0)
+    assert calls == sizes * len(bits)
+    first_bytes = original(model[0].weight.detach(), 0 if per_channel else None).nbytes
+    first_only = run(first_bytes)
+    assert calls == sizes + sizes[1:] * (len(bits) - 1)
+    assert cached == uncached == first_only
+    assert [n_bits for n_bits, _ in cached] == bits
+    for n_bits, layers in cached:
+        assert list(layers) == ["0", "1", "2", "3"]
+        for name, metrics in layers.items():
+            weight = model.get_submodule(name).weight.detach()
+            assert metrics["numel"] == weight.numel() and metrics["shape"] == list(weight.shape)
+            axis = (1 if name == "2" else 0) if per_channel else None
+            expected = study_tensor(weight, [n_bits], estimator, axis)[n_bits]
+            assert {key: metrics[key] for key in METRICS} == expected
