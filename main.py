@@ -138,11 +138,12 @@ def _compression_errors():
     from models import UnknownModelError, WeightsUnavailableError
     from training.builders import SetupError
     from training.checkpoint import CheckpointError
+    from training.cifar import CifarFormatError
     from training.data import ImageFolderError
     from training.run import TrainingError
 
     return (UnknownModelError, WeightsUnavailableError, SetupError, CheckpointError, ImageFolderError, TrainingError,
-            OSError)  # fmt: skip
+            CifarFormatError, OSError)  # fmt: skip
 
 
 @cli.command("train-compressed")
@@ -157,12 +158,15 @@ def train_compressed(ctx: click.Context, **options) -> None:
     A dataset with other classes than the model's (e.g. 10 instead of ImageNet's 1000) gets a new
     classifier head. best.pt is chosen among the epochs at the final sparsity only. The same
     command runs distributed under `torchrun --nproc_per_node N main.py train-compressed ...`.
+    With --psgd-target it trains the float weights with PSGD instead (Kim et al., NeurIPS 2020),
+    e.g. from a plain run's checkpoint (--init-checkpoint) on CIFAR (--dataset cifar100).
     """
     from training.builders import UnknownArchitectureError
-    from training.cli_options import config_from_options
+    from training.cli_options import config_from_options, resolve_data_options
     from training.distributed import is_main_process
     from training.run import train
 
+    options = resolve_data_options(options, _given_options(ctx))
     _check_pruning_epochs(options, _given_options(ctx))
     _check_output(options["save_checkpoint_dir"], "dir", "--save-checkpoint-dir")
     _check_output(options["tb_logging_dir"], "dir", "--tb-logging-dir")
@@ -189,19 +193,21 @@ def train_compressed(ctx: click.Context, **options) -> None:
               help="A train-compressed checkpoint (file, or folder with last.pt). Its options define the model and "
                    "its compression (--architecture, --n-bits, --image-size, ...: giving another value is an error); "
                    "only --images-dir, --batch-size, --num-workers, --device, --amp, --channels-last, "
-                   "--progress-bar, --seed and --deterministic apply. Without it: the pretrained model "
+                   "--progress-bar, --seed, --deterministic and --data-dir apply. Without it: the pretrained model "
                    "compressed without training.")  # fmt: skip
 @click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write top-1, top-5, loss, and per layer its sparsity, weight_bits and act_bits (null: float) here.")  # fmt: skip
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | None, **options) -> None:
-    """Score a checkpoint, or the post-training compressed pretrained model, on --images-dir/val."""
+    """Score a checkpoint, or the post-training compressed pretrained model (or --init-checkpoint's weights), on
+    --images-dir/val (the test split of --dataset cifar10/cifar100)."""
     from training.builders import UnknownArchitectureError
-    from training.cli_options import config_from_options
+    from training.cli_options import config_from_options, resolve_data_options
     from training.distributed import is_main_process
     from training.run import OptionConflictError, evaluate_run
     from utils.io import write_json
 
+    options = resolve_data_options(options, _given_options(ctx))
     _check_output(output_json, "file", "--output-json")
     _check_bit_policy(options, checkpoint)
     try:
@@ -224,7 +230,8 @@ def evaluate(ctx: click.Context, checkpoint: Path | None, output_json: Path | No
 @model_data_options
 @indicator_options
 @runtime_options
-def train_indicators(**options) -> None:
+@click.pass_context
+def train_indicators(ctx: click.Context, **options) -> None:
     """LIMPQ, stage 1: learn the importance indicators of every convolution but the first (Tang et al., ECCV 2022).
 
     Each quantizer learns one step size per candidate bit-width (--bits): every batch runs one
@@ -235,11 +242,12 @@ def train_indicators(**options) -> None:
     and distributed under `torchrun --nproc_per_node N main.py train-indicators ...`.
     """
     from training.builders import ArchitectureError
-    from training.cli_options import indicator_config_from_options
+    from training.cli_options import indicator_config_from_options, resolve_data_options
     from training.distributed import is_main_process
     from training.limpq import check_searchable_layers
     from training.run import train
 
+    options = resolve_data_options(options, _given_options(ctx))
     _check_output(options["save_checkpoint_dir"], "dir", "--output-dir")
     _check_output(options["tb_logging_dir"], "dir", "--tb-logging-dir")
     config = indicator_config_from_options(**options)

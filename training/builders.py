@@ -19,8 +19,10 @@ from models.bit_policy import BitPolicy, BitPolicyError, check_policy_layers, pa
 from models.heads import HeadError, replace_classifier_head
 from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers, compressible_layers
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
-from training.checkpoint import read_torch_file
-from training.config import PAPER_ARCHITECTURES, TrainConfig
+from quantization.position_scaling import scaled_tensor_bits, weight_decay_groups
+from training.callbacks import PositionScaledGradientCallback
+from training.checkpoint import CheckpointError, load_checkpoint, read_torch_file
+from training.config import PAPER_ARCHITECTURES, TrainConfig, saved_config
 from training.lr_schedule import lr_factor, parse_lr_schedule
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ def build_compressed_model(
     for_state_dict: bool = False,
     num_classes: int | None = None,
     bit_policy: BitPolicy | None = None,
+    init_checkpoint: str | Path | None = None,
 ) -> nn.Module:
     """The base model with its Conv2d/Linear layers replaced by compressed ones (on CPU, eval mode).
 
@@ -139,10 +142,15 @@ def build_compressed_model(
     model predicts another number of classes (e.g. 1000 ImageNet classes for a 10-class
     dataset), its classifier head is replaced by a new one, initialised from ``--seed``.
     ``bit_policy``: the per-layer bits (default: the ``--bit-policy`` file's, if any).
+    ``init_checkpoint``: start from the weights of this float train-compressed checkpoint
+    (:func:`load_float_weights`) instead of the pretrained ones; the compression starts from them.
     """
     if for_state_dict:
         config = config.with_options(weight_quant_method="current_minmax")
-    model = build_float_model(config, pretrained, for_state_dict, num_classes)
+    from_file = init_checkpoint is not None
+    model = build_float_model(config, False if from_file else pretrained, for_state_dict or from_file, num_classes)
+    if from_file:
+        load_float_weights(model, init_checkpoint, config)
     example = torch.zeros(2, 3, config.data.image_size, config.data.image_size)
     try:
         compress_model(model, compression_spec(config, bit_policy), example)
@@ -166,6 +174,33 @@ def build_float_model(
                         "(random init, --seed %d)", config.model.architecture, num_classes, outputs, head, num_classes,
                         config.runtime.seed)  # fmt: skip
     return model
+
+
+def load_float_weights(model: nn.Module, path: str | Path, config: TrainConfig) -> None:
+    """Load the weights of the float train-compressed checkpoint ``path`` (``weights_only``) into the float ``model``.
+
+    The checkpoint must be of the same architecture and hold a float model (no fake quantizers, no pruning
+    masks, batch norm not folded): its state dict has then exactly the keys of the float model. Raises
+    :class:`SetupError` (one line) otherwise.
+    """
+    option = f"--init-checkpoint {path}"
+    try:
+        checkpoint = load_checkpoint(Path(path))
+        trained = saved_config(checkpoint["options"])
+    except (CheckpointError, ValueError) as error:
+        raise SetupError(f"{option}: {error}") from None
+    if trained.model.base_architecture != config.model.base_architecture:
+        raise SetupError(f"{option} holds a {trained.model.architecture}, not a {config.model.architecture}")
+    if trained.indicators.enabled or trained.quant.weight_quant or trained.quant.act_quant or trained.bn.fold_bn \
+            or trained.pruning.enabled:  # fmt: skip
+        raise SetupError(f"{option} is not a float model (it was trained with fake quantization, pruning or folded "
+                         "batch norm); start from a run with --no-weight-quant and no pruning")  # fmt: skip
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        first_line = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), type(error).__name__)
+        raise SetupError(f"{option}: its weights do not fit the model: {first_line}") from None
+    logger.info("starting from the weights of %s (epoch %d of its run)", path, checkpoint["epoch"])
 
 
 def check_bit_policy(config: TrainConfig) -> None:
@@ -220,13 +255,20 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> dict[str, torch.o
     """``{"model": ...}`` and, with ``--sep-quant-optimizer``, ``{"quant": ...}`` for the step sizes.
 
     Without a separate optimizer the step sizes join the model optimizer in their own group
-    (``--quant-learning-rate``, ``--quant-weight-decay``).
+    (``--quant-learning-rate``, ``--quant-weight-decay``). With ``--psgd-scale-weight-decay`` the
+    tensors PSGD scales form their own group without weight decay (the PSGD callback decays them,
+    scaled: :func:`quantization.position_scaling.weight_decay_groups`).
     """
     step_sizes = step_size_parameters(model)
     step_ids = {id(p) for p in step_sizes}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in step_ids]
     optim = config.optim
     model_groups = [{"params": weights, "weight_decay": optim.weight_decay}]
+    if config.psgd.enabled and config.psgd.psgd_scale_weight_decay:
+        # the scaled tensors are decayed by the PSGD callback (scaled); the optimizer must not decay them again
+        groups = weight_decay_groups(model, psgd_tensor_bits(model, config), optim.weight_decay)
+        kept = {id(p) for p in weights}
+        model_groups = [group | {"params": [p for p in group["params"] if id(p) in kept]} for group in groups]
     optimizers = {}
     if step_sizes and not optim.sep_quant_optimizer:
         model_groups.append({"params": step_sizes, "weight_decay": optim.quant_weight_decay, "lr": optim.quant_learning_rate})
@@ -268,3 +310,23 @@ def build_pruner(model: nn.Module, config: TrainConfig, steps_per_epoch: int) ->
     logger.info("pruning: %s, %d mask updates every %d steps from step %d to %d",
                 pruning.prune_scope, schedule.n + 1, schedule.delta_t, schedule.t0, schedule.last_update_step)  # fmt: skip
     return GradualMagnitudePruner(compressed_layers(model), schedule, PruningScope(pruning.prune_scope))
+
+
+def psgd_tensor_bits(model: nn.Module, config: TrainConfig) -> dict[str, int | None]:
+    """The tensors PSGD scales and their grid bits (:func:`quantization.position_scaling.scaled_tensor_bits`)."""
+    return scaled_tensor_bits(model, config.psgd.grid_bits, linear_biases=config.psgd.psgd_linear_biases)
+
+
+def build_psgd_callback(model: nn.Module, config: TrainConfig) -> PositionScaledGradientCallback | None:
+    """The PSGD callback of ``--psgd-target`` for the (unwrapped) ``model``; ``None`` without. It scales the
+    weight decay too with ``--psgd-scale-weight-decay`` (then :func:`build_optimizers` leaves those tensors undecayed)."""
+    psgd = config.psgd
+    if not psgd.enabled:
+        return None
+    tensor_bits = psgd_tensor_bits(model, config)
+    weight_decay = config.optim.weight_decay if psgd.psgd_scale_weight_decay else 0.0
+    edges = sorted({bits for bits in tensor_bits.values() if bits is not None and bits != psgd.grid_bits})
+    logger.info("PSGD: %d tensors scaled towards %s%s, lambda %g", len(tensor_bits),
+                f"the {psgd.psgd_bits}-bit grid" if psgd.grid_bits is not None else "zero",
+                f" (first and last layer at {edges[0]} bits)" if edges else "", psgd.psgd_lambda)  # fmt: skip
+    return PositionScaledGradientCallback(model, tensor_bits, psgd.psgd_lambda, weight_decay)

@@ -8,7 +8,7 @@ command's defaults: train-compressed's (:data:`DEFAULTS`) or LIMPQ's recipe
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import click
 
@@ -17,9 +17,14 @@ from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
 from training.config import (
     ACT_SCHEMES,
+    CIFAR_IMAGE_SIZE,
+    DATASETS,
     INDICATOR_RECIPE,
     OPTIMIZERS,
     PRUNE_METHODS,
+    PSGD_MAX_BITS,
+    PSGD_MIN_BITS,
+    PSGD_TARGETS,
     QMETHODS,
     TrainConfig,
     indicator_training_config,
@@ -66,13 +71,25 @@ model_data_options = _options(
     click.option("--architecture", default=DEFAULTS.model.architecture, show_default=True,
                  help="resnet18, resnet50, mobilenet_v2, efficientnet_lite0 (or the paper's <name>_quantized), "
                       "or any other classifier of `main.py list-models`."),
-    click.option("--images-dir", required=True, type=click.Path(file_okay=False, path_type=str),
-                 help="Dataset root with train/ and val/, each holding one folder of images per class (ImageNet layout)."),
+    click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULTS.data.dataset, show_default=True,
+                 help="folder: --images-dir; cifar10/cifar100: the CIFAR archive in --data-dir, 32x32 images "
+                      "(--image-size 32, the default there), its TEST split as the validation split (used for "
+                      "validation and best.pt, as the PSGD paper's code does: no separate held-out score)."),
+    click.option("--images-dir", default=None, type=click.Path(file_okay=False, path_type=str),
+                 help="Dataset root with train/ and val/, each holding one folder of images per class (ImageNet "
+                      "layout); needed with --dataset folder."),
+    click.option("--data-dir", default=DEFAULTS.data.data_dir, type=click.Path(file_okay=False, path_type=str),
+                 help="--dataset cifar10/cifar100: the folder holding cifar-10-python.tar.gz / "
+                      "cifar-100-python.tar.gz or their extracted folder (nothing is downloaded)."),
     click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
                  help="Folder with the pretrained checkpoint under its torchvision file name (e.g. "
                       "resnet18-f37072fd.pth). Default: the torch hub cache / bundled weights."),
     click.option("--pretrained/--no-pretrained", default=DEFAULTS.model.pretrained, show_default=True,
                  help="Start from ImageNet weights (--no-pretrained: seeded random init)."),
+    click.option("--init-checkpoint", type=click.Path(exists=True, path_type=str), default=None,
+                 help="Start from the weights of a float train-compressed checkpoint (trained with --no-weight-quant, "
+                      "no pruning; file or folder with last.pt) instead of the pretrained weights, e.g. PSGD from "
+                      "epoch 82 of a plain run. evaluate without --checkpoint compresses these weights post hoc."),
     click.option("--image-size", type=click.IntRange(8, 1024), default=DEFAULTS.data.image_size, show_default=True,
                  help="Crop size (validation resizes to size*256/224 first)."),
     click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.data.batch_size, show_default=True,
@@ -164,6 +181,21 @@ def output_options(flag: str, defaults: TrainConfig, help_text: str) -> Callable
 
 training_options = _options(
     optimization_options(DEFAULTS),
+    click.option("--psgd-target", type=_choice(PSGD_TARGETS), default=DEFAULTS.psgd.psgd_target,
+                 help="PSGD (position-based scaled gradient, Kim et al. 2020): scale each gradient by "
+                      "--psgd-lambda * |w - T(w)|, T(w) the nearest point of the --psgd-bits grid (grid) or 0 (zero, "
+                      "for magnitude pruning afterwards); trains the float weights: needs --no-weight-quant and no "
+                      "--act-quant. Default: off."),
+    click.option("--psgd-bits", type=click.IntRange(PSGD_MIN_BITS, PSGD_MAX_BITS), default=DEFAULTS.psgd.psgd_bits,
+                 show_default=True, help="The PSGD grid's bit-width (restricted symmetric, per tensor; the first and "
+                                         "last layer at 8 bits below 4)."),
+    click.option("--psgd-lambda", type=POSITIVE, default=DEFAULTS.psgd.psgd_lambda, show_default=True,
+                 help="PSGD's lambda_s."),
+    click.option("--psgd-scale-weight-decay/--no-psgd-scale-weight-decay", default=DEFAULTS.psgd.psgd_scale_weight_decay,
+                 show_default=True, help="Scale the weight decay of the PSGD tensors too (default: the optimizer "
+                                         "decays them unscaled, as the official code does)."),
+    click.option("--psgd-linear-biases/--no-psgd-linear-biases", default=DEFAULTS.psgd.psgd_linear_biases,
+                 show_default=True, help="Also scale the linear layers' biases (the official code does)."),
     click.option("--sep-quant-optimizer/--no-sep-quant-optimizer", default=DEFAULTS.optim.sep_quant_optimizer,
                  show_default=True, help="Own optimizer for the quantizer step sizes."),
     click.option("--quant-optimizer", type=_choice(OPTIMIZERS), default=DEFAULTS.optim.quant_optimizer.lower(),
@@ -231,4 +263,16 @@ def _normalised(options: dict) -> dict:
         if key in options:
             options[key] = options[key].lower()
     options["device"] = str(options["device"])
+    return options
+
+
+def resolve_data_options(options: dict, given: Collection[str]) -> dict:
+    """The data options completed: ``--images-dir`` required for ``--dataset folder`` (unless ``--data-dir`` names
+    the data of a checkpoint to evaluate), ``--image-size`` 32 for CIFAR unless given. Raises ``click.UsageError``."""
+    if options["dataset"] == "folder" and options["images_dir"] is None and options.get("data_dir") is None:
+        raise click.UsageError("Missing option '--images-dir' (the class folders of --dataset folder)")
+    if options["dataset"] != "folder" and "image_size" not in given:
+        options["image_size"] = CIFAR_IMAGE_SIZE
+    if options["images_dir"] is None:
+        options["images_dir"] = DEFAULTS.data.images_dir
     return options

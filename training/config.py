@@ -1,6 +1,6 @@
 """All options of ``main.py train-compressed`` / ``evaluate`` / ``train-indicators``: one small frozen dataclass per concern.
 
-:class:`TrainConfig` holds the model, data, optimisation, quantization, batch-norm, pruning,
+:class:`TrainConfig` holds the model, data, optimisation, quantization, batch-norm, pruning, PSGD,
 indicator-training and runtime options (plain values only). Every leaf field is named after its command-line option
 (``n_bits`` is ``--n-bits``) and no name occurs twice, so the flat options of the command line
 map one to one onto their nested place (:meth:`TrainConfig.from_options`,
@@ -28,6 +28,7 @@ from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
 from quantization.fake_quant import QuantizerConfig, RangeEstimator
 from quantization.granularity import Granularity
+from quantization.position_scaling import DEFAULT_LAMBDA, Target
 from quantization.quantizers import QuantScheme
 from training.lr_schedule import parse_lr_schedule
 
@@ -44,10 +45,14 @@ RANGE_METHODS = {
 PRUNE_METHODS = ("none", "zhu_gupta")
 OPTIMIZERS = ("SGD", "Adam")
 ACT_SCHEMES = ("auto", "unsigned", "symmetric")  # input quantizers of indicator training
+DATASETS = ("folder", "cifar10", "cifar100")  # folder: --images-dir class folders; else training/cifar.py in --data-dir
+CIFAR_IMAGE_SIZE = 32
+PSGD_TARGETS = tuple(target.value for target in Target)
+PSGD_MIN_BITS, PSGD_MAX_BITS = 2, 8
 
 # Options that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset(
-    {"images_dir", "model_dir", "num_workers", "save_checkpoint_dir", "resume", "tb_logging_dir", "progress_bar", "device"}
+    {"images_dir", "data_dir", "model_dir", "init_checkpoint", "num_workers", "save_checkpoint_dir", "resume", "tb_logging_dir", "progress_bar", "device"}
 )
 
 
@@ -61,6 +66,7 @@ class ModelConfig:
     architecture: str = "resnet18"
     model_dir: str | None = None
     pretrained: bool = True
+    init_checkpoint: str | None = None  # start from a float train-compressed checkpoint's weights (not the pretrained)
 
     @property
     def base_architecture(self) -> str:
@@ -73,10 +79,31 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    images_dir: str = ""
+    dataset: str = DATASETS[0]
+    images_dir: str = ""  # --dataset folder
+    data_dir: str | None = None  # --dataset cifar10/cifar100: the folder of the archive
     image_size: int = 224
     batch_size: int = 256
     num_workers: int = 4
+
+    @property
+    def is_cifar(self) -> bool:
+        return self.dataset != "folder"
+
+    @property
+    def source(self) -> str:
+        """Where the images come from, for logs and messages."""
+        return f"{self.dataset} in {self.data_dir}" if self.is_cifar else self.images_dir
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset {self.dataset} is not one of {', '.join(DATASETS)}")
+        if self.is_cifar:
+            if not self.data_dir:
+                raise ValueError(f"--dataset {self.dataset} needs --data-dir (the folder of the CIFAR archive)")
+            if self.image_size != CIFAR_IMAGE_SIZE:
+                raise ValueError(f"--dataset {self.dataset} has {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE} images: "
+                                 f"--image-size {self.image_size} is not {CIFAR_IMAGE_SIZE}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -180,6 +207,39 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class PsgdConfig:
+    """Position-based scaled gradient (Kim et al., NeurIPS 2020; quantization/position_scaling.py); no target: off."""
+
+    psgd_target: str | None = None  # grid (quantization) or zero (pruning)
+    psgd_bits: int = 4  # the grid's bit-width (the first and last layer at 8 below 4 bits)
+    psgd_lambda: float = DEFAULT_LAMBDA
+    psgd_scale_weight_decay: bool = False  # scale the weight decay too (the optimizer then skips those tensors)
+    psgd_linear_biases: bool = False  # also scale the linear layers' biases (the official code does)
+
+    @property
+    def enabled(self) -> bool:
+        return self.psgd_target is not None
+
+    @property
+    def grid_bits(self) -> int | None:
+        """The grid's bit-width; ``None`` for the zero target."""
+        return self.psgd_bits if self.psgd_target == Target.GRID.value else None
+
+    def validate(self) -> None:
+        if not self.enabled:
+            given = [option_flag(f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+            if given:
+                raise ValueError(f"{', '.join(given)} only act{'s' if len(given) == 1 else ''} with --psgd-target grid|zero")
+            return
+        if self.psgd_target not in PSGD_TARGETS:
+            raise ValueError(f"--psgd-target {self.psgd_target} is not one of {', '.join(PSGD_TARGETS)}")
+        if not PSGD_MIN_BITS <= self.psgd_bits <= PSGD_MAX_BITS:
+            raise ValueError(f"--psgd-bits {self.psgd_bits} is not in {PSGD_MIN_BITS}..{PSGD_MAX_BITS}")
+        if self.psgd_lambda <= 0:
+            raise ValueError(f"--psgd-lambda {self.psgd_lambda} must be positive")
+
+
+@dataclass(frozen=True)
 class IndicatorConfig:
     """LIMPQ's joint training of importance indicators (``train-indicators``); no ``bits``: a train-compressed run."""
 
@@ -225,6 +285,7 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     bn: BatchNormConfig = field(default_factory=BatchNormConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    psgd: PsgdConfig = field(default_factory=PsgdConfig)
     indicators: IndicatorConfig = field(default_factory=IndicatorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -255,12 +316,22 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` (one line) for inconsistent options (single options are checked by the CLI)."""
+        self.data.validate()
         self.optim.validate()
         self.pruning.validate()
+        self.psgd.validate()
         self.bn.validate()
         self.indicators.validate()
         if self.indicators.enabled and self.pruning.enabled:
             raise ValueError("indicator training does not prune (--prune-method none)")
+        if self.indicators.enabled and self.model.init_checkpoint is not None:
+            raise ValueError("indicator training starts from the pretrained weights, not --init-checkpoint")
+        if self.psgd.enabled:
+            if self.indicators.enabled:
+                raise ValueError("indicator training does not take --psgd-target")
+            if self.quant.weight_quant or self.quant.act_quant:
+                raise ValueError("PSGD trains the float weights (quantize them afterwards): add --no-weight-quant "
+                                 "and leave --act-quant off")  # fmt: skip
 
     @property
     def command(self) -> str:

@@ -2,7 +2,8 @@
 
 Standard transforms: training ``RandomResizedCrop(image_size)`` + horizontal flip; validation
 resize to ``round(image_size * 256 / 224)`` + centre crop ``image_size`` (224/256 for ImageNet),
-both normalised with the ImageNet mean/std.
+both normalised with the ImageNet mean/std. CIFAR-10/100 (:func:`build_cifar_loaders`) use the
+loaders of the same kind, their test split as the validation split.
 
 The random training transforms of sample ``i`` in epoch ``e`` are drawn from a torch generator
 seeded with ``(seed, e, i)``, so the augmented images depend neither on the number of loader
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.datasets import DatasetFolder
 
@@ -231,10 +232,60 @@ def build_loaders(
     )
     classes = train_set.class_to_idx if train_set is not None else None
     val_set = ClassFolderDataset(images_dir / "val", eval_transform(image_size), classes, seed)
+    num_classes = len(train_set.classes) if train_set is not None else max(val_set.class_to_idx.values()) + 1
+    return dataset_loaders(train_set, val_set, num_classes, str(images_dir / "train"), batch_size, num_workers, seed,
+                           rank, world_size, train_use, pin_memory)  # fmt: skip
+
+
+def build_cifar_loaders(
+    data_dir: Path,
+    variant: str,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    train_use: TrainUse = TrainUse.TRAINING,
+    pin_memory: bool = False,
+) -> DataLoaders:
+    """Like :func:`build_loaders` for CIFAR-10/100 in ``data_dir`` (:mod:`training.cifar`): the training split with
+    its augmentation, and the *test* split as the validation split (CIFAR has no other held-out split).
+
+    Raises :class:`training.cifar.CifarMissingError` (where to put the archive) or ``CifarFormatError``.
+    """
+    from training.cifar import CifarDataset, cifar_datasets, cifar_eval_transform, read_cifar
+
+    train_use = TrainUse(train_use)
+    if train_use is TrainUse.NONE:
+        train_set, val_set = None, CifarDataset(read_cifar(data_dir, variant, "test"), cifar_eval_transform(), seed)
+    else:
+        train_set, val_set = cifar_datasets(data_dir, variant, seed)
+    return dataset_loaders(train_set, val_set, len(val_set.classes), f"{variant} in {data_dir}", batch_size,
+                           num_workers, seed, rank, world_size, train_use, pin_memory)  # fmt: skip
+
+
+def dataset_loaders(
+    train_set: Dataset | None,
+    val_set: Dataset,
+    num_classes: int,
+    train_name: str,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    train_use: TrainUse = TrainUse.TRAINING,
+    pin_memory: bool = False,
+) -> DataLoaders:
+    """The :class:`DataLoaders` of a training and a validation dataset (see :func:`build_loaders`).
+
+    The datasets yield ``(image, label)`` or :class:`Unreadable` and have ``set_epoch``;
+    ``train_name`` names the training split in the error for too small a split.
+    """
     common = {"num_workers": num_workers, "collate_fn": collate_skipping, "pin_memory": pin_memory,
               "worker_init_fn": _seed_worker}  # fmt: skip
     train_loader = estimation_loader = None
-    training = train_use is TrainUse.TRAINING
+    training = TrainUse(train_use) is TrainUse.TRAINING
 
     def shuffled(replicas: int, replica: int, size: int) -> DataLoader:
         sampler = DistributedSampler(train_set, num_replicas=replicas, rank=replica, shuffle=True, seed=seed,
@@ -245,11 +296,10 @@ def build_loaders(
     if training:
         if len(train_set) // world_size < batch_size:
             raise ImageFolderError(
-                f"{images_dir / 'train'} has {len(train_set)} images: too few for one batch of {batch_size} per process"
+                f"{train_name} has {len(train_set)} images: too few for one batch of {batch_size} per process"
             )
         train_loader = shuffled(world_size, rank, batch_size)
     if train_set is not None:
         estimation_loader = shuffled(1, 0, batch_size * world_size) if world_size > 1 or not training else train_loader
     val_loader = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), rank, world_size), **common)
-    num_classes = len(train_set.classes) if train_set is not None else max(val_set.class_to_idx.values()) + 1
     return DataLoaders(train_loader, val_loader, estimation_loader, num_classes)

@@ -45,16 +45,17 @@ from training.builders import (
     build_compressed_model,
     build_optimizers,
     build_pruner,
+    build_psgd_callback,
     build_schedulers,
     check_architecture,
     configure_determinism,
     image_size_check,
     output_classes,
 )
-from training.callbacks import GradualPruningCallback
+from training.callbacks import GradualPruningCallback, PositionScaledGradientCallback
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig, differing_options, option_flag, saved_config
-from training.data import DataLoaders, SkipRecorder, TrainUse, build_loaders, check_images_dir
+from training.data import DataLoaders, SkipRecorder, TrainUse, build_cifar_loaders, build_loaders, check_images_dir
 from training.distributed import (
     DistributedContext,
     barrier,
@@ -84,7 +85,7 @@ SUMMARY_JSON = "summary.json"
 
 # The options of a checkpoint evaluation that are not taken from the checkpoint.
 EVALUATION_OPTIONS = ("images_dir", "batch_size", "num_workers", "device", "amp", "channels_last", "progress_bar",
-                      "seed", "deterministic")  # fmt: skip
+                      "seed", "deterministic", "data_dir")  # fmt: skip
 SHOWN_SKIPPED_PATHS = 5
 
 
@@ -109,10 +110,19 @@ def _loaders(config: TrainConfig, context: DistributedContext, train_use: TrainU
     data = config.data
     if data.batch_size % context.world_size:
         raise TrainingError(f"--batch-size {data.batch_size} is not divisible by the {context.world_size} processes")
-    return build_loaders(
-        Path(data.images_dir), data.image_size, data.batch_size // context.world_size, data.num_workers,
-        config.runtime.seed, context.rank, context.world_size, train_use, pin_memory=context.device.type == "cuda",
-    )  # fmt: skip
+    common = (data.batch_size // context.world_size, data.num_workers, config.runtime.seed, context.rank,
+              context.world_size, train_use, context.device.type == "cuda")  # fmt: skip
+    if data.is_cifar:
+        if not data.data_dir:
+            raise TrainingError(f"--dataset {data.dataset} needs --data-dir (the folder of the CIFAR archive)")
+        return build_cifar_loaders(Path(data.data_dir), data.dataset, *common)
+    _check_images_dir_given(config)
+    return build_loaders(Path(data.images_dir), data.image_size, *common)
+
+
+def _check_images_dir_given(config: TrainConfig) -> None:
+    if not config.data.images_dir:
+        raise TrainingError(f"--dataset {config.data.dataset} needs --images-dir")
 
 
 def _check_classes(model: nn.Module, config: TrainConfig, num_classes: int) -> int:
@@ -179,6 +189,8 @@ class CompressionTraining:
     A fresh run estimates the activation ranges on training batches (in train mode); each
     evaluation is preceded by the batch-norm re-estimation (``--reestimate-bn-stats``). One
     forward/backward pass per step; the pruning callback is the run's (it needs the schedule).
+    With ``--psgd-target`` the PSGD callback scales the gradients
+    (:func:`training.builders.build_psgd_callback`); its grid ranges go into the checkpoints.
     """
 
     find_unused_parameters = False
@@ -186,29 +198,39 @@ class CompressionTraining:
     def __init__(self, config: TrainConfig, bit_policy: BitPolicy | None) -> None:
         self.config = config
         self.bit_policy = bit_policy
+        self.psgd: PositionScaledGradientCallback | None = None
+        self._psgd_state: dict[str, Any] | None = None  # from a checkpoint, for the callback made in plugins()
 
     def describe(self) -> str:
         return f"compression: {_describe_compression(self.config)}"
 
     def build_model(self, num_classes: int | None, for_state_dict: bool) -> nn.Module:
+        initial = None if for_state_dict else self.config.model.init_checkpoint
         return build_compressed_model(self.config, for_state_dict=for_state_dict, num_classes=num_classes,
-                                      bit_policy=self.bit_policy)  # fmt: skip
+                                      bit_policy=self.bit_policy, init_checkpoint=initial)  # fmt: skip
 
     def start(self, model: nn.Module, loaders: DataLoaders, options: StepOptions) -> None:
         estimation = image_batches(loaders.estimation, self.config.quant.num_est_batches, options)
         calibrate_input_quantizers(model, estimation, train_mode=True)
 
     def plugins(self, model: nn.Module) -> tuple[StepFunction, list[TrainCallback]]:
-        return single_pass_step, []
+        self.psgd = build_psgd_callback(model, self.config)
+        if self.psgd is None:
+            return single_pass_step, []
+        if self._psgd_state is not None:
+            self.psgd.load_state_dict(self._psgd_state)
+        return single_pass_step, [self.psgd]
 
     def before_evaluation(self, model: nn.Module, loaders: DataLoaders, options: StepOptions) -> None:
         _reestimate_bn(model, loaders, self.config, options)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"psgd": self.psgd.state_dict()} if self.psgd is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self._psgd_state = state.get("psgd")
+        if self.config.psgd.enabled and self._psgd_state is None:
+            raise TrainingError("the checkpoint has no PSGD state (it was written without --psgd-target)")
 
     def write_epoch_outputs(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
         return {}
@@ -244,7 +266,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if runtime.tb_logging_dir and not tensorboard_available():
         raise TrainingError("--tb-logging-dir needs the tensorboard package (pip install tensorboard)")
     check_architecture(config)
-    check_images_dir(Path(config.data.images_dir))
+    if not config.data.is_cifar:
+        _check_images_dir_given(config)
+        check_images_dir(Path(config.data.images_dir))
     outputs = {"--save-checkpoint-dir": runtime.save_checkpoint_dir, "--tb-logging-dir": runtime.tb_logging_dir}
     for option, folder in outputs.items():
         if folder:
@@ -374,7 +398,7 @@ def _head_classes(checkpoint: dict[str, Any] | None, dataset_classes: int, confi
     saved = checkpoint.get("num_classes")
     if saved is not None and saved != dataset_classes:
         raise TrainingError(
-            f"{config.runtime.resume} was trained on {saved} classes but --images-dir has {dataset_classes}"
+            f"{config.runtime.resume} was trained on {saved} classes but {config.data.source} has {dataset_classes}"
         )
     return saved
 
@@ -396,6 +420,11 @@ def _describe_compression(config: TrainConfig) -> str:
                    f"{min(prune.prune_epoch_start, last)} to {prune.s_f:g} at the end of epoch {last}")  # fmt: skip
     else:
         pruning = "no pruning"
+    psgd = config.psgd
+    if psgd.enabled:
+        target = f"the {psgd.psgd_bits}-bit grid" if psgd.grid_bits is not None else "zero"
+        decay = "scaled" if psgd.psgd_scale_weight_decay else "unscaled"
+        pruning += f", PSGD towards {target} (lambda {psgd.psgd_lambda:g}, {decay} weight decay)"
     return f"{weights}, {activations}, {pruning}"
 
 
@@ -403,8 +432,10 @@ def _log_header(
     config: TrainConfig, method: TrainingMethod, loaders: DataLoaders, context: DistributedContext, out_dir: Path
 ) -> None:
     start = "pretrained" if config.model.pretrained else "random init"
+    if config.model.init_checkpoint is not None:
+        start = f"weights of {config.model.init_checkpoint}"
     logger.info("%s: %s (%s) on %s: %d classes, %d training and %d validation images", config.command,
-                config.model.architecture, start, config.data.images_dir, loaders.num_classes,
+                config.model.architecture, start, config.data.source, loaders.num_classes,
                 len(loaders.train.dataset), len(loaders.val.dataset))  # fmt: skip
     logger.info("%s", method.describe())
     processes = f", {context.world_size} processes" if context.is_distributed else ""
@@ -612,11 +643,14 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
                 config.validate()
             except ValueError as error:
                 raise TrainingError(str(error)) from None
-            estimating = (Path(config.data.images_dir) / "train").is_dir() and (
+            has_train = config.data.is_cifar or (Path(config.data.images_dir) / "train").is_dir()
+            estimating = has_train and (
                 config.quant.act_quant or config.bn.reestimate_bn_stats
             )
             loaders = _loaders(config, context, TrainUse.ESTIMATION if estimating else TrainUse.NONE)
-            model = build_compressed_model(config)
+            initial = config.model.init_checkpoint  # float weights to compress post hoc, with the dataset's head
+            model = build_compressed_model(config, num_classes=loaders.num_classes if initial else None,
+                                           init_checkpoint=initial)  # fmt: skip
             outputs = _check_classes(model, config, loaders.num_classes)
             if outputs != loaders.num_classes:
                 logger.warning("the dataset has %d classes, %s predicts %d: class folder i (sorted) is scored as the "
@@ -628,7 +662,7 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
             calibration = loaders.estimation if loaders.estimation is not None else loaders.val
             calibrate_input_quantizers(model, image_batches(calibration, config.quant.num_est_batches, options))
             if config.bn.reestimate_bn_stats and loaders.estimation is None:
-                logger.warning("no train/ folder: batch-norm statistics are not re-estimated")
+                logger.warning("no training split: batch-norm statistics are not re-estimated")
             _reestimate_bn(model, loaders, config, options)
         if config.runtime.channels_last:
             model.to(memory_format=torch.channels_last)
