@@ -62,9 +62,9 @@ from pruning.group_sparse_ls import (
 )
 from pruning.perspective_bound import problem_splits
 from studies.bounds_files import RunFiles, bar_shown, best_of, check_exact_limits, format_percent, sqnr_db
-from studies.bounds_run import RunSetup, run_layers, sets_bar
-from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes, problem_set_count
-from studies.problem_sets import ProblemSet, config_record, solve_layer, solve_with_zero_energy
+from studies.bounds_run import BoundsStudy, RunSetup, run_study
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes
+from studies.problem_sets import ProblemSet, solve_layer, solve_with_zero_energy
 
 __all__ = [
     "METHODS",
@@ -309,14 +309,9 @@ def plot_label(config: BlockPruneBoundsConfig) -> str:
     return f"1x{config.block_size} pruning {format_percent(config.sparsity)}"
 
 
-def run_block_prune_bounds(layers: dict[str, LayerData], config: BlockPruneBoundsConfig, setup: RunSetup
-                           ) -> tuple[dict, RunFiles]:
-    """The 1xN block-pruning-bounds study of ``layers`` (the CLI's ``block-prune-bounds-data-opt``): every layer
-    solved and written as it finishes (:func:`studies.bounds_run.run_layers`), a bar of problem sets when
-    ``setup.progress``. Returns the run's record and its files (named by :func:`run_stem`)."""
-    files = setup.files(run_stem(setup.model_name, config))
-    header = setup.header("block_pruning", config_record(config))
-    with sets_bar(problem_set_count(layers.values(), config.opt_dim, config.max_whole_dim), setup.progress) as bar:
-        record = run_layers(layers, lambda data: block_prune_bounds_layer(data, config, bar), setup.save_problems,
-                            header, files, plot_label(config))
-    return record, files
+STUDY = BoundsStudy("block_pruning", run_stem, block_prune_bounds_layer, plot_label)
+
+
+def run_block_prune_bounds(layers: dict[str, LayerData], config: BlockPruneBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
+    """The study of ``layers`` (:func:`studies.bounds_run.run_study`); returns the run's record and its files."""
+    return run_study(STUDY, layers, config, setup)

@@ -15,9 +15,10 @@ from studies.bounds_files import (
     write_layer_problems,
     write_run,
 )
-from studies.layer_problems import LayerData
+from studies.layer_problems import LayerData, problem_set_count
+from studies.problem_sets import BoundsConfig, config_record
 
-__all__ = ["RunSetup", "run_layers", "sets_bar"]
+__all__ = ["BoundsStudy", "RunSetup", "run_layers", "run_study", "sets_bar"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +101,30 @@ def _plot_entry(layer: dict) -> tuple[str, float | None, float | None, dict]:
     scope = layer["scopes"]["chunk"]
     methods = {method: value for method, value in scope["sqnr_db"].items() if method != "best"}
     return layer["layer"], scope["sqnr_upper_bound_db"], scope["sqnr_db"]["best"], methods
+
+
+@dataclass(frozen=True)
+class BoundsStudy:
+    """One bounds study (quantization, pruning, block pruning): what :func:`run_study` needs of it.
+
+    ``kind`` is recorded in the run's JSON; ``run_stem(model_name, config)`` names its files;
+    ``solve_layer(data, config, bar)`` solves one layer (updating the bar of problem sets);
+    ``plot_label(config)`` labels its figure.
+    """
+
+    kind: str
+    run_stem: Callable[[str, BoundsConfig], str]
+    solve_layer: Callable[..., dict]
+    plot_label: Callable[[BoundsConfig], str]
+
+
+def run_study(study: BoundsStudy, layers: dict[str, LayerData], config: BoundsConfig, setup: RunSetup
+              ) -> tuple[dict, RunFiles]:  # fmt: skip
+    """Run ``study`` on ``layers``: every layer solved and written as it finishes (:func:`run_layers`), a bar of
+    problem sets when ``setup.progress``. Returns the run's record and its files (named by ``study.run_stem``)."""
+    files = setup.files(study.run_stem(setup.model_name, config))
+    header = setup.header(study.kind, config_record(config))
+    with sets_bar(problem_set_count(layers.values(), config.opt_dim, config.max_whole_dim), setup.progress) as bar:
+        record = run_layers(layers, lambda data: study.solve_layer(data, config, bar), setup.save_problems, header,
+                            files, study.plot_label(config))  # fmt: skip
+    return record, files

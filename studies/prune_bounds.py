@@ -51,9 +51,9 @@ from pruning.sparse_ls_heuristics import (
     pruning_methods,
 )
 from studies.bounds_files import RunFiles, bar_shown, best_of, check_exact_limits, format_percent
-from studies.bounds_run import RunSetup, run_layers, sets_bar
-from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_set_count
-from studies.problem_sets import ProblemSet, config_record, solve_layer, solve_with_zero_energy
+from studies.bounds_run import BoundsStudy, RunSetup, run_study
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData
+from studies.problem_sets import ProblemSet, solve_layer, solve_with_zero_energy
 
 __all__ = [
     "METHODS",
@@ -236,15 +236,9 @@ def plot_label(config: PruneBoundsConfig) -> str:
     return f"pruning {format_percent(config.sparsity)}"
 
 
-def run_prune_bounds(layers: dict[str, LayerData], config: PruneBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
-    """The pruning-bounds study of ``layers`` (the CLI's ``prune-bounds-data-opt``): every layer solved and written
-    as it finishes (:func:`studies.bounds_run.run_layers`), a bar of problem sets when ``setup.progress``.
+STUDY = BoundsStudy("pruning", run_stem, prune_bounds_layer, plot_label)
 
-    Returns the run's record and its files (named by :func:`run_stem`).
-    """
-    files = setup.files(run_stem(setup.model_name, config))
-    header = setup.header("pruning", config_record(config))
-    with sets_bar(problem_set_count(layers.values(), config.opt_dim, config.max_whole_dim), setup.progress) as bar:
-        record = run_layers(layers, lambda data: prune_bounds_layer(data, config, bar), setup.save_problems, header,
-                            files, plot_label(config))
-    return record, files
+
+def run_prune_bounds(layers: dict[str, LayerData], config: PruneBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
+    """The study of ``layers`` (:func:`studies.bounds_run.run_study`); returns the run's record and its files."""
+    return run_study(STUDY, layers, config, setup)

@@ -57,9 +57,9 @@ from quantization.qp_exact import DEFAULT_NODE_LIMIT, solve_exact_batch
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import current_minmax, mse_range
 from studies.bounds_files import RunFiles, best_of, check_exact_limits, problem_bar
-from studies.bounds_run import RunSetup, run_layers, sets_bar
-from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes, problem_set_count
-from studies.problem_sets import ProblemSet, config_record, solve_layer, solve_with_zero_energy
+from studies.bounds_run import BoundsStudy, RunSetup, run_study
+from studies.layer_problems import DEFAULT_MAX_WHOLE_DIM, LayerData, problem_scopes
+from studies.problem_sets import ProblemSet, solve_layer, solve_with_zero_energy
 
 __all__ = [
     "METHODS",
@@ -403,15 +403,9 @@ def plot_label(config: QuantBoundsConfig) -> str:
     return f"INT{config.n_bits}"
 
 
-def run_quant_bounds(layers: dict[str, LayerData], config: QuantBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
-    """The quantization-bounds study of ``layers`` (the CLI's ``quant-bounds-data-opt``): every layer solved and
-    written as it finishes (:func:`studies.bounds_run.run_layers`), a bar of problem sets when ``setup.progress``.
+STUDY = BoundsStudy("quantization", run_stem, quant_bounds_layer, plot_label)
 
-    Returns the run's record and its files (named by :func:`run_stem`).
-    """
-    files = setup.files(run_stem(setup.model_name, config))
-    header = setup.header("quantization", config_record(config))
-    with sets_bar(problem_set_count(layers.values(), config.opt_dim, config.max_whole_dim), setup.progress) as bar:
-        record = run_layers(layers, lambda data: quant_bounds_layer(data, config, bar), setup.save_problems, header,
-                            files, plot_label(config))
-    return record, files
+
+def run_quant_bounds(layers: dict[str, LayerData], config: QuantBoundsConfig, setup: RunSetup) -> tuple[dict, RunFiles]:
+    """The study of ``layers`` (:func:`studies.bounds_run.run_study`); returns the run's record and its files."""
+    return run_study(STUDY, layers, config, setup)

@@ -252,7 +252,7 @@ def test_cli_images_dir_with_too_few_images_and_a_failing_layer(tmp_path: Path, 
             raise RuntimeError("solver exploded")
         return original(data, config, progress)
 
-    monkeypatch.setattr(quant_bounds, "quant_bounds_layer", failing)
+    monkeypatch.setattr(quant_bounds, "STUDY", dataclasses.replace(quant_bounds.STUDY, solve_layer=failing))
     result = run_cli(
         "--layer-name", DEPTHWISE, "--layer-name", LAYER, "--num-output-channels", "2", "--num-samples", "8",
         "--images-dir", str(images_dir), "--output-dir", str(tmp_path / "out"), "--no-progress", "--opt-dim", "120",
