@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless, before anything imports pyplot
 
 from studies.paper_data import BUNDLED_TABLE
+from studies.result_files import UNSTRUCTURED, PruningStructureType
 from studies.weight_sqnr_report import Report, ReportError, artefacts_report, ours_report, paper_report
 from utils.cli import NameListType
 
@@ -66,6 +67,13 @@ def _echo(report: Report) -> None:
     help="Which study setting to plot (as given to the study).",
 )
 @click.option(
+    "--pruning-structure",
+    type=PruningStructureType(),
+    default=UNSTRUCTURED,
+    show_default=True,
+    help="Which study setting to plot (as given to the study): 'unstructured' or '1xN:<N>'.",
+)
+@click.option(
     "--paper",
     is_flag=True,
     help="Redraw the paper's Fig. 3 from its published data (--paper-table) with our results from "
@@ -90,6 +98,7 @@ def main(
     models: list[str] | None,
     range_estimator: str,
     per_channel: bool,
+    pruning_structure: str,
     paper: bool,
     paper_artefacts: bool,
     paper_table: Path,
@@ -98,13 +107,15 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if paper and paper_artefacts:
         raise click.UsageError("--paper and --paper-artefacts are separate tasks: give one")
+    if paper and pruning_structure != UNSTRUCTURED:
+        raise click.UsageError("--paper compares with the paper's unstructured pruning: leave out --pruning-structure")
     try:
         if paper_artefacts:
             report = artefacts_report(paper_table, models)
         elif paper:
             report = paper_report(input_dir, output_dir, paper_table, models, range_estimator.lower(), per_channel)
         else:
-            report = ours_report(input_dir, output_dir, models, range_estimator.lower(), per_channel)
+            report = ours_report(input_dir, output_dir, models, range_estimator.lower(), per_channel, pruning_structure)
     except ReportError as error:
         raise click.ClickException(str(error)) from None
     _echo(report)

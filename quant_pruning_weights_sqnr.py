@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from studies.result_files import table_file_name
+from studies.result_files import UNSTRUCTURED, PruningStructureType, table_file_name
 from utils.cli import DeviceType, IntListType, NameListType, default_device, setup_logging
 
 # Real ImageNet models whose weights ship in pip packages (requirements.txt): studied offline by default.
@@ -47,16 +47,20 @@ def resolve_models(requested: list[str] | None) -> list[str]:
               default="mse", show_default=True, help="Clipping range of the quantizer.")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True,
               help="One quantization step per output channel instead of per tensor.")
+@click.option("--pruning-structure", type=PruningStructureType(), default=UNSTRUCTURED, show_default=True,
+              help="The pruning compared with: 'unstructured' (single weights of lowest magnitude) or '1xN:<N>' "
+              "(blocks of N consecutive output channels x 1 input channel x the kernel, lowest L1 norm first). "
+              "Tensors without 1xN blocks (e.g. depthwise) get null pruning values.")
 @click.option("--device", type=DeviceType(), default=default_device(), show_default=True)
 @click.option("--random-init", is_flag=True,
               help="Analyse randomly initialised models instead of pretrained ones (for testing only).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-def main(models, bits, output_dir, range_estimator, per_channel, device, random_init, progress) -> None:
+def main(models, bits, output_dir, range_estimator, per_channel, pruning_structure, device, random_init, progress) -> None:
     """Compare INT-b quantization with magnitude pruning on every weight tensor of each model.
 
-    Writes OUTPUT_DIR/<model>_<b>_bits_<estimator>.json per model and bit-width and the tidy
-    table OUTPUT_DIR/weights_sqnr_<estimator>.csv of every result in OUTPUT_DIR. Complete
-    files from an earlier run are reused.
+    Writes OUTPUT_DIR/<model>_<b>_bits_<estimator>[_per_channel][_1x<N>].json per model and
+    bit-width and the tidy table OUTPUT_DIR/weights_sqnr_<estimator>[_per_channel][_1x<N>].csv of
+    every result of the setting in OUTPUT_DIR. Complete files from an earlier run are reused.
     """
     from studies.weight_sqnr import run_study
     from utils.io import ensure_writable_dir
@@ -68,7 +72,8 @@ def main(models, bits, output_dir, range_estimator, per_channel, device, random_
     except OSError as error:
         raise click.ClickException(str(error)) from None
     results, skipped = run_study(
-        model_names, bits, output_dir, range_estimator.lower(), per_channel, device, not random_init, progress
+        model_names, bits, output_dir, range_estimator.lower(), per_channel, device, not random_init, progress,
+        pruning_structure,
     )
     studied = sorted({result["model"] for result in results})
     if skipped:
@@ -76,7 +81,7 @@ def main(models, bits, output_dir, range_estimator, per_channel, device, random_
     if not studied:
         raise click.ClickException("no model could be studied")
     click.echo(f"studied {len(studied)} model(s) at bits {','.join(map(str, bits))}: {', '.join(studied)}")
-    table = output_dir / table_file_name(range_estimator.lower(), per_channel)
+    table = output_dir / table_file_name(range_estimator.lower(), per_channel, pruning_structure)
     click.echo(f"results in {output_dir}/ (table: {table})")
 
 if __name__ == "__main__":

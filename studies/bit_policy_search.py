@@ -26,10 +26,11 @@ import numpy as np
 from torch import nn
 
 from models import UnknownModelError, WeightsUnavailableError, check_model_name, load_model
-from models.bit_policy import BitPolicyError, parse_bit_policy
+from models.bit_policy import BitPolicy, BitPolicyError, parse_bit_policy, read_bit_policy
 from models.geometry import layer_geometry
 from models.quantized import compressible_layers
 from quantization.bit_allocation import FIXED_LAYER_BITS, BitAllocation, allocate_bits
+from studies.bit_policy_plots import write_bit_policy_figure
 from studies.indicators import Indicators, IndicatorsError, read_indicators
 from utils.io import write_json
 
@@ -197,9 +198,14 @@ def policy_document(problem: SearchProblem, allocation: BitAllocation, settings:
     return document
 
 
-def run_bit_policy_search(settings: SearchSettings, output: str | Path) -> dict:
-    """Read the indicators, build the model, search, write the policy to ``output``; return the policy."""
+def run_bit_policy_search(settings: SearchSettings, output: str | Path, compare_with: str | Path | None = None) -> dict:
+    """Read the indicators, build the model, search, write the policy to ``output``; return the policy.
+
+    A figure of the policy (bits per layer) is written beside it, ``<output stem>.png/.pdf``; with
+    ``compare_with`` (another policy file of the same layers) drawn below it, the differing layers marked.
+    """
     check_settings(settings)
+    other = _read_other_policy(compare_with)
     if settings.indicators in DATA_FREE_KINDS:
         compute = _data_free_function(settings)  # a missing module fails before the model is built
         model = _load_model(settings.architecture, pretrained=True)
@@ -216,8 +222,23 @@ def run_bit_policy_search(settings: SearchSettings, output: str | Path) -> dict:
                 settings.architecture, ",".join(map(str, settings.bits)), _constraints_text(settings),
                 settings.geometry, settings.image_size)  # fmt: skip
     document = policy_document(problem, solve_search_problem(problem, settings), settings)
+    policy = parse_bit_policy(document)
+    if other is not None and other.layers != policy.layers:
+        raise BitPolicySearchError(f"{compare_with} is a policy of other layers than the search's", "--compare-with")
     write_json(output, document)
+    output = Path(output)
+    labels = (output.stem, Path(compare_with).stem if compare_with is not None else "")
+    write_bit_policy_figure(policy, output.parent, other, labels, stem=output.stem)
     return document
+
+
+def _read_other_policy(path: str | Path | None) -> BitPolicy | None:
+    if path is None:
+        return None
+    try:
+        return read_bit_policy(path)
+    except BitPolicyError as error:
+        raise BitPolicySearchError(str(error), "--compare-with") from None
 
 
 def _constraints_text(settings: SearchSettings) -> str:

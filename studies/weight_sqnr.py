@@ -10,6 +10,14 @@ model and every bit-width ``b``:
   16-bit values); ``pruning_mse = mean of the pruned w^2``;
 * corrected pruning: quantization's own zeros are free storage, so pruning may keep only
   ``(1 - quant_sparsity) * b / 16`` of the entries for the same bits;
+* 1xN block pruning (``--pruning-structure 1xN:<N>``) instead of single weights: the
+  ``floor(s B)`` of the tensor's ``B`` blocks (``N`` consecutive output channels x one input
+  channel x the whole kernel) of lowest L1 norm zeroed (:func:`pruning.block_masks.one_by_n_mask`,
+  blocks inside each group of a grouped convolution), ``pruning_mse`` = mean square of the zeroed
+  weights (no refit, as for single weights); the corrected column the same at the corrected
+  sparsity. A tensor with fewer than ``N`` output channels per group (every depthwise convolution
+  when ``N > 1``), a grouped transposed convolution or a 1-D tensor has no 1xN blocks: its pruning
+  values are null (counted in one logged line per model); its quantization values are kept;
 * ``SQNR = 10 log10(mean(w^2) / mse)`` dB and the biased excess sample kurtosis
   ``m4 / m2^2 - 3``.
 
@@ -30,12 +38,13 @@ from torch import nn
 from tqdm import tqdm
 
 from models.layers import output_channel_axis, weight_layers
+from pruning.block_masks import one_by_n_mask
 from pruning.masks import magnitude_pruning_sse
-from quantization.grid_error import SortedValues, as_rows, grid_sse, sort_rows, zero_count
+from quantization.grid_error import SortedValues, accumulation_dtype, as_rows, grid_sse, sort_rows, zero_count
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import mse_range_search
 from studies.compression import pruning_sparsity, sqnr_db
-from studies.result_files import result_file_name, result_glob, table_file_name
+from studies.result_files import UNSTRUCTURED, result_file_name, result_glob, structure_block_size, table_file_name
 from utils.io import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,9 @@ METRICS = (
 )  # fmt: skip
 # Sorted tensors kept between bit-widths by iter_study_model (about 32 bytes per weight): up to 1 GiB.
 PREPARED_CACHE_BYTES = 1 << 30
+PRUNING_KEYS = ("pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected")
+# Settings that result files written before they existed leave out, with the value those files were made with.
+SETTING_DEFAULTS = {"pruning_structure": UNSTRUCTURED}
 
 
 def excess_kurtosis(values: torch.Tensor) -> float:
@@ -138,21 +150,75 @@ def study_prepared(
     return results
 
 
+def block_pruning_sse(weight: torch.Tensor, block_size: int, sparsity: float, groups: int = 1) -> float:
+    """Energy ``sum w^2`` of the weights that 1xN pruning at ``sparsity`` zeroes (:func:`one_by_n_mask`).
+
+    ``weight`` is ``(C_out, C_in / groups, *kernel)``; a sparsity of 1 zeroes every block.
+    """
+    squares = weight.detach().to(accumulation_dtype(weight.device)) ** 2
+    if sparsity >= 1.0:
+        return float(squares.sum())
+    return float(squares[~one_by_n_mask(weight.detach(), block_size, sparsity, groups)].sum())
+
+
+def block_pruning_metrics(
+    weight: torch.Tensor, block_size: int, n_bits: int, quant_sparsity: float, mean_square: float, groups: int = 1
+) -> dict[str, float | None]:
+    """The pruning metrics (:data:`PRUNING_KEYS`) of 1xN block pruning at ``1 - b/16`` and at the corrected sparsity.
+
+    ``weight`` is ``(C_out, C_in / groups, *kernel)``. All None when it has no 1xN blocks: fewer than
+    2 dimensions or fewer than ``block_size`` output channels per group.
+    """
+    if weight.dim() < 2 or weight.shape[0] // groups < block_size:
+        return dict.fromkeys(PRUNING_KEYS)
+    numel = weight.numel()
+    pruning_mse = block_pruning_sse(weight, block_size, pruning_sparsity(n_bits), groups) / numel
+    corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * n_bits / 16.0
+    pruning_mse_corrected = block_pruning_sse(weight, block_size, corrected_sparsity, groups) / numel
+    return {
+        "pruning_sqnr": sqnr_db(mean_square, pruning_mse),
+        "pruning_mse": pruning_mse,
+        "pruning_sqnr_corrected": sqnr_db(mean_square, pruning_mse_corrected),
+        "pruning_mse_corrected": pruning_mse_corrected,
+    }
+
+
+def block_layout(module: nn.Module) -> tuple[torch.Tensor | None, int]:
+    """``(weight as (C_out, C_in / groups, *kernel), groups)`` of a layer; ``(None, 1)`` for a grouped transposed conv."""
+    weight, groups = module.weight.detach(), getattr(module, "groups", 1)
+    if output_channel_axis(module) != 0:
+        if groups != 1:
+            return None, 1
+        weight = weight.transpose(0, 1)
+    return weight, groups
+
+
 def study_tensor(
     weight: torch.Tensor,
     bits: Sequence[int],
     range_estimator: str = "mse",
     ch_axis: int | None = None,
-) -> dict[int, dict[str, float | list[float]]]:
+    block_size: int | None = None,
+    groups: int = 1,
+) -> dict[int, dict[str, float | list[float] | None]]:
     """The study's metrics of one weight tensor for each bit-width in ``bits`` (sorted once).
 
     Args:
         weight: any shape and float dtype, on any device.
         range_estimator: ``mse`` (MSE-optimal clipping) or ``minmax``.
         ch_axis: quantize per channel along this axis; None for one quantizer per tensor.
+        block_size: compare with 1xN block pruning of this ``N`` (``weight`` then laid out as
+            ``(C_out, C_in / groups, *kernel)``); None for unstructured magnitude pruning.
     """
     check_range_estimator(range_estimator)
-    return study_prepared(prepare_tensor(weight, ch_axis), bits, range_estimator)
+    prepared = prepare_tensor(weight, ch_axis)
+    results = study_prepared(prepared, bits, range_estimator)
+    if block_size is not None:
+        for n_bits, metrics in results.items():
+            metrics.update(
+                block_pruning_metrics(weight, block_size, n_bits, metrics["quant_sparsity"], prepared.mean_square, groups)
+            )
+    return results
 
 
 def iter_study_model(
@@ -163,15 +229,18 @@ def iter_study_model(
     device: torch.device | str = "cpu",
     progress: bool = True,
     cache_bytes: int = PREPARED_CACHE_BYTES,
+    structure: str = UNSTRUCTURED,
 ) -> Iterator[tuple[int, dict[str, dict]]]:
     """Yield ``(b, {module name: metrics + shape + numel})`` for each bit-width as soon as it is done.
 
     Bit-widths are studied one after the other (every tensor at ``b``, then the next ``b``), so a
     caller can save each one before the next starts. Each tensor is sorted once
     (:func:`prepare_tensor`) and kept for the next bit-widths while the kept ones hold at most
-    ``cache_bytes``; the tensors beyond are prepared again for each bit-width.
+    ``cache_bytes``; the tensors beyond are prepared again for each bit-width. With a ``1xN:<N>``
+    ``structure`` the pruning metrics are those of 1xN block pruning (:func:`block_pruning_metrics`).
     """
     check_range_estimator(range_estimator)
+    block_size = structure_block_size(structure)
     layers = list(weight_layers(model))
     kept: dict[str, PreparedTensor] = {}
     kept_bytes = 0
@@ -188,9 +257,28 @@ def iter_study_model(
                         kept[name] = prepared
                         kept_bytes += prepared.nbytes
                 metrics = study_prepared(prepared, [n_bits], range_estimator)[n_bits]
+                if block_size is not None:
+                    weight, groups = block_layout(module)
+                    if weight is None:
+                        metrics.update(dict.fromkeys(PRUNING_KEYS))
+                    else:
+                        metrics.update(block_pruning_metrics(
+                            weight.to(device), block_size, n_bits, metrics["quant_sparsity"], prepared.mean_square, groups
+                        ))  # fmt: skip
                 per_layer[name] = {"shape": list(module.weight.shape), "numel": prepared.numel, **metrics}
                 bar.update()
             yield n_bits, per_layer
+
+
+def log_blockless(model_name: str, structure: str, layers: dict[str, dict]) -> int:
+    """Log (one line) and return how many of a model's tensors got null pruning values (no 1xN blocks)."""
+    count = sum(1 for metrics in layers.values() if metrics["pruning_mse"] is None)
+    if count:
+        log.info(
+            "%s, %s: %d of %d tensors have no 1xN blocks (fewer than N output channels per group, e.g. depthwise, "
+            "or grouped transposed): null pruning values", model_name, structure, count, len(layers),
+        )  # fmt: skip
+    return count
 
 
 def study_model(
@@ -200,15 +288,18 @@ def study_model(
     per_channel: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    structure: str = UNSTRUCTURED,
 ) -> dict[int, dict[str, dict]]:
     """``{b: {module name: metrics + shape + numel}}`` for every studied weight tensor of ``model``
     (:func:`iter_study_model`, collected)."""
-    return dict(iter_study_model(model, bits, range_estimator, per_channel, device, progress))
+    return dict(iter_study_model(model, bits, range_estimator, per_channel, device, progress, structure=structure))
 
 
-def result_path(output_dir: Path, model_name: str, n_bits: int, range_estimator: str, per_channel: bool) -> Path:
+def result_path(
+    output_dir: Path, model_name: str, n_bits: int, range_estimator: str, per_channel: bool, structure: str = UNSTRUCTURED
+) -> Path:
     """Where the result of one model, bit-width and setting is written."""
-    return output_dir / result_file_name(model_name, n_bits, range_estimator, per_channel)
+    return output_dir / result_file_name(model_name, n_bits, range_estimator, per_channel, structure)
 
 
 def check_result_file(path: Path, config: dict) -> tuple[dict | None, str | None]:
@@ -224,10 +315,13 @@ def check_result_file(path: Path, config: dict) -> tuple[dict | None, str | None
         return None, "truncated or corrupt (not a JSON object)"
     if data.get("complete") is not True or not isinstance(data.get("layers"), dict):
         return None, "incomplete (no 'complete': true or no layers)"
-    changed = [key for key, value in config.items() if data.get(key) != value]
+    def setting(key: str):
+        return data.get(key, SETTING_DEFAULTS.get(key))
+
+    changed = [key for key, value in config.items() if setting(key) != value]
     if changed:
         key = changed[0]
-        return None, f"made with other settings ({key} {data.get(key)!r}, now {config[key]!r})"
+        return None, f"made with other settings ({key} {setting(key)!r}, now {config[key]!r})"
     return data, None
 
 
@@ -257,50 +351,58 @@ def results_frame(results: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_results_table(output_dir: Path, range_estimator: str, per_channel: bool, weights: str) -> Path:
+def write_results_table(
+    output_dir: Path, range_estimator: str, per_channel: bool, weights: str, structure: str = UNSTRUCTURED
+) -> Path:
     """Gather every complete result file of this setting in ``output_dir`` into one tidy CSV."""
-    config = {"range_estimator": range_estimator, "per_channel": per_channel, "weights": weights}
+    config = {"range_estimator": range_estimator, "per_channel": per_channel, "weights": weights,
+              "pruning_structure": structure}  # fmt: skip
     results = [
         result
-        for path in sorted(output_dir.glob(result_glob(range_estimator, per_channel)))
+        for path in sorted(output_dir.glob(result_glob(range_estimator, per_channel, structure)))
         if (result := load_complete_result(path, config)) is not None
     ]
-    path = output_dir / table_file_name(range_estimator, per_channel)
+    path = output_dir / table_file_name(range_estimator, per_channel, structure)
     write_csv(path, results_frame(results))
     return path
 
 
-def result_config(n_bits: int, range_estimator: str, per_channel: bool, weights: str) -> dict:
+def result_config(
+    n_bits: int, range_estimator: str, per_channel: bool, weights: str, structure: str = UNSTRUCTURED
+) -> dict:
     """The fields that identify how a result file was made (checked on resume)."""
     return {
         "n_bits": n_bits,
         "sparsity": pruning_sparsity(n_bits),
         "range_estimator": range_estimator,
         "per_channel": per_channel,
+        "pruning_structure": structure,
         "weights": weights,
     }
 
 
 def write_bits_result(
-    output_dir: Path, model_name: str, n_bits: int, layers: dict[str, dict], range_estimator: str, per_channel: bool, weights: str
-) -> dict:
+    output_dir: Path, model_name: str, n_bits: int, layers: dict[str, dict], range_estimator: str, per_channel: bool,
+    weights: str, structure: str = UNSTRUCTURED,
+) -> dict:  # fmt: skip
     """Write (atomically) the JSON file of one model and bit-width and return its contents."""
     data = {
         "model": model_name,
-        **result_config(n_bits, range_estimator, per_channel, weights),
+        **result_config(n_bits, range_estimator, per_channel, weights, structure),
         "complete": True,
         "layers": layers,
     }
-    write_json(result_path(output_dir, model_name, n_bits, range_estimator, per_channel), data)
+    write_json(result_path(output_dir, model_name, n_bits, range_estimator, per_channel, structure), data)
     return data
 
 
 def write_model_results(
-    output_dir: Path, model_name: str, per_bits: dict[int, dict[str, dict]], range_estimator: str, per_channel: bool, weights: str
-) -> list[dict]:
+    output_dir: Path, model_name: str, per_bits: dict[int, dict[str, dict]], range_estimator: str, per_channel: bool,
+    weights: str, structure: str = UNSTRUCTURED,
+) -> list[dict]:  # fmt: skip
     """Write one JSON file per bit-width (atomically) and return their contents."""
     return [
-        write_bits_result(output_dir, model_name, n_bits, layers, range_estimator, per_channel, weights)
+        write_bits_result(output_dir, model_name, n_bits, layers, range_estimator, per_channel, weights, structure)
         for n_bits, layers in per_bits.items()
     ]
 
@@ -314,6 +416,7 @@ def run_study(
     device: torch.device | str = "cpu",
     pretrained: bool = True,
     progress: bool = True,
+    structure: str = UNSTRUCTURED,
 ) -> tuple[list[dict], list[str]]:
     """Study every model, reusing complete result files, and write the tidy CSV.
 
@@ -325,7 +428,8 @@ def run_study(
     were made with the same settings is not loaded again; the missing bit-widths of a model
     are computed, and a file that is truncated, corrupt, incomplete or made with other
     settings is recomputed (with one logged line naming it). Models whose pretrained weights
-    cannot be had are skipped with one logged line.
+    cannot be had are skipped with one logged line. ``structure`` (``unstructured`` or
+    ``1xN:<N>``) is the pruning compared with; it is part of the setting and of the file names.
 
     Returns:
         The results (one dict per model and bit-width) and the names of the skipped models.
@@ -337,8 +441,8 @@ def run_study(
     for model_name in tqdm(model_names, desc="models", disable=not progress):
         found: dict[int, dict | None] = {}
         for n_bits in bits:
-            path = result_path(output_dir, model_name, n_bits, range_estimator, per_channel)
-            config = {"model": model_name, **result_config(n_bits, range_estimator, per_channel, weights)}
+            path = result_path(output_dir, model_name, n_bits, range_estimator, per_channel, structure)
+            config = {"model": model_name, **result_config(n_bits, range_estimator, per_channel, weights, structure)}
             found[n_bits], why = check_result_file(path, config)
             if why is not None:
                 log.warning("recomputing %s: %s", path, why)
@@ -350,14 +454,17 @@ def run_study(
                 log.warning("skipped %s", error)
                 skipped.append(model_name)
                 continue
-            for n_bits, layers in iter_study_model(model, missing, range_estimator, per_channel, device, progress):
+            studied = iter_study_model(model, missing, range_estimator, per_channel, device, progress, structure=structure)
+            for position, (n_bits, layers) in enumerate(studied):
+                if position == 0 and structure != UNSTRUCTURED:
+                    log_blockless(model_name, structure, layers)
                 found[n_bits] = write_bits_result(
-                    output_dir, model_name, n_bits, layers, range_estimator, per_channel, weights
+                    output_dir, model_name, n_bits, layers, range_estimator, per_channel, weights, structure
                 )
             del model
         else:
             log.info("%s: complete results found, skipped", model_name)
         results.extend(found[n_bits] for n_bits in bits)
     if results:
-        write_results_table(output_dir, range_estimator, per_channel, weights)
+        write_results_table(output_dir, range_estimator, per_channel, weights, structure)
     return results, skipped

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from studies.paper_data import artefact_counts, artefact_legend, artefact_markdown, float16_signatures, read_paper_table
-from studies.result_files import other_settings_hint, result_glob
+from studies.result_files import UNSTRUCTURED, other_settings_hint, result_glob
 from studies.weight_sqnr_plots import (
     COLUMNS,
     comparison_markdown,
@@ -52,9 +52,11 @@ def _empty_results() -> pd.DataFrame:
     return pd.DataFrame(columns=list(COLUMNS)).astype({"n_bits": "int64"})
 
 
-def load_ours(input_dir: Path, range_estimator: str, per_channel: bool, required: bool) -> pd.DataFrame:
+def load_ours(
+    input_dir: Path, range_estimator: str, per_channel: bool, required: bool, structure: str = UNSTRUCTURED
+) -> pd.DataFrame:
     """Our results of one setting; with ``required``, none is an error naming the options that would find some."""
-    pattern = result_glob(range_estimator, per_channel)
+    pattern = result_glob(range_estimator, per_channel, structure)
     try:
         frame = load_results(input_dir, pattern)
     except NotADirectoryError as error:
@@ -63,7 +65,7 @@ def load_ours(input_dir: Path, range_estimator: str, per_channel: bool, required
         logger.warning("%s: drawing the paper's data alone", error)
         return _empty_results()
     if frame.empty:
-        hint = other_settings_hint(input_dir, range_estimator, per_channel)
+        hint = other_settings_hint(input_dir, range_estimator, per_channel, structure)
         message = f"no complete result files ({pattern}) in '{input_dir}'" + (f"; {hint}" if hint else "")
         if required:
             raise ReportError(message)
@@ -99,9 +101,9 @@ def _only_models(frames: Sequence[pd.DataFrame], models: Sequence[str] | None, w
 
 
 def ours_report(input_dir: Path, output_dir: Path, models: Sequence[str] | None, range_estimator: str,
-                per_channel: bool) -> Report:  # fmt: skip
-    """Figures and per-bit-width summary of our results."""
-    frame = load_ours(input_dir, range_estimator, per_channel, required=True)
+                per_channel: bool, structure: str = UNSTRUCTURED) -> Report:  # fmt: skip
+    """Figures and per-bit-width summary of our results (pruning: ``structure``)."""
+    frame = load_ours(input_dir, range_estimator, per_channel, required=True, structure=structure)
     try:
         frame = select_models(frame, models)
     except ValueError as error:
@@ -110,6 +112,9 @@ def ours_report(input_dir: Path, output_dir: Path, models: Sequence[str] | None,
     paths = _write(lambda: write_summary(table, output_dir) + write_figures(frame, output_dir), output_dir)
     header = (f"{len(frame)} tensor results ({frame['model'].nunique()} model(s), {frame['n_bits'].nunique()} "
               f"bit-width(s)) -> {output_dir}:")  # fmt: skip
+    if structure != UNSTRUCTURED:
+        blockless = int(frame["pruning_sqnr"].isna().sum())
+        header = f"{header[:-1]}, pruning {structure} ({blockless} tensor result(s) without 1xN blocks: no pruning value):"
     return Report(paths, header, summary_markdown(table))
 
 

@@ -306,6 +306,19 @@ def test_command_writes_a_bit_policy_file(tmp_path: Path) -> None:
     document = json.loads(output.read_text())
     assert document["settings"]["geometry"] == "official" and document["settings"]["bits"] == [6, 5, 4, 3, 2]
     assert document["status"] == "optimal" and document["solve_seconds"] > 0 and document["solver"] == "dp"
+    assert (output.parent / "policy.png").is_file() and (output.parent / "policy.pdf").is_file()
+
+    # A second search drawn against the first; a policy of other layers is refused before anything is written.
+    floored = tmp_path / "out" / "floored.json"
+    result = CliRunner().invoke(cli, ["search-bit-policy", "--compare-with", str(output), "--output", str(floored)])
+    assert result.exit_code == 0, result.output
+    assert read_bit_policy(floored).layers == policy.layers and (floored.parent / "floored.png").is_file()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"layers": ["conv1"], "weight_bits": [4], "act_bits": [4]}))
+    refused = tmp_path / "out" / "refused.json"
+    result = CliRunner().invoke(cli, ["search-bit-policy", "--compare-with", str(other), "--output", str(refused)])
+    assert result.exit_code == 2 and "'--compare-with'" in result.output and "policy of other layers" in result.output
+    assert not refused.exists() and not (refused.parent / "refused.png").exists()
 
 
 def test_command_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
