@@ -18,11 +18,13 @@ from models import UnknownModelError, check_model_name, load_model, model_weight
 from models.bit_policy import BitPolicy, BitPolicyError, check_policy_layers, parse_bit_policy, read_bit_policy
 from models.heads import HeadError, replace_classifier_head
 from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers, compressible_layers
+from pruning.block_masks import PruneMethod, model_masks, prunable_layers
+from pruning.rearrange import rearrange_filters
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
 from quantization.position_scaling import scaled_tensor_bits, weight_decay_groups
 from training.callbacks import PositionScaledGradientCallback
 from training.checkpoint import CheckpointError, load_checkpoint, read_torch_file
-from training.config import PAPER_ARCHITECTURES, TrainConfig, saved_config
+from training.config import BLOCK_PATTERNS, PAPER_ARCHITECTURES, TrainConfig, saved_config
 from training.lr_schedule import lr_factor, parse_lr_schedule
 
 logger = logging.getLogger(__name__)
@@ -151,12 +153,55 @@ def build_compressed_model(
     model = build_float_model(config, False if from_file else pretrained, for_state_dict or from_file, num_classes)
     if from_file:
         load_float_weights(model, init_checkpoint, config)
+    # (a saved state holds the rearranged weights and the masks already)
+    masks = {} if for_state_dict or not config.pruning.is_block else block_pruning_masks(model, config)
     example = torch.zeros(2, 3, config.data.image_size, config.data.image_size)
     try:
-        compress_model(model, compression_spec(config, bit_policy), example)
+        layers = compress_model(model, compression_spec(config, bit_policy), example)
     except BitPolicyError as error:
         raise SetupError(f"--bit-policy {config.quant.bit_policy}: {error}") from None
+    for name, mask in masks.items():
+        layers[name].weight_mask.copy_(mask)
     return model
+
+
+@torch.no_grad()
+def block_pruning_masks(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """``--prune-method block``: the keep-masks of the float ``model`` (rearranged first with ``--rearrange``).
+
+    The layers are :func:`pruning.block_masks.prunable_layers` (not the first or a depthwise convolution; the
+    classifier with ``--prune-classifier``) that the compression replaces; a layer with fewer output channels (per
+    group) than ``--block-size`` is left dense, named in one log line. Every mask prunes ``floor(--s-f * blocks)``
+    blocks of its layer (:func:`pruning.block_masks.model_masks`; random blocks drawn from ``--seed``); the pruned
+    weights are zeroed here, so that the weight quantizers' ranges are estimated on the pruned weights.
+    """
+    pruning = config.pruning
+    if pruning.rearrange:
+        try:
+            rearranged = rearrange_filters(model)
+        except ValueError as error:
+            raise SetupError(f"--rearrange: {error}") from None
+        logger.info("--rearrange: sorted the filters of %d layers by L1 norm: %s", len(rearranged),
+                    ", ".join(r.space.lead for r in rearranged))  # fmt: skip
+    compressible, _ = compressible_layers(model)
+    candidates = {name: layer for name, layer in prunable_layers(model, pruning.prune_classifier).items()
+                  if name in compressible}  # fmt: skip
+    method = PruneMethod(BLOCK_PATTERNS[pruning.block_pattern])
+    blockwise = method in (PruneMethod.ONE_BY_N, PruneMethod.RANDOM_BLOCKS)
+    narrow = [name for name, layer in candidates.items()
+              if blockwise and layer.weight.shape[0] // getattr(layer, "groups", 1) < pruning.block_size]  # fmt: skip
+    if narrow:
+        logger.info("--block-size %d: not pruned (fewer output channels per group than N): %s",
+                    pruning.block_size, ", ".join(narrow))  # fmt: skip
+    names = [name for name in candidates if name not in narrow]
+    if not names:
+        raise SetupError(f"--prune-method block: {config.model.architecture} has no layer to prune with "
+                         f"--block-size {pruning.block_size}")  # fmt: skip
+    generator = torch.Generator().manual_seed(config.runtime.seed)
+    masks = model_masks(model, method, pruning.s_f, pruning.block_size, names, generator=generator)
+    for name, mask in masks.items():
+        model.get_submodule(name).weight.mul_(mask)
+    return masks
 
 
 def build_float_model(
@@ -301,7 +346,7 @@ def build_schedulers(
 
 def build_pruner(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> GradualMagnitudePruner | None:
     pruning = config.pruning
-    if not pruning.enabled:
+    if not pruning.is_gradual:  # (block masks are fixed: no schedule)
         return None
     schedule = PruningSchedule.from_epochs(
         pruning.s_i, pruning.s_f, pruning.prune_epoch_start, pruning.prune_last_epoch, pruning.delta_t, steps_per_epoch,

@@ -17,6 +17,7 @@ from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
 from training.config import (
     ACT_SCHEMES,
+    BLOCK_PATTERNS,
     CIFAR_IMAGE_SIZE,
     DATASETS,
     INDICATOR_RECIPE,
@@ -136,7 +137,21 @@ compression_options = _options(
     click.option("--bn-est-batches", type=click.IntRange(1), default=DEFAULTS.bn.bn_est_batches, show_default=True,
                  help="Batches for the batch-norm re-estimation."),
     click.option("--prune-method", type=_choice(PRUNE_METHODS), default=DEFAULTS.pruning.prune_method, show_default=True,
-                 help="zhu_gupta: gradual magnitude pruning with the cubic schedule."),
+                 help="zhu_gupta: gradual magnitude pruning with the cubic schedule; block: 1xN block masks at "
+                      "rate --s-f, set once from the starting weights and fixed while training (Lin et al.)."),
+    click.option("--block-size", type=click.IntRange(1), default=DEFAULTS.pruning.block_size, show_default=True,
+                 help="--prune-method block: N, the output channels of a 1xN block; layers with fewer output "
+                      "channels (per group) are not pruned."),
+    click.option("--block-pattern", type=_choice(list(BLOCK_PATTERNS)), default=DEFAULTS.pruning.block_pattern,
+                 show_default=True, help="--prune-method block: 1xn (blocks of lowest L1 norm), random (random "
+                                         "blocks), filter (whole filters of lowest L1 norm), weight (unstructured "
+                                         "magnitude); the same rate --s-f in every pruned layer."),
+    click.option("--prune-classifier/--no-prune-classifier", default=DEFAULTS.pruning.prune_classifier,
+                 show_default=True, help="--prune-method block: prune the linear classifier too (the first and the "
+                                         "depthwise convolutions never are)."),
+    click.option("--rearrange/--no-rearrange", default=DEFAULTS.pruning.rearrange, show_default=True,
+                 help="--prune-method block: sort every permutable layer's filters by L1 norm (permuting the float "
+                      "network, its function unchanged) before the masks."),
     click.option("--s-i", type=UNIT_INTERVAL, default=DEFAULTS.pruning.s_i, show_default=True, help="Initial sparsity."),
     click.option("--s-f", type=UNIT_INTERVAL, default=DEFAULTS.pruning.s_f, show_default=True,
                  help="Final sparsity, in [0, 1) (the paper compares b bits with 1 - b/16)."),

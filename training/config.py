@@ -42,7 +42,8 @@ RANGE_METHODS = {
     "running_minmax": RangeEstimator.RUNNING_MINMAX,
     "mse": RangeEstimator.MSE,
 }
-PRUNE_METHODS = ("none", "zhu_gupta")
+PRUNE_METHODS = ("none", "zhu_gupta", "block")  # block: one-shot 1xN block masks (pruning/block_masks.py), fixed
+BLOCK_PATTERNS = {"1xn": "1xn", "random": "random_blocks", "filter": "filter", "weight": "weight"}  # -> PruneMethod
 OPTIMIZERS = ("SGD", "Adam")
 ACT_SCHEMES = ("auto", "unsigned", "symmetric")  # input quantizers of indicator training
 DATASETS = ("folder", "cifar10", "cifar100")  # folder: --images-dir class folders; else training/cifar.py in --data-dir
@@ -190,12 +191,37 @@ class PruningConfig:
     prune_last_epoch: int = 15
     delta_t: int = 50
     prune_scope: str = PruningScope.LAYER.value
+    # --prune-method block (Lin et al., 1xN pruning): masks at rate --s-f, set once before training
+    block_size: int = 4  # N: consecutive output channels per block
+    block_pattern: str = "1xn"  # 1xn (L1 norm), random (blocks), filter (L1 norm), weight (magnitude)
+    prune_classifier: bool = False
+    rearrange: bool = False  # sort the filters by L1 norm (permuting the float network) before the masks
 
     @property
     def enabled(self) -> bool:
         return self.prune_method != "none"
 
+    @property
+    def is_block(self) -> bool:
+        """One-shot masks fixed during training (``--prune-method block``), not a schedule."""
+        return self.prune_method == "block"
+
+    @property
+    def is_gradual(self) -> bool:
+        """Zhu-Gupta gradual magnitude pruning (a schedule of mask updates)."""
+        return self.prune_method == "zhu_gupta"
+
     def validate(self) -> None:
+        block_fields = ("block_size", "block_pattern", "prune_classifier", "rearrange")
+        if not self.is_block:
+            given = [option_flag(name) for name in block_fields if getattr(self, name) != getattr(PruningConfig, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} only act{'s' if len(given) == 1 else ''} with --prune-method block")
+        else:
+            if self.block_size < 1:
+                raise ValueError(f"--block-size {self.block_size} must be at least 1")
+            if self.block_pattern not in BLOCK_PATTERNS:
+                raise ValueError(f"--block-pattern {self.block_pattern} is not one of {', '.join(BLOCK_PATTERNS)}")
         if not self.enabled:
             return
         if not 0.0 <= self.s_i <= self.s_f < 1.0:

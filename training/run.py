@@ -276,7 +276,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 check_output_path(folder, "dir")
             except OutputPathError as error:
                 raise TrainingError(f"{option}: {error}") from None
-    if pruning.enabled and pruning.prune_last_epoch >= max_epochs:
+    if pruning.is_gradual and pruning.prune_last_epoch >= max_epochs:
         logger.warning("--prune-last-epoch %d is beyond this run's last epoch (--max-epochs %d): pruning reaches "
                        "--s-f %g at the end of epoch %d instead", pruning.prune_last_epoch, max_epochs, pruning.s_f,
                        max_epochs - 1)  # fmt: skip
@@ -414,7 +414,11 @@ def _describe_compression(config: TrainConfig) -> str:
     activations = f"{quant.n_bits_act}-bit activations" if quant.act_quant else "float activations"
     if quant.bit_policy is not None:
         activations += f", per-layer bits of the layers named in --bit-policy {quant.bit_policy}"
-    if prune.enabled:
+    if prune.is_block:
+        pattern = f"1x{prune.block_size} blocks" if prune.block_pattern == "1xn" else f"{prune.block_pattern} pattern"
+        pruning = (f"block pruning ({pattern}{', rearranged filters' if prune.rearrange else ''}) at rate "
+                   f"{prune.s_f:g}, masks fixed from the start")  # fmt: skip
+    elif prune.enabled:
         last = min(prune.prune_last_epoch, config.optim.max_epochs - 1)
         pruning = (f"{prune.prune_method} pruning ({prune.prune_scope}) from sparsity {prune.s_i:g} in epoch "
                    f"{min(prune.prune_epoch_start, last)} to {prune.s_f:g} at the end of epoch {last}")  # fmt: skip
@@ -656,7 +660,7 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
                 logger.warning("the dataset has %d classes, %s predicts %d: class folder i (sorted) is scored as the "
                                "model's class i", loaders.num_classes, config.model.architecture, outputs)  # fmt: skip
             model.to(context.device)
-            if config.pruning.enabled:
+            if config.pruning.is_gradual:  # (block masks are set by build_compressed_model)
                 scope = PruningScope(config.pruning.prune_scope)
                 set_magnitude_masks(compressed_layers(model), config.pruning.s_f, scope)
             calibration = loaders.estimation if loaders.estimation is not None else loaders.val
