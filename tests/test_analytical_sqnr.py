@@ -208,6 +208,7 @@ def test_gaussian_four_bits_against_brute_force_and_lloyd_max() -> None:
     assert lloyd_max_db - 1.0 < result.quant_sqnr_db < lloyd_max_db
 
 
+@pytest.mark.slow
 def test_sixteen_bits_matches_the_high_resolution_approximation() -> None:
     """At b = 16 (32768 bins per side) the error is s^2/12 inside the grid plus the exact clipping error."""
     dist = an.Gaussian()

@@ -282,6 +282,7 @@ def _layer_instance(seed: int, n_layers: int, kind: str, bits=(6, 5, 4, 3, 2)):
             "fixed_weight_count": int(rng.integers(0, 5000))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", CONSTRAINTS)
 def test_dp_matches_highs(kind: str) -> None:
     """The bounded DP against HiGHS on every choice: 10 to 30 layers, five candidates, both outcomes."""

@@ -57,6 +57,7 @@ def test_differing_layers() -> None:
     assert differing_layers(LEARNED, LEARNED) == []
 
 
+@pytest.mark.slow
 def test_single_policy_plots_its_bits(tmp_path: Path) -> None:
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(LEARNED.as_dict()))

@@ -116,6 +116,7 @@ def test_never_below_the_papers_100_candidate_search(lite0_results: Path) -> Non
                 assert layers[name]["quant_sqnr"] >= best_dense_sqnr(weight, n_bits, 100) - 1e-9, (name, n_bits)
 
 
+@pytest.mark.slow
 def test_quantization_beats_pruning_on_real_weights_at_moderate_compression(lite0_results: Path) -> None:
     """The paper's finding (Fig. 3) on the bundled model: at 4+ bits quantization wins on most tensors."""
     table = pd.read_csv(lite0_results / "weights_sqnr_mse.csv")
