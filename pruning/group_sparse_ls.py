@@ -654,19 +654,8 @@ def _solve_batch(gram, weights, g, kept, node_limit, time_limit, d, initial_supp
     running = list(range(len(todo)))
     while running:
         round_start = time.perf_counter()
-        still = []
-        for t in running:
-            search = searches[t]
-            if time_limit is not None and search.seconds >= time_limit:
-                search.status = "time_limit"
-            elif search.nodes >= node_limit:
-                search.status = "node_limit"
-            elif not search.heap:
-                search.status = "optimal"
-            else:
-                still.append(t)
-                continue
-            bar.update(1)
+        still = [t for t in running if not searches[t].settle(node_limit, time_limit)]
+        bar.update(len(running) - len(still))
         running = still
         if not running:
             break

@@ -127,6 +127,18 @@ class SupportSearch:
         self.seconds = 0.0
         self.status: str | None = None
 
+    def settle(self, node_limit: int, time_limit: float | None) -> bool:
+        """Whether the search is over; if so, :attr:`status` says why (a limit reached, or ``optimal``: no open node)."""
+        if time_limit is not None and self.seconds >= time_limit:
+            self.status = "time_limit"
+        elif self.nodes >= node_limit:
+            self.status = "node_limit"
+        elif not self.heap:
+            self.status = "optimal"
+        else:
+            return False
+        return True
+
     def level(self) -> float:
         """The prune level ``ub - max(1e-10 |ub|, resolution)`` (``inf`` without an incumbent)."""
         return self.ub - max(_PRUNE_RTOL * abs(self.ub), self.resolution) if math.isfinite(self.ub) else math.inf
@@ -308,19 +320,8 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
     running = list(range(len(todo)))
     while running:
         round_start = time.perf_counter()
-        still = []
-        for t in running:
-            search = searches[t]
-            if time_limit is not None and search.seconds >= time_limit:
-                search.status = "time_limit"
-            elif search.nodes >= node_limit:
-                search.status = "node_limit"
-            elif not search.heap:
-                search.status = "optimal"
-            else:
-                still.append(t)
-                continue
-            bar.update(1)
+        still = [t for t in running if not searches[t].settle(node_limit, time_limit)]
+        bar.update(len(running) - len(still))
         running = still
         if not running:
             break
