@@ -225,7 +225,8 @@ def test_checkpoints_of_earlier_versions_resume_and_evaluate(small_digits: Path,
             "--no-reestimate-bn-stats"]  # fmt: skip
     _invoke(args + ["--max-epochs", "1", "--save-checkpoint-dir", str(out)])
     checkpoint = _checkpoint(out / "last.pt")
-    assert set(checkpoint["options"]) == {"model", "data", "optim", "quant", "bn", "pruning", "indicators", "runtime"}
+    assert set(checkpoint["options"]) == {"model", "data", "optim", "quant", "bn", "pruning", "psgd", "indicators",
+                                           "runtime"}
     checkpoint["options"]["optim"]["max_epochs"] = 2  # as if interrupted after the first of two epochs
     del checkpoint["options"]["optim"]["quant_weight_decay"]  # as if written before the option existed (default 0.0)
     old = dict(checkpoint, options=_old_flat_options(checkpoint["options"]))
