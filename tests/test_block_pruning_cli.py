@@ -16,10 +16,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from train_helpers import write_digits_dataset
+from train_helpers import private_registry, write_digits_dataset
 
 from main import cli
-from models import registry
 from training import run
 from training.config import TrainConfig
 
@@ -78,14 +77,8 @@ def _seeded(cls: type[nn.Module]):
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-        registry.register_model("tiny_block", task="classification")(_seeded(TinyBlockNet))
-        registry.register_model("tiny_residual", task="classification")(_seeded(TinyResidualNet))
+    with private_registry({"tiny_block": _seeded(TinyBlockNet), "tiny_residual": _seeded(TinyResidualNet)}):
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

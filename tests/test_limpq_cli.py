@@ -19,10 +19,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
-from train_helpers import write_digits_dataset
+from train_helpers import private_registry, write_digits_dataset
 
 from main import cli
-from models import registry
 from models.quantized import QuantSetup, compressed_layers, layer_bit_widths
 from studies import bit_policy_plots
 from studies.indicators import read_indicators
@@ -80,15 +79,9 @@ def _tiny_limpq(pretrained: bool) -> TinyLimpqNet:
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models():
     """The tiny models in a private copy of the registry; one torch thread already for the module's shared runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-        registry.register_model("tiny_limpq", task="classification")(_tiny_limpq)
-        registry.register_model("tiny_mlp", task="classification")(lambda pretrained: TinyMlp())
-        registry.register_model("tiny_limpq_11px", task="classification")(lambda pretrained: TinyLimpqNet(stem_kernel=11))
+    with private_registry({"tiny_limpq": _tiny_limpq, "tiny_mlp": lambda pretrained: TinyMlp(),
+                           "tiny_limpq_11px": lambda pretrained: TinyLimpqNet(stem_kernel=11)}):
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

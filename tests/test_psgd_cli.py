@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from test_cifar import random_images, write_cifar100
 from torch import nn
-from train_helpers import write_digits_dataset
+from train_helpers import private_registry, write_digits_dataset
 
 from main import cli
-from models import registry
 from quantization.position_scaling import scaled_tensor_bits
 from training import run
 from training.cifar import CIFAR_MEAN, CIFAR_STD
@@ -52,13 +51,8 @@ def _tiny(pretrained: bool) -> TinyPsgdNet:
 @pytest.fixture(scope="module", autouse=True)
 def tiny_model():
     """The tiny model in a private copy of the registry; one torch thread for the module's runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-        registry.register_model("tiny_psgd", task="classification")(_tiny)
+    with private_registry({"tiny_psgd": _tiny}):
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,15 @@
 """Shared helpers of the train-compressed tests: scikit-learn's digits as a class-folder image dataset."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 
 def write_digits_dataset(root: Path, per_class_train: int | None = None, per_class_val: int | None = None,
@@ -32,3 +37,20 @@ def write_digits_dataset(root: Path, per_class_train: int | None = None, per_cla
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index:04d}.png")
     return root
+
+
+@contextlib.contextmanager
+def private_registry(builders: Mapping[str, Callable[[bool], nn.Module]]) -> Iterator[None]:
+    """Test classifiers registered in a private copy of the model registry, with one torch thread, while open."""
+    from models import registry
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+            for name, builder in builders.items():
+                registry.register_model(name, task="classification")(builder)
+            yield
+    finally:
+        torch.set_num_threads(threads)
