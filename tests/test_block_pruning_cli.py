@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from train_helpers import private_registry, write_digits_dataset
+from train_helpers import interrupt_at_call, private_registry, write_digits_dataset
 
 from main import cli
 from training import run
@@ -225,14 +225,7 @@ def test_interrupted_random_block_run_resumes_bitwise(digits: Path, tmp_path: Pa
     extra = ["--prune-method", "block", "--block-pattern", "random", "--s-f", str(RATE), "--deterministic",
              "--no-weight-quant", "--max-epochs", "2"]  # fmt: skip
     _invoke(_args(digits, tmp_path / "full", *extra))
-    calls = {"n": 0}
-    original = run.train_one_epoch
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
+    crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)
 
     with monkeypatch.context() as patch:
         patch.setattr(run, "train_one_epoch", crash_in_second_epoch)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from test_cifar import random_images, write_cifar100
 from torch import nn
-from train_helpers import private_registry, write_digits_dataset
+from train_helpers import interrupt_at_call, private_registry, write_digits_dataset
 
 from main import cli
 from quantization.position_scaling import scaled_tensor_bits
@@ -119,14 +119,7 @@ def test_psgd_pulls_the_weights_to_the_grid_and_resumes(digits: Path, tmp_path: 
     assert not torch.equal(_tiny(False).conv1.weight, built["conv1.weight"])
 
     # interrupted in its second epoch and resumed: bitwise the same weights and grid ranges
-    calls = {"n": 0}
-    original = run.train_one_epoch
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
+    crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)
 
     args = _digits_args(digits, tmp_path / "part", 2) + from_start + psgd
     with monkeypatch.context() as patch:

@@ -54,3 +54,17 @@ def private_registry(builders: Mapping[str, Callable[[bool], nn.Module]]) -> Ite
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def interrupt_at_call(function: Callable, call: int) -> Callable:
+    """``function``, except that its ``call``-th call (1-based) raises ``KeyboardInterrupt``: a run killed there."""
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapper
