@@ -1,0 +1,1 @@
+"""Deployment of compressed models: real integer models, their storage and their runtimes."""
