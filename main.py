@@ -288,8 +288,10 @@ def train_indicators(ctx: click.Context, **options) -> None:
               help="The policy file to write (a valid --bit-policy file); its figure goes beside it (.png, .pdf).")
 @click.option("--compare-with", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Another policy file of the same layers, drawn below the new one in the figure.")
+@click.option("--figure/--no-figure", default=True, show_default=True,
+              help="Draw the policy beside the file (<output stem>.png, .pdf); --no-figure saves a second or two.")
 def search_bit_policy(output: Path, indicators: str | None, bits: list[int], bitops_geometry: str,
-                      compare_with: Path | None, **options) -> None:  # fmt: skip
+                      compare_with: Path | None, figure: bool, **options) -> None:  # fmt: skip
     """LIMPQ's ILP search of per-layer weight and activation bit-widths (every conv but the first)."""
     from studies.bit_policy_search import (
         BUNDLED_INDICATORS,
@@ -302,7 +304,7 @@ def search_bit_policy(output: Path, indicators: str | None, bits: list[int], bit
     settings = SearchSettings(indicators=indicators or str(BUNDLED_INDICATORS), bits=tuple(bits),
                               geometry=bitops_geometry, **options)  # fmt: skip
     try:
-        policy = run_bit_policy_search(settings, output, compare_with)
+        policy = run_bit_policy_search(settings, output, compare_with, figure)
     except BitPolicySearchError as error:
         if error.option:
             raise click.BadParameter(str(error), param_hint=f"'{error.option}'") from None

@@ -4,11 +4,13 @@
 Rows, each the best and the median of ``--repeats`` runs (wall-clock and CPU seconds of this
 process; CBC runs as a child process, so its CPU column is only PuLP's model building):
 
-* ``command (subprocess)``: ``python main.py search-bit-policy`` in a fresh interpreter, imports
-  included (``--subprocess``, wall only);
+* with ``--subprocess``, fresh interpreters (their CPU: user + system time of the child):
+  ``main.py --help`` (the interpreter and main.py's top-level imports, nothing else),
+  ``command (subprocess)`` (``python main.py search-bit-policy``, imports included) and
+  ``command --no-figure`` (the same without the figure, so without matplotlib);
 * ``command path``: :func:`studies.bit_policy_search.run_bit_policy_search` in this process:
   indicators read, model built (random weights), one forward pass for the geometry, the solve,
-  the policy written;
+  the policy and its figure written (matplotlib imported by the first run);
 * ``geometry``: building the model and its geometry (:func:`models.geometry.layer_geometry`);
 * ``solve (dp)``: :func:`quantization.bit_allocation.allocate_bits` as the command runs it (the
   bounded dynamic programme);
@@ -27,6 +29,7 @@ B = 6..2, W3A4 BitOPs, compression ratio 12.2, alpha 2.
 from __future__ import annotations
 
 import importlib.util
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,6 +67,19 @@ def timed(function: Callable[[], object], repeats: int) -> tuple[list[float], li
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     return walls, cpus, result
+
+
+def timed_subprocess(command: list[str], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + system) seconds of each of ``repeats`` runs of ``command`` in a child process."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        walls.append(time.perf_counter() - wall)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return walls, cpus
 
 
 def cbc_objective(problem: SearchProblem, settings: SearchSettings) -> float:
@@ -117,8 +133,10 @@ def main(repeats: int, geometry: str, run_subprocess: bool) -> None:
         if run_subprocess:
             command = [sys.executable, str(ROOT / "main.py"), "search-bit-policy", "--bitops-geometry", geometry,
                        "--output", str(output)]  # fmt: skip
-            walls, _, _ = timed(lambda: subprocess.run(command, check=True, capture_output=True), repeats)
-            rows.append(row("command (subprocess)", walls))
+            rows.append(row("main.py --help", *timed_subprocess([sys.executable, str(ROOT / "main.py"), "--help"],
+                                                                 repeats)))  # fmt: skip
+            rows.append(row("command (subprocess)", *timed_subprocess(command, repeats)))
+            rows.append(row("command --no-figure", *timed_subprocess([*command, "--no-figure"], repeats)))
         walls, cpus, document = timed(lambda: run_bit_policy_search(settings, output), repeats)
         rows.append(row("command path", walls, cpus))
     walls, cpus, model = timed(lambda: (m := load_model("resnet50", pretrained=False), layer_geometry(m))[0], repeats)

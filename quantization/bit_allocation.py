@@ -35,13 +35,15 @@ DP over that slack; the other row by a Lagrange multiplier ``mu >= 0``: ``G_k(mu
 ``sum cost + mu * other`` of layers ``k..`` using at most ``r`` slack units, bounds every completion of
 a partial policy (``cost >= G - mu * room left in the other row``), for any ``mu``. The multiplier of
 the best bound is searched on a coarse copy of the DP row, the exact tables are built for a grid
-around it, and a forward pass over the layers keeps the partial policies ("labels") whose bound
-under every multiplier of the grid is at most the incumbent's cost, fit both rows, and are not
-dominated (same DP use, no cheaper label with no more other-row use). The incumbent is the best of
-the DP's own policies and of a heuristic pass keeping 64 labels per layer. The cheapest complete
-label is the optimum: a cheaper policy's labels would all have survived. Where the DP's tables
-or labels would exceed fixed sizes (counts, not time: the same result on any machine), HiGHS
-solves it as below.
+around it (8 multipliers), and a forward pass over the layers keeps the partial policies ("labels")
+whose bound under every multiplier of the grid is at most a ceiling, fit both rows, and are not
+dominated (same DP use, no cheaper label with no more other-row use). Every policy of cost at most
+the ceiling keeps all its labels, so the cheapest complete label is the optimum once its cost is at
+most the ceiling. The first ceiling lies just above the best bound (ResNet-50: the bound is 0.001
+below the optimum 4.631, the best of the DP's own policies costs 4.637), so few labels survive
+(ResNet-50: 650 in two passes, floored geometry; 3,700 in one, official); a pass that ends above its
+ceiling has found a policy, whose cost is the next ceiling, which settles it. Where the DP's tables or labels would exceed fixed sizes (counts, not time: the
+same result on any machine), HiGHS solves it as below.
 
 **HiGHS after a reduction** (``solver="highs"``; ``"highs-full"`` gives it every choice). The
 problem is solved by :func:`scipy.optimize.milp` (HiGHS) with
@@ -75,10 +77,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 logger = logging.getLogger(__name__)
 
@@ -275,12 +279,9 @@ def _infeasibility(choices: _Choices) -> str:
 
 def _smallest_policy(choices: _Choices) -> np.ndarray:
     """Per layer, the index of its choice with the smallest allowed weight and activation bit-widths."""
-    weight_bits, act_bits = choices.bits[choices.weight], choices.bits[choices.act]
-    smallest = np.empty(choices.n_layers, dtype=np.int64)
-    for layer in range(choices.n_layers):  # a layer's choices are all pairs of its allowed bit-widths
-        mine = np.flatnonzero(choices.layer == layer)
-        smallest[layer] = mine[np.lexsort((act_bits[mine], weight_bits[mine]))[0]]
-    return smallest
+    order = np.lexsort((choices.bits[choices.act], choices.bits[choices.weight], choices.layer))
+    layer = choices.layer[order]
+    return order[np.r_[True, layer[1:] != layer[:-1]]]  # a layer's choices are all pairs of its allowed bit-widths
 
 
 def _scaled_rows(choices: _Choices, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,12 +292,17 @@ def _scaled_rows(choices: _Choices, kept: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _one_per_layer(choices: _Choices, kept: np.ndarray) -> sparse.csr_array:
+    from scipy import sparse  # SciPy only where HiGHS runs: the DP's solves need numpy alone
+
     return sparse.csr_array((np.ones(kept.size), (choices.layer[kept], np.arange(kept.size))),
                             shape=(choices.n_layers, kept.size))  # fmt: skip
 
 
 def _solve_milp(choices: _Choices, kept: np.ndarray) -> np.ndarray | None:
     """The optimal choice index per layer among ``kept`` (every layer needs one), or None if none fits."""
+    from scipy import sparse
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     usage, limit = _scaled_rows(choices, kept)
     cost = choices.cost[kept]
     cost = cost - _layer_minimum(cost, choices.layer[kept], choices.n_layers)[choices.layer[kept]]
@@ -347,6 +353,9 @@ def _layer_minimum(values: np.ndarray, layer: np.ndarray, n_layers: int) -> np.n
 
 def _lagrangian_reduced_costs(choices: _Choices) -> tuple[np.ndarray, float]:
     """Reduced costs ``r_v`` and the bound ``L(mu)`` (module doc) from the LP relaxation's duals."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
     every = np.arange(choices.cost.size)
     usage, limit = _scaled_rows(choices, every)
     relaxation = linprog(choices.cost, A_ub=sparse.csr_array(usage), b_ub=limit, A_eq=_one_per_layer(choices, every),
@@ -385,12 +394,12 @@ def _solve_reduced(choices: _Choices) -> np.ndarray | None:
         delta = excess if delta > 0 else excess / 4
 
 
-_MU_GRID = 16  # Lagrange multipliers per DP pass
-_MU_ROUNDS = 3  # coarse DP passes of the multiplier search
-_MU_SPREAD = 0.3  # the exact tables' multipliers: the coarse peak times 1 -+ this
-_COARSE_CAPACITY = 128  # the coarse DP row's capacity, about
-_BEAM = 64  # labels kept per layer by the heuristic pass that finds the incumbent
-_MAX_TABLE = 1 << 23  # DP table entries at most: (layers + 1) * multipliers * (capacity + 1), else HiGHS
+_MU_GRID = 16  # Lagrange multipliers per coarse DP pass
+_MU_ROUNDS = 2  # coarse DP passes of the multiplier search
+_MU_FINAL = 8  # Lagrange multipliers of the exact DP tables
+_COARSE_CAPACITY = 32  # the coarse DP row's capacity, about
+_FIRST_CEILING = 1 / 16  # the first label pass's ceiling: bound + this * (incumbent - bound)
+_MAX_TABLE = 1 << 23  # exact DP table entries at most: (layers + 1) * _MU_FINAL * (capacity + 2), else HiGHS
 _MAX_LABELS = 100_000  # labels kept after any layer at most, else HiGHS (a count: the same on any machine)
 
 
@@ -422,8 +431,8 @@ def _layered(choices: _Choices) -> _Layered | None:
     slack = limits - least.sum(axis=1)
     dp_row = int(np.argmin(slack))
     capacity = int(slack[dp_row])  # >= 0: the smallest policy fits (checked before)
-    if (n_layers + 1) * _MU_GRID * (capacity + 1) > _MAX_TABLE or limits.max() >= 2**52:
-        return None
+    if (n_layers + 1) * _MU_FINAL * (capacity + 2) > _MAX_TABLE or (capacity + 1) * (int(limits.max()) + 1) >= 2**53:
+        return None  # tables too large, or label ranks past float64's exact integers (see _label_pass)
     excess = np.where(valid, units[dp_row] - least[dp_row][:, None], 0)
     if n_rows == 2:
         other, other_limit = np.where(valid, units[1 - dp_row], 0).astype(np.float64), float(limits[1 - dp_row])
@@ -441,7 +450,10 @@ def _layered(choices: _Choices) -> _Layered | None:
 
 
 def _dp_tables(problem: _Layered, multipliers: np.ndarray) -> np.ndarray:
-    """``G[k, j, r]``: the least ``sum cost + mu_j * other`` over layers ``k..`` with DP excess at most ``r``."""
+    """``G[k, j, r]``: the least ``sum cost + mu_j * other`` over layers ``k..`` with DP excess at most ``r``.
+
+    ``r`` runs to ``capacity + 1``; the last column holds ``inf``, so that ``G[k, j, -1]`` stands for any
+    negative ``r`` (no room left)."""
     n_layers, capacity = problem.cost.shape[0], problem.capacity
     layer, slot = np.nonzero(problem.kept)
     excess = problem.excess[layer, slot]
@@ -451,19 +463,19 @@ def _dp_tables(problem: _Layered, multipliers: np.ndarray) -> np.ndarray:
     penalised = problem.cost[layer, slot][None] + multipliers[:, None] * problem.other[layer, slot][None]
     group_best = np.minimum.reduceat(penalised, starts, axis=1)  # [K, groups]: the best of each (layer, excess)
     group_layer, group_excess = layer[starts].tolist(), excess[starts].tolist()
-    tables = np.empty((n_layers + 1, multipliers.size, capacity + 1))
+    padded = np.full((n_layers + 1, multipliers.size, capacity + 2), np.inf)
+    tables = padded[:, :, :-1]
     tables[n_layers] = 0.0
     group = len(starts) - 1
     for k in range(n_layers - 1, -1, -1):
         current, following = tables[k], tables[k + 1]
-        current.fill(np.inf)
         while group >= 0 and group_layer[group] == k:
             e = group_excess[group]
             if e <= capacity:
                 np.minimum(current[:, e:], following[:, :capacity + 1 - e] + group_best[:, group, None],
                            out=current[:, e:])  # fmt: skip
             group -= 1
-    return tables
+    return padded
 
 
 def _multipliers(problem: _Layered) -> tuple[np.ndarray, np.ndarray]:
@@ -471,10 +483,11 @@ def _multipliers(problem: _Layered) -> tuple[np.ndarray, np.ndarray]:
 
     The bound ``G[0, j, capacity] - mu_j * other_limit`` is concave in ``mu``. Its peak is searched
     on a coarse copy of the DP row (usage and capacity divided by a common factor and rounded, so a
-    pass is cheap; an approximation that only steers the search): a geometric grid, then finer grids
-    between the best point's neighbours. The exact tables are then built for a grid around that peak
-    (any multipliers give valid bounds, these give tight ones) and one multiplier so large that its
-    DP policy uses the least of the other row (a feasible policy: a first incumbent).
+    pass is cheap; an approximation that only steers the search): a geometric grid over 12 decades,
+    then a finer one between the best point's neighbours. The exact tables are then built for a
+    geometric grid between the best point's neighbours in that finer grid (any multipliers give valid
+    bounds, these give tight ones) and one multiplier so large that its DP policy uses the least of
+    the other row (a feasible policy: a first incumbent).
     """
     if problem.other_limit == 0 and not problem.other.any():
         return np.zeros(1), _dp_tables(problem, np.zeros(1))
@@ -490,15 +503,10 @@ def _multipliers(problem: _Layered) -> tuple[np.ndarray, np.ndarray]:
     for round_ in range(_MU_ROUNDS):
         value = _dp_tables(coarse, grid)[0, :, coarse.capacity] - grid * problem.other_limit
         best = int(np.argmax(value))
-        centre, low, high = grid[best], grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
-        if round_ < _MU_ROUNDS - 1:
-            grid = np.geomspace(low, high, _MU_GRID) if low > 0 else np.r_[0.0, np.geomspace(high * 1e-4, high,
-                                                                                             _MU_GRID - 1)]  # fmt: skip
-    if centre > 0:
-        final = centre * np.linspace(1 - _MU_SPREAD, 1 + _MU_SPREAD, _MU_GRID - 1)
-    else:
-        final = np.r_[0.0, np.geomspace(high * 1e-3, high, _MU_GRID - 2)]
-    final = np.r_[final, large]
+        low, high = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
+        size = _MU_GRID if round_ < _MU_ROUNDS - 1 else _MU_FINAL - 1
+        grid = np.geomspace(low, high, size) if low > 0 else np.r_[0.0, np.geomspace(high * 1e-4, high, size - 1)]
+    final = np.r_[grid, large]
     return final, _dp_tables(problem, final)
 
 
@@ -522,72 +530,87 @@ def _dp_policy_costs(problem: _Layered, multipliers: np.ndarray, tables: np.ndar
 
 
 def _solve_dp(choices: _Choices) -> np.ndarray | None:
-    """The exact optimum by bounded dynamic programming (module doc); None if it would exceed its limits."""
+    """The exact optimum by bounded dynamic programming (module doc); None if it would exceed its limits.
+
+    Label passes with rising ceilings: a pass keeps every policy of cost at most its ceiling, so the
+    cheapest policy it finds is the optimum when its cost is at most the ceiling. The first ceiling is
+    ``bound + _FIRST_CEILING * (incumbent - bound)``; a pass that finds a policy above its ceiling makes
+    that policy the incumbent and the incumbent the next ceiling (which settles it: the incumbent's
+    policy stays), one that finds none quadruples the ceiling's distance to the bound.
+    """
     problem = _layered(choices)
     if problem is None:
         return None
     multipliers, tables = _multipliers(problem)
+    offsets = multipliers * problem.other_limit + _bound_tolerance(problem, multipliers)
+    bound = float(np.max(tables[0, :, problem.capacity] - multipliers * problem.other_limit))
     incumbent = float(_dp_policy_costs(problem, multipliers, tables).min())
-    guess = _label_pass(problem, multipliers, tables, incumbent, beam=_BEAM)
-    if guess is not None and guess.size:  # a policy (the heuristic pass keeps only the most promising labels)
-        incumbent = min(incumbent, float(problem.cost[np.arange(guess.size), guess].sum()))
-    found = _label_pass(problem, multipliers, tables, incumbent)
-    if found is None or found.size == 0:
-        return None  # too many labels (none found cannot happen: the incumbent's policy or a better one stays)
+    layers = [(mine := np.flatnonzero(problem.kept[k]), np.stack((problem.excess[k, mine], problem.other[k, mine],
+                                                                  problem.cost[k, mine])))
+              for k in range(problem.cost.shape[0])]  # fmt: skip
+    ceiling = min(bound + _FIRST_CEILING * (incumbent - bound), incumbent)
+    while True:
+        found = _label_pass(problem, layers, multipliers, tables, offsets, ceiling)
+        if found is None:
+            return None  # too many labels
+        cost = float(problem.cost[np.arange(found.size), found].sum()) if found.size else math.inf
+        if cost <= ceiling or ceiling >= incumbent:
+            break
+        incumbent = min(incumbent, cost)
+        ceiling = incumbent if found.size else min(bound + 4 * (ceiling - bound), incumbent)
+    if found.size == 0:
+        return None  # cannot happen: the incumbent's policy or a better one stays in a pass up to its cost
     chosen = problem.index[np.arange(found.size), found]
-    logger.debug("bit allocation DP: capacity %d, multipliers %s, incumbent %.12g, optimum %.12g",
-                 problem.capacity, multipliers, incumbent, float(choices.cost[chosen].sum()))  # fmt: skip
+    logger.debug("bit allocation DP: capacity %d, multipliers %s, bound %.12g, ceiling %.12g, optimum %.12g",
+                 problem.capacity, multipliers, bound, ceiling, float(choices.cost[chosen].sum()))  # fmt: skip
     return chosen
 
 
-def _label_pass(problem: _Layered, multipliers: np.ndarray, tables: np.ndarray, ceiling: float,
-                beam: int = 0) -> np.ndarray | None:
-    """The cheapest policy (``[L]`` slots) among those whose bounds stay below ``ceiling``: empty if none, None if
-    more than :data:`_MAX_LABELS` labels would be kept. ``beam > 0``: a heuristic, only the ``beam`` labels
-    of least bound are kept after each layer."""
-    n_layers, capacity, limit = problem.cost.shape[0], problem.capacity, problem.other_limit
+def _bound_tolerance(problem: _Layered, multipliers: np.ndarray) -> np.ndarray:
+    """Per multiplier, far above the float error of the label bounds (a part in 1e9 of their largest terms)."""
     scale = float(np.abs(np.where(problem.kept, problem.cost, 0)).max(axis=1).sum())
-    scale += multipliers * (limit + float(np.where(problem.kept, problem.other, 0).max(axis=1).sum()))
-    tolerance = 1e-9 * (1.0 + scale)  # [K], far above the float error of the bounds
+    other = problem.other_limit + float(np.where(problem.kept, problem.other, 0).max(axis=1).sum())
+    return 1e-9 * (1.0 + scale + multipliers * other)
+
+
+def _label_pass(problem: _Layered, layers: list[tuple[np.ndarray, np.ndarray]], multipliers: np.ndarray,
+                tables: np.ndarray, offsets: np.ndarray, ceiling: float) -> np.ndarray | None:
+    """The cheapest policy (``[L]`` slots) among those whose bounds stay below ``ceiling`` (every policy of cost
+    at most ``ceiling`` among them): empty if none, None if more than :data:`_MAX_LABELS` labels would be kept.
+
+    ``layers[k]``: layer ``k``'s kept slots and their (DP excess, other-row use, cost) as a ``[3, m]`` array.
+    A label is a partial policy of layers ``..k`` as (DP use ``u``, other-row use ``o``, cost ``c``); its bound
+    under ``mu_j`` is ``c + G[k + 1, j, capacity - u] - mu_j * (limit - o)``, less ``offsets[j] - mu_j * limit``
+    (a tolerance), and a label whose largest bound exceeds ``ceiling``
+    (or that leaves the other row too little room) is dropped. Of labels with the same ``u``, only those
+    with less ``o`` than every cheaper one are kept: with the labels sorted by ``(u, c, o)``,
+    ``o - u * (limit + 1)`` must fall below its running minimum (exact: integers below 2**53, see
+    :func:`_layered`).
+    """
+    capacity, limit = problem.capacity, problem.other_limit
     least_other = np.where(problem.kept, problem.other, np.inf).min(axis=1)
-    other_after = np.r_[np.cumsum(least_other[::-1])[::-1], 0.0][1:]  # least other-row use of layers k+1..
-    used, cost, other = np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros(1)
+    other_room = limit - np.append(np.cumsum(least_other[::-1])[::-1][1:], 0.0)  # the most layers ..k may use
+    labels = np.zeros((3, 1))  # rows: DP use, other-row use, cost
     parents, picks = [], []
-    for k in range(n_layers):
-        mine = np.flatnonzero(problem.kept[k])
-        parent = np.repeat(np.arange(used.size), mine.size)
-        pick = np.tile(mine, used.size)
-        new_used = used[parent] + problem.excess[k, pick]
-        new_other = other[parent] + problem.other[k, pick]
-        live = np.flatnonzero((new_used <= capacity) & (new_other + other_after[k] <= limit))
-        parent, pick, new_used, new_other = parent[live], pick[live], new_used[live], new_other[live]
-        new_cost = cost[parent] + problem.cost[k, pick]
-        bounds = (new_cost[None] + tables[k + 1][:, capacity - new_used]
-                  - multipliers[:, None] * (limit - new_other[None]))  # fmt: skip
-        live = np.flatnonzero((bounds - tolerance[:, None] <= ceiling).all(axis=0))
-        parent, pick, new_used, new_other, new_cost = (a[live] for a in (parent, pick, new_used, new_other, new_cost))
-        if beam and live.size > beam:
-            best = np.argsort(bounds[:, live].max(axis=0), kind="stable")[:beam]
-            parent, pick, new_used, new_other, new_cost = (a[best] for a in (parent, pick, new_used, new_other,
-                                                                               new_cost))  # fmt: skip
-        # of labels with the same DP use, keep those with less other-row use than every cheaper one
-        order = np.lexsort((new_other, new_cost, new_used))
-        parent, pick, new_used, new_other, new_cost = (a[order] for a in (parent, pick, new_used, new_other, new_cost))
-        rank = np.unique(new_other, return_inverse=True)[1].astype(np.int64)
-        group = np.cumsum(np.r_[True, new_used[1:] != new_used[:-1]])
-        shifted = rank - group * (rank.size + 1)  # groups in ascending order, each below the previous
-        before = np.r_[np.iinfo(np.int64).max, np.minimum.accumulate(shifted)[:-1]]
-        live = np.flatnonzero(shifted < before)
+    for k, (mine, choice) in enumerate(layers):
+        grown = (labels[:, :, None] + choice[:, None, :]).reshape(3, -1)
+        room = capacity - np.minimum(grown[0], capacity + 1).astype(np.int64)  # -1: none (the tables' inf column)
+        bound = grown[2] + (tables[k + 1][:, room] + multipliers[:, None] * grown[1] - offsets[:, None]).max(axis=0)
+        index = np.flatnonzero((bound <= ceiling) & (grown[1] <= other_room[k]))
+        if index.size == 0:
+            return np.empty(0, dtype=np.int64)
+        index = index[np.lexsort(grown[[1, 2, 0]][:, index])]  # by DP use, then cost, then other-row use
+        grown = grown[:, index]
+        rank = np.minimum.accumulate(grown[1] - grown[0] * (limit + 1.0))  # groups of one DP use, each below the last
+        live = np.flatnonzero(np.diff(rank, prepend=np.inf) < 0)
         if live.size > _MAX_LABELS:
             return None
-        parents.append(parent[live])
-        picks.append(pick[live])
-        used, other, cost = new_used[live], new_other[live], new_cost[live]
-        if cost.size == 0:
-            return np.empty(0, dtype=np.int64)
-    label = int(np.argmin(cost))
-    slots = np.empty(n_layers, dtype=np.int64)
-    for k in range(n_layers - 1, -1, -1):
+        labels, index = grown[:, live], index[live]
+        parents.append(index // mine.size)
+        picks.append(mine[index % mine.size])
+    label = int(np.argmin(labels[2]))
+    slots = np.empty(len(layers), dtype=np.int64)
+    for k in range(len(layers) - 1, -1, -1):
         slots[k] = picks[k][label]
         label = int(parents[k][label])
     return slots

@@ -30,7 +30,6 @@ from models.bit_policy import BitPolicy, BitPolicyError, parse_bit_policy, read_
 from models.geometry import layer_geometry
 from models.quantized import compressible_layers
 from quantization.bit_allocation import FIXED_LAYER_BITS, BitAllocation, allocate_bits
-from studies.bit_policy_plots import write_bit_policy_figure
 from studies.indicators import Indicators, IndicatorsError, read_indicators
 from utils.io import write_json
 
@@ -198,13 +197,18 @@ def policy_document(problem: SearchProblem, allocation: BitAllocation, settings:
     return document
 
 
-def run_bit_policy_search(settings: SearchSettings, output: str | Path, compare_with: str | Path | None = None) -> dict:
+def run_bit_policy_search(settings: SearchSettings, output: str | Path, compare_with: str | Path | None = None,
+                          figure: bool = True) -> dict:
     """Read the indicators, build the model, search, write the policy to ``output``; return the policy.
 
-    A figure of the policy (bits per layer) is written beside it, ``<output stem>.png/.pdf``; with
-    ``compare_with`` (another policy file of the same layers) drawn below it, the differing layers marked.
+    With ``figure``, a figure of the policy (bits per layer) is written beside it, ``<output stem>.png/.pdf``
+    (matplotlib is imported only then); with ``compare_with`` (another policy file of the same layers)
+    drawn below it, the differing layers marked.
     """
     check_settings(settings)
+    if compare_with is not None and not figure:
+        raise BitPolicySearchError("--compare-with draws into the figure, which --no-figure turns off",
+                                   "--compare-with")  # fmt: skip
     other = _read_other_policy(compare_with)
     if settings.indicators in DATA_FREE_KINDS:
         compute = _data_free_function(settings)  # a missing module fails before the model is built
@@ -226,9 +230,12 @@ def run_bit_policy_search(settings: SearchSettings, output: str | Path, compare_
     if other is not None and other.layers != policy.layers:
         raise BitPolicySearchError(f"{compare_with} is a policy of other layers than the search's", "--compare-with")
     write_json(output, document)
-    output = Path(output)
-    labels = (output.stem, Path(compare_with).stem if compare_with is not None else "")
-    write_bit_policy_figure(policy, output.parent, other, labels, stem=output.stem)
+    if figure:
+        from studies.bit_policy_plots import write_bit_policy_figure  # matplotlib: a second or more to import
+
+        output = Path(output)
+        labels = (output.stem, Path(compare_with).stem if compare_with is not None else "")
+        write_bit_policy_figure(policy, output.parent, other, labels, stem=output.stem)
     return document
 
 

@@ -58,7 +58,6 @@ from models.layers import output_channel_axis
 from quantization.grid_error import SortedValues, as_rows
 from quantization.quantizers import QuantParams, QuantScheme, channel_view, params_from_range, quantize_dequantize
 from quantization.range_estimators import mse_range_search
-from studies.analytical_sqnr import Gaussian, optimal_threshold
 from studies.indicators import Indicators
 
 __all__ = [
@@ -124,6 +123,8 @@ def relative_weight_errors(weight: torch.Tensor, bits: Sequence[int], ch_axis: i
 
 @functools.cache
 def _gaussian_relative_mse(n_bits: int) -> float:
+    from studies.analytical_sqnr import Gaussian, optimal_threshold  # SciPy's integrate and optimize: weight-mse only
+
     gaussian = Gaussian()
     return optimal_threshold(gaussian, n_bits)[1] / gaussian.second_moment()
 

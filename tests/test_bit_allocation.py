@@ -309,3 +309,25 @@ def test_dp_falls_back_to_highs_past_its_label_limit(monkeypatch: pytest.MonkeyP
     fallback = allocate_bits(**problem)
     assert fallback.solver == "highs" and fallback.objective == pytest.approx(expected.objective, rel=1e-12)
     assert (fallback.weight_bits, fallback.act_bits) == (expected.weight_bits, expected.act_bits)
+
+
+def test_dp_ceilings_that_find_nothing_or_end_above_are_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance whose label passes find no policy, then one above the ceiling, then the optimum; as HiGHS."""
+    from quantization import bit_allocation
+
+    outcomes = []
+    label_pass = bit_allocation._label_pass
+
+    def traced(problem, layers, multipliers, tables, offsets, ceiling):
+        slots = label_pass(problem, layers, multipliers, tables, offsets, ceiling)
+        cost = problem.cost[np.arange(slots.size), slots].sum() if slots.size else math.inf
+        outcomes.append("none" if slots.size == 0 else "below" if cost <= ceiling else "above")
+        return slots
+
+    monkeypatch.setattr(bit_allocation, "_label_pass", traced)
+    problem = _layer_instance(3, 19, "both")
+    dp = allocate_bits(**problem)
+    assert outcomes == ["none", "above", "below"] and dp.solver == "dp"
+    highs = allocate_bits(**problem, solver="highs-full")
+    assert (dp.weight_bits, dp.act_bits) == (highs.weight_bits, highs.act_bits)
+    assert dp.objective == pytest.approx(highs.objective, rel=1e-12)

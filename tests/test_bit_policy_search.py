@@ -320,6 +320,13 @@ def test_command_writes_a_bit_policy_file(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "'--compare-with'" in result.output and "policy of other layers" in result.output
     assert not refused.exists() and not (refused.parent / "refused.png").exists()
 
+    # --no-figure: the same policy file, no figure beside it.
+    bare = tmp_path / "bare" / "policy.json"
+    result = CliRunner().invoke(cli, ["search-bit-policy", "--bitops-geometry", "official", "--no-figure",
+                                      "--output", str(bare)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_bit_policy(bare) == policy and sorted(path.name for path in bare.parent.iterdir()) == ["policy.json"]
+
 
 def test_command_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     output = tmp_path / "policy.json"
@@ -334,6 +341,7 @@ def test_command_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         (["--indicators", str(with_global)], "refusing the global collections.OrderedDict"),
         (["--architecture", "fasterrcnn_resnet50_fpn"], "'--architecture': 'fasterrcnn_resnet50_fpn' is a detection"),
         (["--bitops-geometry", "exact"], "'--bitops-geometry'"),
+        (["--no-figure", "--compare-with", str(with_global)], "'--compare-with': --compare-with draws into the figure"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(cli, ["search-bit-policy", *args, "--output", str(output)])
