@@ -28,12 +28,14 @@ tensor. Rounding of the prefix sums makes each error uncertain by about
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+# Rows of at least this many values are searched candidate-fastest (:func:`count_below`).
+CANDIDATE_FASTEST_VALUES = 1 << 15
 # Elements of the largest intermediate (rows x candidates x segments) built at once.
 _MAX_CHUNK_ELEMENTS = 1 << 22
 
@@ -66,11 +68,17 @@ def sort_rows(rows: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SortedValues:
-    """Rows of values sorted ascending, with prefix sums ``[0, cumsum(x)]`` and ``[0, cumsum(x^2)]``."""
+    """Rows of values sorted ascending, with prefix sums ``[0, cumsum(x)]`` and ``[0, cumsum(x^2)]``.
+
+    ``sizes``: per row, how many of its values are its own where rows of several lengths were
+    stacked (:meth:`stack`; the rest are zeros, which no grid or bound of this module sees: ``0``
+    is a level of every grid); None when every value is.
+    """
 
     values: torch.Tensor
     prefix_sum: torch.Tensor
     prefix_sum_sq: torch.Tensor
+    sizes: torch.Tensor | None = None
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> SortedValues:
@@ -84,11 +92,42 @@ class SortedValues:
     def n_rows(self) -> int:
         return self.values.shape[0]
 
+    @classmethod
+    def stack(cls, parts: Sequence[SortedValues]) -> SortedValues:
+        """The rows of all ``parts`` in one, each padded with zeros (in sorted place) to the longest.
+
+        The prefix sums are those of the parts, repeated over the zeros (not summed again), so
+        every error read off them is the part's own.
+        """
+        length = max(part.n_values for part in parts)
+        stacked = []
+        for part in parts:
+            positions = torch.arange(length + 1, device=part.values.device)
+            negatives = torch.searchsorted(part.values, part.values.new_zeros(part.n_rows, 1))  # where the zeros go
+            padding = length - part.n_values
+            # Where each padded value and each padded prefix sum comes from in the part.
+            slots = positions[:-1]
+            value_source = torch.where(slots < negatives, slots, (slots - padding).clamp_min(0))
+            added = (slots >= negatives) & (slots < negatives + padding)
+            values = torch.where(added, 0.0, part.values.gather(1, value_source))
+            source = torch.where(positions <= negatives, positions, torch.maximum(positions - padding, negatives))
+            stacked.append((values, part.prefix_sum.gather(1, source), part.prefix_sum_sq.gather(1, source), part.counts))
+        values, prefix_sum, prefix_sum_sq, sizes = (torch.cat(column) for column in zip(*stacked))
+        return cls(values, prefix_sum, prefix_sum_sq, sizes)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Per row, how many values are its own (:attr:`sizes`), as a float ``(R,)`` tensor."""
+        if self.sizes is not None:
+            return self.sizes
+        return self.values.new_full((self.n_rows,), self.n_values)
+
     def select(self, rows: torch.Tensor) -> SortedValues:
         """The given rows (``(r,)`` indices, possibly repeated); no copy when they are all rows in order."""
         if rows.numel() == self.n_rows and bool((rows == torch.arange(self.n_rows, device=rows.device)).all()):
             return self
-        return SortedValues(self.values[rows], self.prefix_sum[rows], self.prefix_sum_sq[rows])
+        sizes = None if self.sizes is None else self.sizes[rows]
+        return SortedValues(self.values[rows], self.prefix_sum[rows], self.prefix_sum_sq[rows], sizes)
 
     @property
     def n_values(self) -> int:
@@ -103,7 +142,7 @@ class SortedValues:
 def error_resolution(sorted_values: SortedValues) -> torch.Tensor:
     """Per row, how far rounding can move an error made of the prefix sums: ``4 n eps sum x^2``."""
     eps = torch.finfo(sorted_values.values.dtype).eps
-    return 4.0 * (sorted_values.n_values + 1) * eps * sorted_values.energy
+    return 4.0 * (sorted_values.counts + 1) * eps * sorted_values.energy
 
 
 def use_direct_sum(n_values: int, n_segments: int) -> bool:
@@ -113,6 +152,31 @@ def use_direct_sum(n_values: int, n_segments: int) -> bool:
     an ``O(log n)`` search); measured on CPU the values are cheaper up to about 3 per segment.
     """
     return n_values <= 3 * n_segments
+
+
+def count_below(sorted_values: SortedValues, cuts: torch.Tensor, *prefixes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per cut, how many values of its row lie below it (``searchsorted``), and each prefix sum read there.
+
+    ``cuts`` is ``(R, G, ...)``, with the candidates along dim 1 in order of their step. The search
+    runs candidate-fastest: neighbouring candidates put the same cut at nearby values, so
+    consecutive binary searches share their path through the array and stay in cache (about
+    five times faster than searching each candidate's cuts in turn on a row of a million values).
+    Rows shorter than :data:`CANDIDATE_FASTEST_VALUES` fit in cache and are searched in place.
+
+    Returns:
+        ``(index, *values)``: the counts and ``prefix[r, index]`` for each prefix, all shaped like ``cuts``.
+    """
+    rows, n_candidates = cuts.shape[:2]
+    if sorted_values.n_values < CANDIDATE_FASTEST_VALUES:  # the row fits in cache: the reordering would only cost
+        index = torch.searchsorted(sorted_values.values, cuts.reshape(rows, -1))
+        return index.reshape(cuts.shape), *(torch.gather(prefix, 1, index).reshape(cuts.shape) for prefix in prefixes)
+    candidate_fastest = cuts.reshape(rows, n_candidates, -1).transpose(1, 2).reshape(rows, -1)
+    index = torch.searchsorted(sorted_values.values, candidate_fastest)
+
+    def as_cuts(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(rows, -1, n_candidates).transpose(1, 2).reshape(cuts.shape)
+
+    return as_cuts(index), *(as_cuts(torch.gather(prefix, 1, index)) for prefix in prefixes)
 
 
 def _in_chunks(n_candidates: int, elements_per_candidate: int, compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -139,24 +203,25 @@ def segment_sse(sorted_values: SortedValues, cuts: torch.Tensor, anchors: torch.
 
 
 def _segment_sums(sv: SortedValues, cuts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """For ``(R, G, M - 1)`` segment ends: each segment's index bounds ``(R, G, M + 1)`` and its
-    count, sum and sum of squares ``(R, G, M)``, read off the prefix sums."""
+    """For ``(R, G, M - 1)`` segment ends: each segment's count, sum and sum of squares ``(R, G, M)``,
+    read off the prefix sums."""
     rows, n_candidates = cuts.shape[:2]
-    indices = torch.searchsorted(sv.values, cuts.reshape(rows, -1).contiguous()).reshape(rows, n_candidates, -1)
-    first = indices.new_zeros(rows, n_candidates, 1)
-    bounds = torch.cat([first, indices, torch.full_like(first, sv.n_values)], dim=2)
-    flat_bounds = bounds.reshape(rows, -1)
 
-    def run_sums(prefix: torch.Tensor) -> torch.Tensor:
-        at_bounds = torch.gather(prefix, 1, flat_bounds).reshape(rows, n_candidates, -1)
-        return at_bounds[..., 1:] - at_bounds[..., :-1]
+    def runs(inner: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The differences between consecutive ends ``[first, inner..., last]``."""
+        ends = torch.cat([first.expand(rows, n_candidates, 1), inner, last.expand(rows, n_candidates, 1)], dim=2)
+        return ends[..., 1:] - ends[..., :-1]
 
-    counts = (bounds[..., 1:] - bounds[..., :-1]).to(cuts.dtype)
-    return bounds, counts, run_sums(sv.prefix_sum), run_sums(sv.prefix_sum_sq)
+    index, below, below_sq = count_below(sv, cuts, sv.prefix_sum, sv.prefix_sum_sq)
+    zero = cuts.new_zeros(1, 1, 1)
+    counts = runs(index.to(cuts.dtype), zero, cuts.new_full((1, 1, 1), sv.n_values))
+    sums = runs(below, zero, sv.prefix_sum[:, -1:, None])
+    sums_sq = runs(below_sq, zero, sv.prefix_sum_sq[:, -1:, None])
+    return counts, sums, sums_sq
 
 
 def _segment_sse(sv: SortedValues, cuts: torch.Tensor, anchors: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    _, counts, sums, sums_sq = _segment_sums(sv, cuts)
+    counts, sums, sums_sq = _segment_sums(sv, cuts)
     errors = sums_sq - 2 * anchors * sums + anchors * anchors * counts
     return (errors * counted.to(errors.dtype)).sum(dim=2)
 
@@ -224,11 +289,8 @@ def grid_sse_lower_bound(
     # Cuts, rising: per gap the interval's start, the gap's start and middle; then the last interval's ends.
     triples = torch.stack([interval_low[..., :-1], gap_start, gap_middle], dim=-1).flatten(-2)
     cuts = torch.cat([triples, interval_low[..., -1:], interval_high[..., -1:]], dim=-1)
-    rows = low.shape[0]
-    index = torch.searchsorted(sorted_values.values, cuts.reshape(rows, -1))
-    count = index.to(low.dtype).reshape(cuts.shape)
-    below = torch.gather(sorted_values.prefix_sum, 1, index).reshape(cuts.shape)
-    below_sq = torch.gather(sorted_values.prefix_sum_sq, 1, index).reshape(cuts.shape)
+    index, below, below_sq = count_below(sorted_values, cuts, sorted_values.prefix_sum, sorted_values.prefix_sum_sq)
+    count = index.to(low.dtype)
 
     def run_error(start: slice, end: slice, anchor: torch.Tensor) -> torch.Tensor:
         """``sum (x - anchor)^2`` over the values between the cuts ``start`` and ``end``."""
@@ -364,9 +426,7 @@ def narrow_intervals(
     zone_high = torch.maximum(half * a, half * b)
     zone_middle = torch.minimum(torch.maximum(0.5 * (left_anchor + right_anchor), zone_low), zone_high)
     cuts = torch.stack([zone_low, zone_middle, zone_high], dim=-1)  # (R, G, K - 1, 3), rising
-    index = torch.searchsorted(sv.values, cuts.reshape(rows, -1))
-    below = torch.gather(sv.prefix_sum, 1, index).reshape(cuts.shape)  # sum of the values below each cut
-    index = index.reshape(cuts.shape)
+    index, below = count_below(sv, cuts, sv.prefix_sum)  # below: the sum of the values below each cut
     count = index.to(low.dtype)
     at_low, at_middle, at_high = count.unbind(-1)
     sum_low, sum_middle, sum_high = below.unbind(-1)

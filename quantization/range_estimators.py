@@ -3,11 +3,13 @@
 * :func:`current_minmax` - the extremes of the tensor at hand;
 * :class:`RunningMinMax` - an exponential moving average of the extremes over batches;
 * :func:`mse_range` - the range whose quantizer has the least squared error on the tensor,
-  found by a certified search over all step sizes (:func:`mse_range_search`).
+  found by a certified search over all step sizes (:func:`mse_range_search`; many tensors at
+  once: :func:`mse_range_search_many`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -36,6 +38,9 @@ _STEP_SPLITS = 8
 _MAX_PARTS = 64
 # Nodes x segments evaluated at once (bounds the memory of a round).
 _MAX_SLOTS = 1 << 21
+# One-row parts of at most this many values are searched together with the others of about their
+# length (:func:`mse_range_search_many`); longer ones are searched alone.
+STACK_MAX_VALUES = 1 << 17
 # Narrow nodes with at most this many values changing level inside (or levels x log2 n, if
 # more) are solved by a sweep rather than split.
 SWEEP_LIMIT = 4096
@@ -256,6 +261,33 @@ def mse_range_search(
         return (q_min - best_zero) * best_step, (q_max - best_zero) * best_step
     threshold = best_step * q_max
     return (-threshold if scheme is QuantScheme.SYMMETRIC else torch.zeros_like(threshold)), threshold
+
+
+def mse_range_search_many(
+    parts: Sequence[SortedValues], n_bits: int, scheme: QuantScheme | str = QuantScheme.SYMMETRIC, rtol: float = MSE_RTOL
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`mse_range_search` of each of ``parts``, the parts of about the same row length in one search.
+
+    A search costs a few hundred tensor operations whatever its number of rows, which dominates
+    on a single short row; so the one-row parts of at most :data:`STACK_MAX_VALUES` values whose
+    lengths have the same ``ceil(log2 n)`` are stacked (:meth:`quantization.grid_error.SortedValues.stack`:
+    zeros pad them, at most doubling them, and change no error) and searched at once. Parts of
+    several rows (per channel) are searched alone: stacking them was measured slower (padding, and
+    rows of uneven node counts). Every row keeps its own certificate.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, part in enumerate(parts):
+        stackable = part.n_rows == 1 and part.n_values <= STACK_MAX_VALUES
+        key = (0, (part.n_values - 1).bit_length()) if stackable else (1, index)
+        groups.setdefault(key, []).append(index)
+    ranges: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(parts)  # type: ignore[list-item]
+    for members in groups.values():
+        stacked = SortedValues.stack([parts[index] for index in members]) if len(members) > 1 else parts[members[0]]
+        min_val, max_val = mse_range_search(stacked, n_bits, scheme, rtol)
+        sizes = [parts[index].n_rows for index in members]
+        for index, low, high in zip(members, min_val.split(sizes), max_val.split(sizes)):
+            ranges[index] = (low, high)
+    return ranges
 
 
 def mse_range(

@@ -22,13 +22,14 @@ model and every bit-width ``b``:
   ``m4 / m2^2 - 3``.
 
 All sums run in float64 (float32 on MPS) whatever the weights' dtype. Each tensor is sorted once for
-all bit-widths (:func:`prepare_tensor`); only the range search runs per bit-width.
+all bit-widths (:func:`prepare_tensor`); only the range search runs per bit-width, for the tensors of a
+model together (:func:`search_ranges`).
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from pruning.block_masks import one_by_n_mask
 from pruning.masks import magnitude_pruning_sse
 from quantization.grid_error import SortedValues, accumulation_dtype, as_rows, grid_sse, sort_rows, zero_count
 from quantization.quantizers import QuantScheme, params_from_range
-from quantization.range_estimators import mse_range_search
+from quantization.range_estimators import mse_range_search_many
 from studies.compression import pruning_sparsity, sqnr_db
 from studies.result_files import UNSTRUCTURED, result_file_name, result_glob, structure_block_size, table_file_name
 from utils.io import read_json, write_csv, write_json
@@ -57,6 +58,9 @@ METRICS = (
 # Sorted tensors kept between bit-widths by iter_study_model (about 32 bytes per weight): up to 1 GiB.
 PREPARED_CACHE_BYTES = 1 << 30
 PRUNING_KEYS = ("pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected")
+# Weights of the layers whose ranges are searched together (all their tensors prepared at once, about 32 bytes
+# per weight, plus the stacked copies of the short rows): up to 256 MiB.
+SEARCH_GROUP_VALUES = 1 << 23
 # Settings that result files written before they existed leave out, with the value those files were made with.
 SETTING_DEFAULTS = {"pruning_structure": UNSTRUCTURED}
 
@@ -115,39 +119,62 @@ def check_range_estimator(range_estimator: str) -> None:
         raise ValueError(f"range_estimator must be one of {RANGE_ESTIMATORS}, got {range_estimator!r}")
 
 
-def study_prepared(
-    prepared: PreparedTensor, bits: Sequence[int], range_estimator: str = "mse"
-) -> dict[int, dict[str, float | list[float]]]:
-    """The study's metrics of one prepared weight tensor (:func:`prepare_tensor`) for each bit-width in ``bits``."""
+def search_ranges(prepared: Sequence[PreparedTensor], n_bits: int, range_estimator: str = "mse") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The symmetric INT-``n_bits`` quantizer's range ``(min, max)`` per row of each prepared tensor.
+
+    ``mse``: the MSE-optimal ranges, the tensors searched together
+    (:func:`quantization.range_estimators.mse_range_search_many`); ``minmax``: the rows' extremes.
+    """
     check_range_estimator(range_estimator)
+    if range_estimator == "mse":
+        return mse_range_search_many([p.sorted_rows for p in prepared], n_bits, QuantScheme.SYMMETRIC)
+    return [(p.sorted_rows.values[:, 0], p.sorted_rows.values[:, -1]) for p in prepared]
+
+
+def metrics_at_range(
+    prepared: PreparedTensor, n_bits: int, min_val: torch.Tensor, max_val: torch.Tensor
+) -> dict[str, float | list[float]]:
+    """The study's metrics of one prepared weight tensor (:func:`prepare_tensor`) quantized to INT-``n_bits``
+    with the range ``[min_val, max_val]`` (per row)."""
     sorted_rows, numel, mean_square = prepared.sorted_rows, prepared.numel, prepared.mean_square
-    results = {}
-    for n_bits in bits:
-        if range_estimator == "mse":
-            min_val, max_val = mse_range_search(sorted_rows, n_bits, QuantScheme.SYMMETRIC)
-        else:
-            min_val, max_val = sorted_rows.values[:, 0], sorted_rows.values[:, -1]
-        params = params_from_range(min_val, max_val, n_bits, QuantScheme.SYMMETRIC)
-        sse = grid_sse(sorted_rows, params.step_size[:, None], params.zero_point[:, None], params.q_min, params.q_max)
-        quant_mse = float(sse.sum()) / numel
-        quant_sparsity = float(zero_count(sorted_rows, params.step_size).sum()) / numel
-        sparsity = pruning_sparsity(n_bits)
-        corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * n_bits / 16.0
-        pruning_mse = float(magnitude_pruning_sse(prepared.squares_prefix, sparsity)) / numel
-        pruning_mse_corrected = float(magnitude_pruning_sse(prepared.squares_prefix, corrected_sparsity)) / numel
-        step_size = params.step_size.tolist()
-        results[n_bits] = {
-            "sample_kurtosis": prepared.kurtosis,
-            "quant_sqnr": sqnr_db(mean_square, quant_mse),
-            "quant_mse": quant_mse,
-            "quant_sparsity": quant_sparsity,
-            "quant_step_size": step_size if prepared.per_channel else step_size[0],
-            "pruning_sqnr": sqnr_db(mean_square, pruning_mse),
-            "pruning_mse": pruning_mse,
-            "pruning_sqnr_corrected": sqnr_db(mean_square, pruning_mse_corrected),
-            "pruning_mse_corrected": pruning_mse_corrected,
-        }
-    return results
+    params = params_from_range(min_val, max_val, n_bits, QuantScheme.SYMMETRIC)
+    sse = grid_sse(sorted_rows, params.step_size[:, None], params.zero_point[:, None], params.q_min, params.q_max)
+    quant_mse = float(sse.sum()) / numel
+    quant_sparsity = float(zero_count(sorted_rows, params.step_size).sum()) / numel
+    sparsity = pruning_sparsity(n_bits)
+    corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * n_bits / 16.0
+    pruning_mse = float(magnitude_pruning_sse(prepared.squares_prefix, sparsity)) / numel
+    pruning_mse_corrected = float(magnitude_pruning_sse(prepared.squares_prefix, corrected_sparsity)) / numel
+    step_size = params.step_size.tolist()
+    return {
+        "sample_kurtosis": prepared.kurtosis,
+        "quant_sqnr": sqnr_db(mean_square, quant_mse),
+        "quant_mse": quant_mse,
+        "quant_sparsity": quant_sparsity,
+        "quant_step_size": step_size if prepared.per_channel else step_size[0],
+        "pruning_sqnr": sqnr_db(mean_square, pruning_mse),
+        "pruning_mse": pruning_mse,
+        "pruning_sqnr_corrected": sqnr_db(mean_square, pruning_mse_corrected),
+        "pruning_mse_corrected": pruning_mse_corrected,
+    }
+
+
+def study_prepared(
+    prepared: PreparedTensor,
+    bits: Sequence[int],
+    range_estimator: str = "mse",
+    ranges: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[int, dict[str, float | list[float]]]:
+    """The study's metrics of one prepared weight tensor (:func:`prepare_tensor`) for each bit-width in ``bits``.
+
+    ``ranges``: the quantizer's ranges already searched (:func:`search_ranges`), per bit-width; the others are searched here.
+    """
+    check_range_estimator(range_estimator)
+    ranges = ranges or {}
+    return {
+        n_bits: metrics_at_range(prepared, n_bits, *(ranges.get(n_bits) or search_ranges([prepared], n_bits, range_estimator)[0]))
+        for n_bits in bits
+    }
 
 
 def block_pruning_sse(weight: torch.Tensor, block_size: int, sparsity: float, groups: int = 1) -> float:
@@ -236,7 +263,9 @@ def iter_study_model(
     Bit-widths are studied one after the other (every tensor at ``b``, then the next ``b``), so a
     caller can save each one before the next starts. Each tensor is sorted once
     (:func:`prepare_tensor`) and kept for the next bit-widths while the kept ones hold at most
-    ``cache_bytes``; the tensors beyond are prepared again for each bit-width. With a ``1xN:<N>``
+    ``cache_bytes``; the tensors beyond are prepared again for each bit-width. The ranges of the
+    layers are searched together (:func:`search_ranges`), in runs of consecutive layers of at most
+    :data:`SEARCH_GROUP_VALUES` weights. With a ``1xN:<N>``
     ``structure`` the pruning metrics are those of 1xN block pruning (:func:`block_pruning_metrics`).
     """
     check_range_estimator(range_estimator)
@@ -248,26 +277,47 @@ def iter_study_model(
         for position, n_bits in enumerate(bits):
             last = position == len(bits) - 1
             per_layer: dict[str, dict] = {}
-            for name, module in layers:
-                prepared = kept.get(name)
-                if prepared is None:
-                    ch_axis = output_channel_axis(module) if per_channel else None
-                    prepared = prepare_tensor(module.weight.detach().to(device), ch_axis)
-                    if not last and kept_bytes + prepared.nbytes <= cache_bytes:
-                        kept[name] = prepared
-                        kept_bytes += prepared.nbytes
-                metrics = study_prepared(prepared, [n_bits], range_estimator)[n_bits]
-                if block_size is not None:
-                    weight, groups = block_layout(module)
-                    if weight is None:
-                        metrics.update(dict.fromkeys(PRUNING_KEYS))
-                    else:
-                        metrics.update(block_pruning_metrics(
-                            weight.to(device), block_size, n_bits, metrics["quant_sparsity"], prepared.mean_square, groups
-                        ))  # fmt: skip
-                per_layer[name] = {"shape": list(module.weight.shape), "numel": prepared.numel, **metrics}
-                bar.update()
+            for group in layer_groups(layers, SEARCH_GROUP_VALUES):
+                prepared_group = []
+                for name, module in group:
+                    prepared = kept.get(name)
+                    if prepared is None:
+                        ch_axis = output_channel_axis(module) if per_channel else None
+                        prepared = prepare_tensor(module.weight.detach().to(device), ch_axis)
+                        if not last and kept_bytes + prepared.nbytes <= cache_bytes:
+                            kept[name] = prepared
+                            kept_bytes += prepared.nbytes
+                    prepared_group.append(prepared)
+                ranges = search_ranges(prepared_group, n_bits, range_estimator)
+                for (name, module), prepared, (min_val, max_val) in zip(group, prepared_group, ranges):
+                    metrics = study_prepared(prepared, [n_bits], range_estimator, {n_bits: (min_val, max_val)})[n_bits]
+                    if block_size is not None:
+                        weight, groups = block_layout(module)
+                        if weight is None:
+                            metrics.update(dict.fromkeys(PRUNING_KEYS))
+                        else:
+                            metrics.update(block_pruning_metrics(
+                                weight.to(device), block_size, n_bits, metrics["quant_sparsity"], prepared.mean_square,
+                                groups,
+                            ))  # fmt: skip
+                    per_layer[name] = {"shape": list(module.weight.shape), "numel": prepared.numel, **metrics}
+                    bar.update()
             yield n_bits, per_layer
+
+
+def layer_groups(layers: Sequence[tuple[str, nn.Module]], max_values: int) -> Iterator[list[tuple[str, nn.Module]]]:
+    """Runs of consecutive layers holding at most ``max_values`` weights together (a larger layer alone)."""
+    group: list[tuple[str, nn.Module]] = []
+    size = 0
+    for name, module in layers:
+        numel = module.weight.numel()
+        if group and size + numel > max_values:
+            yield group
+            group, size = [], 0
+        group.append((name, module))
+        size += numel
+    if group:
+        yield group
 
 
 def log_blockless(model_name: str, structure: str, layers: dict[str, dict]) -> int:

@@ -18,6 +18,7 @@ from quantization.grid_error import (
     SortedValues,
     accumulation_dtype,
     as_rows,
+    error_resolution,
     grid_sse,
     grid_sse_lower_bound,
     interval_minimum,
@@ -26,7 +27,7 @@ from quantization.grid_error import (
     zero_count,
 )
 from quantization.quantizers import QuantScheme, integer_range, params_from_range
-from quantization.range_estimators import RunningMinMax, current_minmax, mse_range
+from quantization.range_estimators import RunningMinMax, current_minmax, mse_range, mse_range_search_many
 
 SCHEMES = list(QuantScheme)
 N_SAMPLES = 5000
@@ -153,6 +154,45 @@ def test_mse_range_is_exact_on_small_tensors(n_bits):
             x = x[:200]
         _, threshold = mse_range(torch.from_numpy(x), n_bits)
         found = sym_sse(x, float(threshold), n_bits)
+        best = exhaustive_best(x, n_bits, QuantScheme.SYMMETRIC)[0]
+        assert found <= best * (1 + 1e-9) + 1e-300, (len(x), found, best)
+
+
+def test_stacked_rows_are_the_parts_padded_with_zeros():
+    """Stacked rows: each part's values with zeros in sorted place, its own prefix sums read at every
+    position (checked in numpy), its size and its error resolution."""
+    rng = np.random.default_rng(5)
+    rows = [rng.standard_normal((2, 5)), rng.standard_normal((1, 9)), rng.uniform(1, 2, (3, 7)), -rng.uniform(1, 2, (1, 4))]
+    parts = [SortedValues.from_rows(torch.from_numpy(x)) for x in rows]
+    stacked = SortedValues.stack(parts)
+    assert stacked.values.shape == (7, 9)
+    position = np.arange(10)
+    row = 0
+    for x, part in zip(rows, parts):
+        for part_row, own in enumerate(np.sort(x, axis=1)):
+            padding = 9 - own.size
+            assert np.array_equal(stacked.values[row].numpy(), np.sort(np.concatenate([own, np.zeros(padding)])))
+            negatives = int((own < 0).sum())
+            own_before = position - np.clip(position - negatives, 0, padding)  # own values among the first p
+            for stacked_prefix, prefix in ((stacked.prefix_sum, part.prefix_sum), (stacked.prefix_sum_sq, part.prefix_sum_sq)):
+                assert np.array_equal(stacked_prefix[row].numpy(), prefix[part_row].numpy()[own_before])
+            assert float(stacked.sizes[row]) == own.size
+            row += 1
+    assert torch.equal(error_resolution(stacked), torch.cat([error_resolution(part) for part in parts]))
+
+
+@pytest.mark.parametrize("n_bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.slow
+def test_stacked_search_is_exact(n_bits):
+    """Tensors of several lengths searched together (padded with zeros to their bucket's longest)
+    reach the exhaustive breakpoint search's optimum each, including optima above max|x|."""
+    tensors = small_tensors(200 + n_bits, 3)
+    tensors = [tensors[0][:150], tensors[1][:200], np.abs(tensors[2][:180]), -np.abs(tensors[0][:20])]
+    if n_bits >= 3:
+        tensors.append(clustered_below_grid(n_bits, 20 + n_bits))
+    parts = [SortedValues.from_rows(torch.from_numpy(x).reshape(1, -1)) for x in tensors]
+    for x, (_, threshold) in zip(tensors, mse_range_search_many(parts, n_bits)):
+        found = sym_sse(x, float(threshold[0]), n_bits)
         best = exhaustive_best(x, n_bits, QuantScheme.SYMMETRIC)[0]
         assert found <= best * (1 + 1e-9) + 1e-300, (len(x), found, best)
 

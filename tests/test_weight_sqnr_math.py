@@ -15,6 +15,7 @@ from studies.weight_sqnr import (
     METRICS,
     excess_kurtosis,
     iter_study_model,
+    layer_groups,
     prepare_tensor,
     pruning_sparsity,
     sqnr_db,
@@ -309,3 +310,11 @@ def test_iter_study_model_prepares_each_tensor_once(monkeypatch, estimator, per_
             axis = (1 if name == "2" else 0) if per_channel else None
             expected = study_tensor(weight, [n_bits], estimator, axis)[n_bits]
             assert {key: metrics[key] for key in METRICS} == expected
+
+
+def test_layer_groups_split_the_layers_in_order_within_the_budget():
+    """Consecutive runs of the layers, each within the budget unless it is one layer larger than it."""
+    layers = [(str(i), nn.Linear(n, 1, bias=False)) for i, n in enumerate([3, 4, 9, 2, 2, 1, 12, 5])]
+    groups = list(layer_groups(layers, 8))
+    assert [[name for name, _ in group] for group in groups] == [["0", "1"], ["2"], ["3", "4", "5"], ["6"], ["7"]]
+    assert [sum(m.weight.numel() for _, m in group) for group in groups] == [7, 9, 5, 12, 5]
