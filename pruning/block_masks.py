@@ -38,13 +38,17 @@ with ``N = 1`` (one ``k x k`` kernel per block).
 
 Which layers are pruned: :func:`prunable_layers` (every convolution except the first one and the
 depthwise ones; the classifier only on request).
+
+Masks once (the paper: :func:`model_masks`) or on Zhu & Gupta's gradual schedule (not in the paper):
+:class:`BlockMaskRule` is a pattern as the mask rule of :class:`pruning.schedule.GradualMagnitudePruner`.
 """
 from __future__ import annotations
 
 import enum
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,12 +58,14 @@ from quantization.granularity import Granularity
 
 __all__ = [
     "PRUNABLE_TYPES",
+    "BlockMaskRule",
     "PruneMethod",
     "block_rows",
     "block_scores",
     "filter_l1_mask",
     "is_depthwise",
     "layer_mask",
+    "layers_masks",
     "model_masks",
     "num_blocks_pruned",
     "one_by_n_mask",
@@ -248,12 +254,7 @@ def model_masks(
         layers = prunable_layers(model, include_classifier)
     else:
         layers = {name: model.get_submodule(name) for name in layer_names}
-    masks = {}
-    for name, layer in layers.items():
-        try:
-            masks[name] = layer_mask(layer.weight, method, rate, block_size, _groups(layer), generator)
-        except ValueError as error:
-            raise ValueError(f"layer {name!r}: {error}") from None
+    masks = layers_masks(layers, method, rate, block_size, generator)
     kept = sum(int(mask.sum()) for mask in masks.values())
     total = sum(mask.numel() for mask in masks.values())
     logger.info(
@@ -261,3 +262,40 @@ def model_masks(
         PruneMethod(method).value, len(masks), rate, 1 - kept / max(total, 1),
     )
     return masks
+
+
+def layers_masks(
+    layers: Mapping[str, nn.Module],
+    method: PruneMethod | str,
+    rate: float,
+    block_size: int = 4,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{name: keep-mask}`` of every layer of ``layers`` under ``method`` at ``rate``, in their order (random blocks
+    drawn from ``generator`` layer after layer). A layer the block size does not fit is one ``ValueError`` naming it."""
+    masks = {}
+    for name, layer in layers.items():
+        try:
+            masks[name] = layer_mask(layer.weight, method, rate, block_size, _groups(layer), generator)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+    return masks
+
+
+@dataclass(frozen=True)
+class BlockMaskRule:
+    """The masks of a pattern as a mask rule of the gradual pruner (:data:`pruning.schedule.MaskRule`).
+
+    ``rule(layers, rate)`` is :func:`layers_masks` of the layers' current weights (pruned ones at zero). Random
+    blocks are drawn from a generator seeded with ``seed`` afresh at every call, so each layer gets the same
+    permutation of its blocks every time: the random masks of rising rates are nested (the first ``floor(p B)``
+    blocks of one permutation), a resumed run draws the same ones, and the random mask at rate ``p`` is the one-shot
+    one (:func:`model_masks` with a generator seeded with ``seed``, the same layers).
+    """
+
+    method: PruneMethod
+    block_size: int
+    seed: int
+
+    def __call__(self, layers: Mapping[str, nn.Module], rate: float) -> dict[str, torch.Tensor]:
+        return layers_masks(layers, self.method, rate, self.block_size, torch.Generator().manual_seed(self.seed))

@@ -6,16 +6,25 @@ steps apart, starting at step ``t0``:
     s(t) = s_f + (s_i - s_f) * (1 - (t - t0) / (n * delta_t))^3,   t0 <= t <= t0 + n * delta_t,
 
 ``s_i`` before ``t0`` and ``s_f`` after ``t0 + n * delta_t``. Masks are recomputed only at the
-update steps ``t0 + k * delta_t`` (``k = 0..n``), by magnitude, per layer (every layer at the same
-sparsity, as in the paper), per output channel (every channel of every layer at that sparsity) or
-globally (one threshold over all layers); between updates they are kept fixed, the masked weights receive no gradient and are reset to zero after every optimizer
-step (so weight decay and momentum cannot revive them).
+update steps ``t0 + k * delta_t`` (``k = 0..n``) by a *mask rule* (:data:`MaskRule`), a plug-in that
+maps the layers and the sparsity ``s(t)`` to their keep-masks, computed from the current weights (the
+pruned ones at zero, as Zhu & Gupta do). The paper's rule is magnitude (:func:`magnitude_rule`): per
+layer (every layer at the same sparsity, as in the paper), per output channel (every channel of every
+layer at that sparsity) or globally (one threshold over all layers); the 1xN block patterns are
+:class:`pruning.block_masks.BlockMaskRule`. Between updates the masks are kept fixed, the masked weights
+receive no gradient and are reset to zero after every optimizer step (so weight decay and momentum
+cannot revive them).
+
+Masks are not forced to be nested: each update ranks the current weights afresh. A pruned weight (or
+block) is zero, so it ranks lowest and stays pruned as the sparsity rises, unless kept weights are
+exactly zero too, among which ties go by position.
 """
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -85,9 +94,12 @@ class PruningSchedule:
         return zhu_gupta_sparsity(step, self.s_i, self.s_f, self.t0, self.n, self.delta_t)
 
 
-@torch.no_grad()
-def set_magnitude_masks(layers: Mapping[str, nn.Module], sparsity: float, scope: PruningScope) -> None:
-    """Set the ``weight_mask`` of every layer by magnitude at ``sparsity`` and zero the pruned weights.
+MaskRule = Callable[[Mapping[str, nn.Module], float], Mapping[str, torch.Tensor]]
+"""``rule(layers, sparsity) -> {name: keep-mask}``: the masks of ``layers`` (``{name: layer}``) at ``sparsity``."""
+
+
+def magnitude_masks(layers: Mapping[str, nn.Module], sparsity: float, scope: PruningScope) -> dict[str, torch.Tensor]:
+    """The keep-masks of ``layers`` by weight magnitude at ``sparsity``.
 
     Per layer: each layer loses ``num_pruned(numel, sparsity)`` weights; per channel: each output
     channel of each layer loses ``num_pruned(numel / out_channels, sparsity)``; global: all layers
@@ -95,36 +107,53 @@ def set_magnitude_masks(layers: Mapping[str, nn.Module], sparsity: float, scope:
     """
     scope = PruningScope(scope)
     if scope is PruningScope.GLOBAL:
-        masks = global_magnitude_masks_by_selection({name: layer.weight for name, layer in layers.items()}, sparsity)
-    else:
-        granularity = Granularity.per_channel(0) if scope is PruningScope.CHANNEL else Granularity.per_tensor()
-        masks = {name: magnitude_mask_by_selection(layer.weight, sparsity, granularity) for name, layer in layers.items()}
+        return global_magnitude_masks_by_selection({name: layer.weight for name, layer in layers.items()}, sparsity)
+    granularity = Granularity.per_channel(0) if scope is PruningScope.CHANNEL else Granularity.per_tensor()
+    return {name: magnitude_mask_by_selection(layer.weight, sparsity, granularity) for name, layer in layers.items()}
+
+
+def magnitude_rule(scope: PruningScope | str) -> MaskRule:
+    """The mask rule of Zhu & Gupta: :func:`magnitude_masks` within ``scope``."""
+    return functools.partial(magnitude_masks, scope=PruningScope(scope))
+
+
+@torch.no_grad()
+def set_masks(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``masks`` into the layers' ``weight_mask`` buffers and zero the pruned weights."""
     for name, layer in layers.items():
         layer.weight_mask.copy_(masks[name])
         layer.weight.mul_(layer.weight_mask)
 
 
+def set_magnitude_masks(layers: Mapping[str, nn.Module], sparsity: float, scope: PruningScope) -> None:
+    """Set the ``weight_mask`` of every layer by magnitude at ``sparsity`` (:func:`magnitude_masks`) and zero the
+    pruned weights."""
+    set_masks(layers, magnitude_masks(layers, sparsity, scope))
+
+
 class GradualMagnitudePruner:
-    """Keeps the ``weight_mask`` buffers of ``layers`` on a :class:`PruningSchedule`.
+    """Keeps the ``weight_mask`` buffers of ``layers`` on a :class:`PruningSchedule`, the masks given by ``rule``.
 
     Every layer must have a boolean ``weight_mask`` buffer shaped like its weight (see
-    :mod:`models.quantized`), which its forward pass multiplies into the weight.
+    :mod:`models.quantized`), which its forward pass multiplies into the weight. The pruner holds no
+    state of its own (the masks live in the model; the schedule depends on the step, the rule on the
+    weights and the sparsity only), so a run resumed from a checkpoint continues as if uninterrupted.
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], schedule: PruningSchedule, scope: PruningScope) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module], schedule: PruningSchedule, rule: MaskRule) -> None:
         missing = [name for name, layer in layers.items() if getattr(layer, "weight_mask", None) is None]
         if missing:
             raise ValueError(f"layers without a weight_mask buffer: {', '.join(missing)}")
         self.layers = dict(layers)
         self.schedule = schedule
-        self.scope = PruningScope(scope)
+        self.rule = rule
 
     def update(self, step: int) -> bool:
         """At an update step of the schedule, recompute the masks; returns whether it did."""
         if not self.schedule.is_update_step(step):
             return False
         sparsity = self.schedule.sparsity_at(step)
-        set_magnitude_masks(self.layers, sparsity, self.scope)
+        set_masks(self.layers, self.rule(self.layers, sparsity))
         logger.debug("step %d: masks updated to sparsity %.4f", step, sparsity)
         return True
 

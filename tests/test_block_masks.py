@@ -15,7 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
+from models.quantized import CompressionSpec, compress_model
 from pruning.block_masks import (
+    BlockMaskRule,
     PruneMethod,
     block_rows,
     filter_l1_mask,
@@ -29,6 +31,7 @@ from pruning.block_masks import (
     weight_magnitude_mask,
 )
 from pruning.masks import magnitude_mask_by_selection
+from pruning.schedule import GradualMagnitudePruner, PruningSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on a busy machine: one torch thread
 
@@ -264,3 +267,71 @@ def test_model_masks_cover_the_prunable_layers_and_name_a_layer_too_narrow() -> 
     # the first squeeze-excitation squeezes 16 channels to 8: N = 16 does not fit
     with pytest.raises(ValueError, match=r"layer 'features.1.block.1.fc1': block size N = 16 is larger"):
         model_masks(model, "1xn", 0.5, block_size=16)
+
+
+def _scheduled_model() -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Stem, conv 8->10 (a smaller last 1x4 block), depthwise, 1x1 conv 10->6, linear: masks in every layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3, groups=10),
+                          nn.Conv2d(10, 6, 1), nn.Flatten(), nn.Linear(6 * 2 * 2, 5))  # fmt: skip
+    layers = compress_model(model, CompressionSpec(prune=True))
+    return model, layers
+
+
+def test_gradual_one_by_n_schedule_prunes_the_exact_blocks_of_the_current_weights_at_every_update() -> None:
+    model, layers = _scheduled_model()
+    pruned_layers = {name: layers[name] for name in prunable_layers(model)}
+    assert list(pruned_layers) == ["2", "5"]  # the stem, the depthwise conv and the classifier are skipped
+    s_i, s_f, t0, n, dt = Fraction("0.1"), Fraction("0.7"), 1, 4, 2
+    schedule = PruningSchedule(float(s_i), float(s_f), t0, n, dt)
+    pruner = GradualMagnitudePruner(pruned_layers, schedule, BlockMaskRule(PruneMethod.ONE_BY_N, 4, seed=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    previous = {name: torch.ones_like(layer.weight_mask) for name, layer in pruned_layers.items()}
+    updates = 0
+    for step in range(14):
+        before = {name: layer.weight.detach().double().numpy().copy() for name, layer in pruned_layers.items()}
+        if pruner.update(step):
+            k = step - t0
+            assert k >= 0 and k % dt == 0
+            sparsity = s_f + (s_i - s_f) * (1 - Fraction(k, n * dt)) ** 3  # the cubic schedule, in exact arithmetic
+            for name, layer in pruned_layers.items():
+                states = block_states(layer.weight_mask, 4)
+                assert (states == 0).sum() == math.floor(sparsity * states.size), (step, name)
+                expected = reference_one_by_n(before[name], 4, float(sparsity))  # the current (pruned: zero) weights
+                np.testing.assert_array_equal(layer.weight_mask.numpy(), expected)
+                assert not (layer.weight_mask & ~previous[name]).any()  # nested: the weights kept are nonzero
+                previous[name] = layer.weight_mask.clone()
+            updates += 1
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.apply_masks()
+    assert updates == n + 1
+    for name, layer in layers.items():
+        if name in pruned_layers:  # exactly floor(s_f * blocks) blocks, their weights zero
+            assert (block_states(layer.weight_mask, 4) == 0).sum() == exact_floor(0.7, math.ceil(layer.weight.shape[0] / 4)
+                                                                                  * layer.weight.shape[1])  # fmt: skip
+            assert torch.all(layer.weight[~layer.weight_mask] == 0)
+        else:
+            assert layer.weight_mask.all(), name
+
+
+def test_random_block_rule_draws_nested_masks_that_end_at_the_one_shot_mask() -> None:
+    model, layers = _scheduled_model()
+    pruned_layers = {name: layers[name] for name in prunable_layers(model)}
+    rule = BlockMaskRule(PruneMethod.RANDOM_BLOCKS, 4, seed=5)
+    previous = None
+    for rate in (0.0, 0.2, 0.45, 0.7):
+        masks = rule(pruned_layers, rate)
+        again = rule(pruned_layers, rate)
+        assert all(torch.equal(masks[name], again[name]) for name in masks)  # the same draw at every call
+        for name, mask in masks.items():
+            blocks = math.ceil(mask.shape[0] / 4) * mask.shape[1]
+            assert (block_states(mask, 4) == 0).sum() == exact_floor(rate, blocks)
+            if previous is not None:
+                assert not (mask & ~previous[name]).any(), (rate, name)
+        previous = masks
+    one_shot = model_masks(model, "random_blocks", 0.7, 4, list(pruned_layers), generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(previous[name], one_shot[name]) for name in pruned_layers)

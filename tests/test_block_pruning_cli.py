@@ -1,4 +1,5 @@
-"""``main.py train-compressed --prune-method block``: one-shot 1xN block masks, fixed while training, with QAT.
+"""``main.py train-compressed --prune-method block``: one-shot 1xN block masks, fixed while training, or raised on
+Zhu & Gupta's schedule (``--prune-schedule zhu_gupta``), with QAT.
 
 The runs use tiny CNNs registered in a private copy of the model registry, on 16 px digits: ``tiny_block``
 (stem conv, conv 16->32, depthwise, 1x1 conv 32->34, grouped conv with 2 output channels per group, linear)
@@ -7,6 +8,7 @@ The expected masks are recomputed here with plain loops over the blocks.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -238,3 +240,80 @@ def test_interrupted_random_block_run_resumes_bitwise(digits: Path, tmp_path: Pa
         weight = full[f"{name}.weight"]
         blocks = math.ceil(weight.shape[0] / N) * weight.shape[1]
         assert len(pruned_blocks_of(full[f"{name}.weight_mask"], N)) == math.floor(RATE * blocks), name
+
+
+GRADUAL = ["--prune-method", "block", "--prune-schedule", "zhu_gupta", "--block-size", str(N), "--s-i", "0.1",
+           "--s-f", str(RATE), "--prune-last-epoch", "1", "--delta-t", "5"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_gradual_block_pruning_with_qat_and_rearrange_ends_at_exactly_floor_p_blocks(
+    digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "gradual"
+    with caplog.at_level(logging.INFO):
+        _invoke(_args(digits, out, *GRADUAL, "--n-bits", "4", "--rearrange", "--max-epochs", "4", "--optimizer", "adam",
+                      "--learning-rate", "0.01"))  # fmt: skip
+    assert any("sorted the filters of" in r.message for r in caplog.records)
+    assert any("1xn pattern, --block-size 4" in r.message for r in caplog.records)  # the block rule, not magnitude
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
+    summary = json.loads((out / "summary.json").read_text())
+    for name in PRUNED:  # floor(0.5 * blocks) whole 1x4 blocks, their weights zero
+        mask, weight = state[f"{name}.weight_mask"], state[f"{name}.weight"]
+        blocks = math.ceil(weight.shape[0] / N) * weight.shape[1]
+        pruned = pruned_blocks_of(mask, N)
+        assert len(pruned) == math.floor(RATE * blocks), name
+        zeros = sum(min(N, weight.shape[0] - start) for start, _ in pruned) * weight[0, 0].numel()
+        assert summary["layers"][name]["sparsity"] == pytest.approx(zeros / weight.numel()), name
+        assert torch.all(weight[~mask] == 0), name
+    for name in ("stem", "depthwise", "narrow", "fc"):  # the layers the one-shot path skips
+        assert bool(state[f"{name}.weight_mask"].all()), name
+    assert summary["layers"]["expand"]["weight_bits"] == 4
+    sparsity = [row["sparsity"] for row in csv.DictReader((out / "metrics.csv").open())]
+    assert float(sparsity[0]) < float(sparsity[1]) == float(sparsity[3])  # the ramp ends in epoch 1
+    assert summary["best_epoch"] >= 1 and summary["best_val_top1"] > 30.0  # best.pt at s_f only; chance: 10 %
+    # evaluate keeps the checkpoint's masks
+    evaluate = ["evaluate", "--images-dir", str(digits), "--num-workers", "0", "--no-progress-bar", "--checkpoint",
+                str(out / "last.pt"), "--output-json", str(tmp_path / "eval.json")]  # fmt: skip
+    _invoke(evaluate)
+    layers = json.loads((tmp_path / "eval.json").read_text())["layers"]
+    assert {name: layers[name]["sparsity"] for name in layers} == pytest.approx(
+        {name: summary["layers"][name]["sparsity"] for name in layers})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["1xn", "random"])
+def test_interrupted_gradual_block_run_resumes_bitwise(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       pattern: str) -> None:  # fmt: skip
+    extra = [*GRADUAL, "--block-pattern", pattern, "--deterministic", "--no-weight-quant", "--max-epochs", "2"]
+    _invoke(_args(digits, tmp_path / "full", *extra))
+    crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)  # the schedule is still rising there
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "train_one_epoch", crash_in_second_epoch)
+        CliRunner().invoke(cli, _args(digits, tmp_path / "part", *extra))
+    _invoke(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
+    full, resumed = (torch.load(tmp_path / run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+                     for run_dir in ("full", "part"))  # fmt: skip
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+    for name in PRUNED:
+        weight = full[f"{name}.weight"]
+        blocks = math.ceil(weight.shape[0] / N) * weight.shape[1]
+        assert len(pruned_blocks_of(full[f"{name}.weight_mask"], N)) == math.floor(RATE * blocks), name
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--prune-schedule", "zhu_gupta"], "--prune-schedule only acts with --prune-method block"),
+        (["--prune-method", "zhu_gupta", "--prune-schedule", "zhu_gupta"], "--prune-schedule only acts"),
+        ([*GRADUAL, "--s-i", "0.6"], "--s-i 0.6 must be in"),
+        (["--prune-method", "block", "--delta-t", "7"], "--delta-t only acts with a pruning schedule"),
+        ([*GRADUAL, "--prune-scope", "global"], "--prune-scope only acts with --prune-method zhu_gupta"),
+        ([*GRADUAL, "--block-size", "64"], "no layer to prune"),
+        ([*GRADUAL, "--rearrange", "--architecture", "tiny_residual"], "nothing to rearrange"),
+    ],
+)
+def test_bad_gradual_block_options_are_one_line(digits: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
+    line = _one_line_error(_args(digits, tmp_path / "bad", "--no-weight-quant", *extra))
+    assert expected in line

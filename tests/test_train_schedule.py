@@ -9,7 +9,7 @@ from torch import nn
 
 from models.quantized import CompressionSpec, compress_model, compressed_layers
 from pruning.masks import num_pruned
-from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope, zhu_gupta_sparsity
+from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope, magnitude_rule, zhu_gupta_sparsity
 from training.lr_schedule import LrSchedule, ScheduleKind, lr_factor, parse_lr_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +58,7 @@ def test_pruner_reaches_exact_final_sparsity(scope: PruningScope) -> None:
     layers = compress_model(model, CompressionSpec(prune=True))
     s_f = 0.63
     schedule = PruningSchedule(0.0, s_f, t0=2, n=4, delta_t=3)
-    pruner = GradualMagnitudePruner(compressed_layers(model), schedule, scope)
+    pruner = GradualMagnitudePruner(compressed_layers(model), schedule, magnitude_rule(scope))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 7, (16,))
     previous = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in layers.items()}

@@ -5,7 +5,7 @@ import copy
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,9 +18,9 @@ from models import UnknownModelError, check_model_name, load_model, model_weight
 from models.bit_policy import BitPolicy, BitPolicyError, check_policy_layers, parse_bit_policy, read_bit_policy
 from models.heads import HeadError, replace_classifier_head
 from models.quantized import CompressionSpec, QuantSetup, compress_model, compressed_layers, compressible_layers
-from pruning.block_masks import PruneMethod, model_masks, prunable_layers
+from pruning.block_masks import BlockMaskRule, PruneMethod, model_masks, prunable_layers
 from pruning.rearrange import rearrange_filters
-from pruning.schedule import GradualMagnitudePruner, PruningSchedule, PruningScope
+from pruning.schedule import GradualMagnitudePruner, PruningSchedule, magnitude_rule
 from quantization.position_scaling import scaled_tensor_bits, weight_decay_groups
 from training.callbacks import PositionScaledGradientCallback
 from training.checkpoint import CheckpointError, load_checkpoint, read_torch_file
@@ -154,6 +154,8 @@ def build_compressed_model(
     if from_file:
         load_float_weights(model, init_checkpoint, config)
     # (a saved state holds the rearranged weights and the masks already)
+    if config.pruning.rearrange and not for_state_dict:
+        rearrange_for_blocks(model)
     masks = {} if for_state_dict or not config.pruning.is_block else block_pruning_masks(model, config)
     example = torch.zeros(2, 3, config.data.image_size, config.data.image_size)
     try:
@@ -165,40 +167,59 @@ def build_compressed_model(
     return model
 
 
-@torch.no_grad()
-def block_pruning_masks(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """``--prune-method block``: the keep-masks of the float ``model`` (rearranged first with ``--rearrange``).
+def rearrange_for_blocks(model: nn.Module) -> None:
+    """``--rearrange``: sort the filters of every permutable layer of the float ``model`` by L1 norm
+    (:func:`pruning.rearrange.rearrange_filters`, the network's function unchanged); :class:`SetupError` if none can be."""
+    try:
+        rearranged = rearrange_filters(model)
+    except ValueError as error:
+        raise SetupError(f"--rearrange: {error}") from None
+    logger.info("--rearrange: sorted the filters of %d layers by L1 norm: %s", len(rearranged),
+                ", ".join(r.space.lead for r in rearranged))  # fmt: skip
 
-    The layers are :func:`pruning.block_masks.prunable_layers` (not the first or a depthwise convolution; the
-    classifier with ``--prune-classifier``) that the compression replaces; a layer with fewer output channels (per
-    group) than ``--block-size`` is left dense, named in one log line. Every mask prunes ``floor(--s-f * blocks)``
-    blocks of its layer (:func:`pruning.block_masks.model_masks`; random blocks drawn from ``--seed``); the pruned
-    weights are zeroed here, so that the weight quantizers' ranges are estimated on the pruned weights.
+
+def block_pruned_layers(model: nn.Module, config: TrainConfig, candidates: Collection[str]) -> dict[str, nn.Module]:
+    """``--prune-method block``: ``{name: layer}`` of the layers it prunes, in module order.
+
+    They are :func:`pruning.block_masks.prunable_layers` (not the first or a depthwise convolution; the classifier
+    with ``--prune-classifier``) among ``candidates`` (the layers the compression replaces); a layer with fewer output
+    channels (per group) than ``--block-size`` is left dense, named in one log line. :class:`SetupError` if none is
+    left.
     """
     pruning = config.pruning
-    if pruning.rearrange:
-        try:
-            rearranged = rearrange_filters(model)
-        except ValueError as error:
-            raise SetupError(f"--rearrange: {error}") from None
-        logger.info("--rearrange: sorted the filters of %d layers by L1 norm: %s", len(rearranged),
-                    ", ".join(r.space.lead for r in rearranged))  # fmt: skip
-    compressible, _ = compressible_layers(model)
-    candidates = {name: layer for name, layer in prunable_layers(model, pruning.prune_classifier).items()
-                  if name in compressible}  # fmt: skip
-    method = PruneMethod(BLOCK_PATTERNS[pruning.block_pattern])
-    blockwise = method in (PruneMethod.ONE_BY_N, PruneMethod.RANDOM_BLOCKS)
-    narrow = [name for name, layer in candidates.items()
+    layers = {name: layer for name, layer in prunable_layers(model, pruning.prune_classifier).items()
+              if name in candidates}  # fmt: skip
+    blockwise = block_mask_rule(config).method in (PruneMethod.ONE_BY_N, PruneMethod.RANDOM_BLOCKS)
+    narrow = [name for name, layer in layers.items()
               if blockwise and layer.weight.shape[0] // getattr(layer, "groups", 1) < pruning.block_size]  # fmt: skip
     if narrow:
         logger.info("--block-size %d: not pruned (fewer output channels per group than N): %s",
                     pruning.block_size, ", ".join(narrow))  # fmt: skip
-    names = [name for name in candidates if name not in narrow]
-    if not names:
+    if len(narrow) == len(layers):
         raise SetupError(f"--prune-method block: {config.model.architecture} has no layer to prune with "
                          f"--block-size {pruning.block_size}")  # fmt: skip
-    generator = torch.Generator().manual_seed(config.runtime.seed)
-    masks = model_masks(model, method, pruning.s_f, pruning.block_size, names, generator=generator)
+    return {name: layer for name, layer in layers.items() if name not in narrow}
+
+
+def block_mask_rule(config: TrainConfig) -> BlockMaskRule:
+    """The ``--block-pattern`` masks of ``--block-size`` blocks, random ones drawn from ``--seed``."""
+    pruning = config.pruning
+    return BlockMaskRule(PruneMethod(BLOCK_PATTERNS[pruning.block_pattern]), pruning.block_size, config.runtime.seed)
+
+
+@torch.no_grad()
+def block_pruning_masks(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """``--prune-method block`` (one-shot): the keep-masks of the float ``model`` (rearranged already with ``--rearrange``).
+
+    Every layer of :func:`block_pruned_layers` loses ``floor(--s-f * blocks)`` blocks (:func:`block_mask_rule`); the
+    pruned weights are zeroed here, so that the weight quantizers' ranges are estimated on the pruned weights.
+    """
+    pruning = config.pruning
+    compressible, _ = compressible_layers(model)
+    names = list(block_pruned_layers(model, config, compressible))
+    rule = block_mask_rule(config)
+    masks = model_masks(model, rule.method, pruning.s_f, rule.block_size, names,
+                        generator=torch.Generator().manual_seed(rule.seed))  # fmt: skip
     for name, mask in masks.items():
         model.get_submodule(name).weight.mul_(mask)
     return masks
@@ -345,16 +366,27 @@ def build_schedulers(
 
 
 def build_pruner(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> GradualMagnitudePruner | None:
+    """The Zhu-Gupta pruner of a gradual run (``None`` otherwise: no pruning, or one-shot block masks, fixed).
+
+    ``--prune-method zhu_gupta``: every compressed layer, magnitude masks within ``--prune-scope``;
+    ``--prune-method block --prune-schedule zhu_gupta``: the layers of :func:`block_pruned_layers`, the
+    ``--block-pattern`` masks (:func:`block_mask_rule`), each layer at the schedule's sparsity.
+    """
     pruning = config.pruning
-    if not pruning.is_gradual:  # (block masks are fixed: no schedule)
+    if not pruning.is_gradual:
         return None
     schedule = PruningSchedule.from_epochs(
         pruning.s_i, pruning.s_f, pruning.prune_epoch_start, pruning.prune_last_epoch, pruning.delta_t, steps_per_epoch,
         config.optim.max_epochs,
     )  # fmt: skip
+    if pruning.is_block_pattern:
+        layers = block_pruned_layers(model, config, compressed_layers(model))
+        rule, what = block_mask_rule(config), f"{pruning.block_pattern} pattern, --block-size {pruning.block_size}"
+    else:
+        layers, rule, what = compressed_layers(model), magnitude_rule(pruning.prune_scope), pruning.prune_scope
     logger.info("pruning: %s, %d mask updates every %d steps from step %d to %d",
-                pruning.prune_scope, schedule.n + 1, schedule.delta_t, schedule.t0, schedule.last_update_step)  # fmt: skip
-    return GradualMagnitudePruner(compressed_layers(model), schedule, PruningScope(pruning.prune_scope))
+                what, schedule.n + 1, schedule.delta_t, schedule.t0, schedule.last_update_step)  # fmt: skip
+    return GradualMagnitudePruner(layers, schedule, rule)
 
 
 def psgd_tensor_bits(model: nn.Module, config: TrainConfig) -> dict[str, int | None]:

@@ -23,6 +23,7 @@ from training.config import (
     INDICATOR_RECIPE,
     OPTIMIZERS,
     PRUNE_METHODS,
+    PRUNE_SCHEDULES,
     PSGD_MAX_BITS,
     PSGD_MIN_BITS,
     PSGD_TARGETS,
@@ -138,7 +139,8 @@ compression_options = _options(
                  help="Batches for the batch-norm re-estimation."),
     click.option("--prune-method", type=_choice(PRUNE_METHODS), default=DEFAULTS.pruning.prune_method, show_default=True,
                  help="zhu_gupta: gradual magnitude pruning with the cubic schedule; block: 1xN block masks at "
-                      "rate --s-f, set once from the starting weights and fixed while training (Lin et al.)."),
+                      "rate --s-f, set once from the starting weights and fixed while training (Lin et al.), or "
+                      "on the cubic schedule with --prune-schedule zhu_gupta."),
     click.option("--block-size", type=click.IntRange(1), default=DEFAULTS.pruning.block_size, show_default=True,
                  help="--prune-method block: N, the output channels of a 1xN block; layers with fewer output "
                       "channels (per group) are not pruned."),
@@ -224,6 +226,11 @@ training_options = _options(
                  help="Keep batch norms in eval mode while training (running statistics)."),
     click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.bn.sync_bn, show_default=True,
                  help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
+    click.option("--prune-schedule", type=_choice(PRUNE_SCHEDULES), default=DEFAULTS.pruning.prune_schedule,
+                 show_default=True, help="--prune-method block: one-shot: the masks at --s-f set before training and "
+                                         "fixed (the paper); zhu_gupta: the block masks raised from --s-i to --s-f "
+                                         "on the cubic schedule (--prune-epoch-start, --prune-last-epoch, --delta-t), "
+                                         "recomputed from the current weights at every update."),
     click.option("--prune-epoch-start", type=click.IntRange(0), default=DEFAULTS.pruning.prune_epoch_start,
                  show_default=True, help="Pruning starts at the first step of this (0-based) epoch."),
     click.option("--prune-last-epoch", type=click.IntRange(0), default=DEFAULTS.pruning.prune_last_epoch,

@@ -42,7 +42,8 @@ RANGE_METHODS = {
     "running_minmax": RangeEstimator.RUNNING_MINMAX,
     "mse": RangeEstimator.MSE,
 }
-PRUNE_METHODS = ("none", "zhu_gupta", "block")  # block: one-shot 1xN block masks (pruning/block_masks.py), fixed
+PRUNE_METHODS = ("none", "zhu_gupta", "block")  # block: 1xN block masks (pruning/block_masks.py)
+PRUNE_SCHEDULES = ("one-shot", "zhu_gupta")  # --prune-method block: masks fixed from the start, or the cubic schedule
 BLOCK_PATTERNS = {"1xn": "1xn", "random": "random_blocks", "filter": "filter", "weight": "weight"}  # -> PruneMethod
 OPTIMIZERS = ("SGD", "Adam")
 ACT_SCHEMES = ("auto", "unsigned", "symmetric")  # input quantizers of indicator training
@@ -191,33 +192,49 @@ class PruningConfig:
     prune_last_epoch: int = 15
     delta_t: int = 50
     prune_scope: str = PruningScope.LAYER.value
-    # --prune-method block (Lin et al., 1xN pruning): masks at rate --s-f, set once before training
+    # --prune-method block (Lin et al., 1xN pruning): masks at rate --s-f, set once before training (one-shot, the
+    # paper) or raised to it on the cubic schedule above (zhu_gupta, on block scores)
     block_size: int = 4  # N: consecutive output channels per block
     block_pattern: str = "1xn"  # 1xn (L1 norm), random (blocks), filter (L1 norm), weight (magnitude)
     prune_classifier: bool = False
     rearrange: bool = False  # sort the filters by L1 norm (permuting the float network) before the masks
+    prune_schedule: str = "one-shot"  # PRUNE_SCHEDULES
 
     @property
     def enabled(self) -> bool:
         return self.prune_method != "none"
 
     @property
-    def is_block(self) -> bool:
-        """One-shot masks fixed during training (``--prune-method block``), not a schedule."""
+    def is_block_pattern(self) -> bool:
+        """Masks of a block pattern on the paper's layers (``--prune-method block``), one-shot or on a schedule."""
         return self.prune_method == "block"
 
     @property
+    def is_block(self) -> bool:
+        """One-shot block masks fixed during training (``--prune-method block``), not a schedule."""
+        return self.is_block_pattern and self.prune_schedule == "one-shot"
+
+    @property
     def is_gradual(self) -> bool:
-        """Zhu-Gupta gradual magnitude pruning (a schedule of mask updates)."""
-        return self.prune_method == "zhu_gupta"
+        """A Zhu-Gupta schedule of mask updates: magnitude (``zhu_gupta``) or block (``block --prune-schedule zhu_gupta``)."""
+        return self.prune_method == "zhu_gupta" or (self.is_block_pattern and self.prune_schedule == "zhu_gupta")
 
     def validate(self) -> None:
-        block_fields = ("block_size", "block_pattern", "prune_classifier", "rearrange")
-        if not self.is_block:
+        block_fields = ("block_size", "block_pattern", "prune_classifier", "rearrange", "prune_schedule")
+        if not self.is_block_pattern:
             given = [option_flag(name) for name in block_fields if getattr(self, name) != getattr(PruningConfig, name)]
             if given:
                 raise ValueError(f"{', '.join(given)} only act{'s' if len(given) == 1 else ''} with --prune-method block")
         else:
+            if self.prune_schedule not in PRUNE_SCHEDULES:
+                raise ValueError(f"--prune-schedule {self.prune_schedule} is not one of {', '.join(PRUNE_SCHEDULES)}")
+            if self.prune_scope != PruningConfig.prune_scope:
+                raise ValueError("--prune-scope only acts with --prune-method zhu_gupta (block masks are per layer)")
+            schedule_fields = ("s_i", "prune_epoch_start", "prune_last_epoch", "delta_t")
+            given = [option_flag(name) for name in schedule_fields if getattr(self, name) != getattr(PruningConfig, name)]
+            if self.is_block and given:
+                raise ValueError(f"{', '.join(given)} only act{'s' if len(given) == 1 else ''} with a pruning schedule "
+                                 "(add --prune-schedule zhu_gupta; one-shot masks are set at --s-f before training)")
             if self.block_size < 1:
                 raise ValueError(f"--block-size {self.block_size} must be at least 1")
             if self.block_pattern not in BLOCK_PATTERNS:
