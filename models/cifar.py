@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VGG16_CONFIG", "CifarBasicBlock", "CifarResNet", "CifarVGG", "resnet32_cifar", "vgg16_bn_cifar"]
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "MODEL_NAMES", "VGG16_CONFIG", "CifarBasicBlock", "CifarResNet", "CifarVGG",
+           "resnet32_cifar", "vgg16_bn_cifar"]
+
+MODEL_NAMES = ("resnet32_cifar", "vgg16_bn_cifar")  # the registry's names of the builders below
+# The input normalisation of the CIFAR models (the PSGD code's): per-channel mean and standard deviation of [0, 1] pixels.
+CIFAR_MEAN: tuple[float, float, float] = (129.3 / 255, 124.1 / 255, 112.4 / 255)
+CIFAR_STD: tuple[float, float, float] = (68.2 / 255, 65.4 / 255, 70.4 / 255)
 
 STAGE_CHANNELS = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)

@@ -260,13 +260,18 @@ def model_weights(name: str) -> WeightsEnum | None:
 
 def eval_transform(name: str) -> Callable:
     """The evaluation preprocessing of classifier ``name`` (PIL image -> normalised tensor): the
-    transforms of its torchvision weights, or for a bundled model the ImageNet preprocessing at its
-    own resolution (e.g. 240 px for EfficientNet-Lite1)."""
+    transforms of its torchvision weights, for a bundled model the ImageNet preprocessing at its
+    own resolution (e.g. 240 px for EfficientNet-Lite1), for a CIFAR model of :mod:`models.cifar`
+    the same resize and crop to 32 px with the CIFAR normalisation its training uses."""
     from utils.images import imagenet_eval_transform  # lazy: utils.images imports the registry's users
+
+    from . import cifar
 
     entry = _entry(name)
     if entry.weights is not None:
         return entry.weights.transforms()
+    if name in cifar.MODEL_NAMES:
+        return imagenet_eval_transform(*entry.eval_sizes(), mean=cifar.CIFAR_MEAN, std=cifar.CIFAR_STD)
     return imagenet_eval_transform(*entry.eval_sizes())
 
 
@@ -474,7 +479,7 @@ def _register_cifar_model(name: str) -> None:
         return getattr(cifar, name)()
 
 
-for _name in ("resnet32_cifar", "vgg16_bn_cifar"):
+for _name in ("resnet32_cifar", "vgg16_bn_cifar"):  # models.cifar.MODEL_NAMES (imported lazily)
     _register_cifar_model(_name)
 
 

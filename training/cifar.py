@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from models.cifar import CIFAR_MEAN, CIFAR_STD
 from training.data import sample_seed
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CIFAR_MEAN: tuple[float, float, float] = (129.3 / 255, 124.1 / 255, 112.4 / 255)
-CIFAR_STD: tuple[float, float, float] = (68.2 / 255, 65.4 / 255, 70.4 / 255)
 IMAGE_SIZE = 32
 CROP_PADDING = 4
 SPLITS = ("train", "test")

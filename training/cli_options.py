@@ -15,6 +15,7 @@ import click
 from models.bit_policy import MAX_BITS, MIN_BITS
 from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
+from quantization.bn_ranges import ACT_RANGE_BN_PREFIX, ACT_RANGE_CALIBRATE, parse_act_range
 from training.config import (
     ACT_SCHEMES,
     BLOCK_PATTERNS,
@@ -50,6 +51,19 @@ class LrScheduleType(click.ParamType):
             return str(parse_lr_schedule(str(value)))
         except ValueError as error:
             self.fail(str(error), param, ctx)
+
+
+class ActRangeType(click.ParamType):
+    """``calibrate`` or ``bn:N`` (:func:`quantization.bn_ranges.parse_act_range`; kept as the normalised string)."""
+
+    name = "calibrate|bn:N"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            n_sigma = parse_act_range(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+        return ACT_RANGE_CALIBRATE if n_sigma is None else f"{ACT_RANGE_BN_PREFIX}{n_sigma:g}"
 
 
 # LIMPQ's candidate bit-widths: distinct, largest first
@@ -162,6 +176,16 @@ compression_options = _options(
                                          "channel of every layer at that sparsity; global: one threshold over all "
                                          "layers."),
 )  # fmt: skip
+
+# evaluate only: how the input quantizers of a post-hoc compressed model get their ranges
+act_range_option = click.option(
+    "--act-range", type=ActRangeType(), default=DEFAULTS.quant.act_range, show_default=True,
+    help="With --act-quant, without --checkpoint: calibrate (estimate the ranges on --num-est-batches training "
+         "batches with --act-quant-method) or bn:N (data-free: each layer's input range from the batch norms before "
+         "it, [beta - N|gamma|, beta + N|gamma|] per channel, summed over residual additions, clipped by ReLU; a "
+         "layer with no batch norm before its input, e.g. the first, keeps a float input).",
+)  # fmt: skip
+
 
 def optimization_options(defaults: TrainConfig = DEFAULTS) -> Callable:
     """Epochs, optimizer, learning rate and its schedule, weight decay, label smoothing, with ``defaults``'s values."""

@@ -26,6 +26,7 @@ from typing import Any
 from models.bit_policy import MAX_BITS, MIN_BITS
 from models.quantized import QuantSetup
 from pruning.schedule import PruningScope
+from quantization.bn_ranges import ACT_RANGE_CALIBRATE, parse_act_range
 from quantization.fake_quant import QuantizerConfig, RangeEstimator
 from quantization.granularity import Granularity
 from quantization.position_scaling import DEFAULT_LAMBDA, Target
@@ -150,6 +151,7 @@ class QuantConfig:
     num_est_batches: int = 1
     grad_scaling: bool = False
     learn_step_size: bool = True
+    act_range: str = ACT_RANGE_CALIBRATE  # evaluate: calibrate on training batches, or bn:N (quantization/bn_ranges.py)
 
     def weight_quantizer(self) -> QuantizerConfig | None:
         if not self.weight_quant:
@@ -365,6 +367,10 @@ class TrainConfig:
         self.psgd.validate()
         self.bn.validate()
         self.indicators.validate()
+        if self.quant.act_range != ACT_RANGE_CALIBRATE:
+            parse_act_range(self.quant.act_range)
+            if not self.quant.act_quant:
+                raise ValueError(f"--act-range {self.quant.act_range} only acts with --act-quant")
         if self.indicators.enabled and self.pruning.enabled:
             raise ValueError("indicator training does not prune (--prune-method none)")
         if self.indicators.enabled and self.model.init_checkpoint is not None:

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from models.bit_policy import BitPolicy
 from models.quantized import calibrate_input_quantizers, compressed_layers, layer_report, reestimate_bn_stats
 from pruning.schedule import PruningScope, set_magnitude_masks
+from quantization.bn_ranges import BatchNormRangeError, parse_act_range, set_batch_norm_input_ranges
 from training.builders import (
     bit_policy_of,
     build_compressed_model,
@@ -648,9 +649,8 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
             except ValueError as error:
                 raise TrainingError(str(error)) from None
             has_train = config.data.is_cifar or (Path(config.data.images_dir) / "train").is_dir()
-            estimating = has_train and (
-                config.quant.act_quant or config.bn.reestimate_bn_stats
-            )
+            calibrating = config.quant.act_quant and parse_act_range(config.quant.act_range) is None
+            estimating = has_train and (calibrating or config.bn.reestimate_bn_stats)
             loaders = _loaders(config, context, TrainUse.ESTIMATION if estimating else TrainUse.NONE)
             initial = config.model.init_checkpoint  # float weights to compress post hoc, with the dataset's head
             model = build_compressed_model(config, num_classes=loaders.num_classes if initial else None,
@@ -663,8 +663,15 @@ def evaluate_run(config: TrainConfig, checkpoint: Path | None, given: Collection
             if config.pruning.is_gradual:  # (block masks are set by build_compressed_model)
                 scope = PruningScope(config.pruning.prune_scope)
                 set_magnitude_masks(compressed_layers(model), config.pruning.s_f, scope)
-            calibration = loaders.estimation if loaders.estimation is not None else loaders.val
-            calibrate_input_quantizers(model, image_batches(calibration, config.quant.num_est_batches, options))
+            n_sigma = parse_act_range(config.quant.act_range)
+            if n_sigma is None:
+                calibration = loaders.estimation if loaders.estimation is not None else loaders.val
+                calibrate_input_quantizers(model, image_batches(calibration, config.quant.num_est_batches, options))
+            else:
+                try:
+                    set_batch_norm_input_ranges(model, n_sigma)
+                except BatchNormRangeError as error:
+                    raise TrainingError(f"--act-range {config.quant.act_range}: {error}") from None
             if config.bn.reestimate_bn_stats and loaders.estimation is None:
                 logger.warning("no training split: batch-norm statistics are not re-estimated")
             _reestimate_bn(model, loaders, config, options)
