@@ -1,0 +1,292 @@
+"""``main.py export`` and :mod:`deployment`: a train-compressed checkpoint as an int8 model (ONNX QDQ, PT2E) or ONNX float.
+
+Unit tests build a small compressed CNN in memory (batch norms with negative scales, a residual addition, a
+reused ReLU, pruning masks, per-channel 4-bit and 8-bit weights) and recompute the integers element by
+element. The CLI tests train ``tiny_export`` on 16 px digits for one epoch and export it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from train_helpers import private_registry, write_digits_dataset
+
+from deployment import export as export_module
+from deployment.integer_model import dense_folded_model, integer_layers, set_dequantized_weights
+from deployment.pt2e_x86 import load_program
+from deployment.storage import load_encoded
+from main import cli
+from models.quantized import CompressionSpec, QuantSetup, calibrate_input_quantizers, compress_model, compressed_layers
+from quantization.fake_quant import QuantizerConfig
+from quantization.granularity import Granularity
+from quantization.quantizers import QuantScheme
+from training.run import restore_model
+
+
+class TinyExportNet(nn.Module):
+    """Stem conv-BN-ReLU, a residual block calling one ReLU module twice (as torchvision's ResNets), a classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn0(self.stem(x)))
+        y = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(y)) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _seeded_tiny(pretrained: bool) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        return TinyExportNet()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models():
+    with private_registry({"tiny_export": _seeded_tiny}):
+        yield
+
+
+def _compressed(act_quant: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """A compressed TinyExportNet: 4-bit per-channel body, 8-bit first/last (LSQ_paper), masks, random BN stats."""
+    torch.manual_seed(0)
+    model = TinyExportNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn0, model.bn1, model.bn2):
+            bn.weight.copy_(torch.randn(8))  # some negative scales: folding flips the integers' signs
+            bn.bias.copy_(torch.randn(8) * 0.1)
+            bn.running_mean.copy_(torch.randn(8) * 0.1)
+            bn.running_var.copy_(torch.rand(8) + 0.5)
+    spec = CompressionSpec(weight_quant=QuantizerConfig(4, QuantScheme.SYMMETRIC, Granularity.per_channel(0)),
+                           act_quant=QuantizerConfig(8, QuantScheme.ASYMMETRIC) if act_quant else None,
+                           quant_setup=QuantSetup.LSQ_PAPER, prune=True)  # fmt: skip
+    compress_model(model, spec)
+    images = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        for layer in compressed_layers(model).values():
+            layer.weight_mask.copy_(torch.rand(layer.weight.shape) > 0.5)
+    if act_quant:
+        calibrate_input_quantizers(model, [images])
+    return model.eval(), images
+
+
+def test_int8_weights_are_the_fake_quantizers_integers_with_folded_scales() -> None:
+    model, images = _compressed(act_quant=False)
+    folded, pairs = dense_folded_model(model, images[:2])
+    assert sorted(pairs) == [("conv1", "bn1"), ("conv2", "bn2"), ("stem", "bn0")]
+    layers = integer_layers(model, folded, pairs)
+    bn_of = dict(pairs)
+    for name, layer in compressed_layers(model).items():
+        quantizer = layer.weight_quantizer
+        weight, mask = layer.weight.detach().double(), layer.weight_mask
+        step = quantizer.step_size.detach().double()
+        integer = layers[name].int_weight
+        assert integer.dtype == torch.int8
+        half = 2 ** (quantizer.n_bits - 1)
+        for c in range(weight.shape[0]):  # element by element: clamp(round(w * m / s), -2^(b-1), 2^(b-1) - 1)
+            sign, factor = 1.0, 1.0
+            if name in bn_of:
+                bn = model.get_submodule(bn_of[name])
+                factor = float(bn.weight[c].detach()) / float(torch.sqrt(bn.running_var[c].double() + bn.eps))
+                sign = 1.0 if factor > 0 else -1.0
+            for index, value in enumerate((weight[c] * mask[c]).flatten().tolist()):
+                expected = sign * min(max(round(value / float(step[c])), -half), half - 1)
+                assert int(integer[c].flatten()[index]) == expected, (name, c, index)
+            assert float(layers[name].scale[c]) == pytest.approx(float(step[c]) * abs(factor), rel=1e-12)
+        assert bool((integer[~mask] == 0).all()), name  # every pruned weight stays zero
+    # the dense folded model computes what the fake-quantized one does
+    with torch.no_grad():
+        assert torch.allclose(folded(images), model(images), atol=1e-4)
+        set_dequantized_weights(folded, layers)
+        assert torch.allclose(folded(images), model(images), atol=1e-4)
+
+
+def test_storage_bits_widen_only_when_a_flipped_sign_leaves_the_grid() -> None:
+    assert export_module.storage_bits(torch.tensor([-8, 7], dtype=torch.int8), 4) == 4
+    assert export_module.storage_bits(torch.tensor([-7, 8], dtype=torch.int8), 4) == 5  # -(-8)
+    assert export_module.storage_bits(torch.tensor([0, 0], dtype=torch.int8), 1) == 2
+
+
+@pytest.mark.slow
+def test_onnx_qdq_runs_int8_kernels_and_matches_the_fake_quantized_model(tmp_path: Path) -> None:
+    from deployment.onnx_qdq import export_float_onnx, inference_session, qdq_model, run_session, serialized
+
+    model, images = _compressed()
+    folded, pairs = dense_folded_model(model, images[:2])
+    layers = integer_layers(model, folded, pairs)
+    set_dequantized_weights(folded, layers)
+    float_model = export_float_onnx(folded, images[:2])
+    with torch.no_grad():
+        reference, float_logits = model(images), folded(images)
+    assert torch.allclose(run_session(inference_session(float_model), images), float_logits, atol=1e-4)
+    qdq = qdq_model(float_model, layers, [images])
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in qdq.graph.initializer}
+    for name, layer in layers.items():  # the stored integers (uint8 + 128 where 8-bit weights would saturate)
+        stored = weights[f"{name}.weight.int"].astype(np.int32) - weights[f"{name}.weight.zero_point"].astype(np.int32)[
+            (slice(None),) + (None,) * (layer.int_weight.dim() - 1)]  # fmt: skip
+        stored = stored if stored.shape == tuple(layer.int_weight.shape) else stored.T
+        np.testing.assert_array_equal(stored, layer.int_weight.numpy().astype(np.int32))
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(serialized(qdq), options, providers=["CPUExecutionProvider"])
+    fused = [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert fused.count("QLinearConv") == 3 and "QLinearAdd" in fused  # the int8 kernels run
+    literal = onnxruntime.SessionOptions()
+    literal.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = torch.from_numpy(onnxruntime.InferenceSession(serialized(qdq), literal, providers=["CPUExecutionProvider"])
+                               .run(None, {"x": images.numpy()})[0])  # fmt: skip
+    int8 = run_session(inference_session(qdq), images)
+    assert torch.allclose(int8, unfused, atol=1e-3)  # the fused kernels compute the QDQ graph's semantics
+    # extra 8-bit quantizers (conv outputs, the addition): an error of a few output steps, top-1 unchanged here
+    assert (int8 - reference).abs().max() < 0.05 * reference.abs().max()
+    assert torch.equal(int8.argmax(1), reference.argmax(1))
+
+
+# --------------------------------------------------------------------------- the command
+
+TRAIN = ["train-compressed", "--architecture", "tiny_export", "--no-pretrained", "--image-size", "16",
+         "--num-workers", "0", "--no-progress-bar", "--bn-est-batches", "2", "--learning-rate", "0.05",
+         "--batch-size", "32", "--max-epochs", "1", "--seed", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digits_dataset(tmp_path_factory.mktemp("digits"), per_class_train=12, per_class_val=4, image_size=16)
+
+
+def _invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # a click error, not a crash
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def qat_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4-bit per-channel QAT with 8-bit activations and 50% magnitude pruning, one epoch."""
+    out = tmp_path_factory.mktemp("qat")
+    _invoke([*TRAIN, "--images-dir", str(digits), "--act-quant", "--n-bits", "4", "--per-channel",
+             "--prune-method", "zhu_gupta", "--s-f", "0.5", "--prune-last-epoch", "0", "--save-checkpoint-dir",
+             str(out)])  # fmt: skip
+    return out / "last.pt"
+
+
+def _export_args(checkpoint: Path, fmt: str, output: Path, *extra: str) -> list[str]:
+    return ["export", "--checkpoint", str(checkpoint), "--format", fmt, "--output", str(output), *extra]
+
+
+@pytest.mark.slow
+def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run: Path, digits: Path,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    output = tmp_path / "model.onnx"
+    _invoke(_export_args(qat_run, "onnx-int8", output, "--images-dir", str(digits), "--pack"))
+    report = json.loads((tmp_path / "model.onnx.json").read_text())
+    check = report["check"]
+    assert check["images"] == 40 and check["top1_agreement"] >= 90.0
+    assert abs(check["top1_exported"] - check["top1_reference"]) <= 5.0
+    state = torch.load(qat_run, map_location="cpu", weights_only=True)["model"]
+    int_weights, n_bits, _scales = load_encoded(tmp_path / "model.onnx.weights.npz")
+    for name, weight in int_weights.items():  # every pruned zero kept, per layer
+        mask = state[f"{name}.weight_mask"]
+        assert bool((weight[~mask] == 0).all()), name
+        assert report["layers"][name]["sparsity"] == pytest.approx(float((weight == 0).sum()) / weight.numel())
+        assert report["layers"][name]["sparsity"] >= float((~mask).sum()) / mask.numel()
+    assert n_bits["conv1"] in (4, 5) and n_bits["stem"] == 8
+    sizes = report["weight_bytes"]
+    numel = sum(weight.numel() for weight in int_weights.values())
+    assert sizes["float32"] == 4 * numel and sizes["int8"] == numel
+    assert report["smallest_encoding"] == min(sizes, key=lambda key: sizes[key] if key != "float32" else np.inf)
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((3, 3, 16, 16), np.float32)})[0].shape == (3, 10)  # dynamic batch
+
+
+@pytest.mark.slow
+def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) -> None:
+    _invoke(_export_args(qat_run, "pt2e-x86", tmp_path / "model.pt2", "--images-dir", str(digits)))
+    check = json.loads((tmp_path / "model.pt2.json").read_text())["check"]
+    assert check["top1_agreement"] >= 90.0
+    program = load_program(tmp_path / "model.pt2")
+    int8_weights = [value for value in program.constants.values() if value.dtype == torch.int8] + [
+        value for value in program.state_dict.values() if value.dtype == torch.int8]  # fmt: skip
+    assert len(int8_weights) == 4  # stem, conv1, conv2, fc as int8 constants, and no float weights
+    assert sum(value.numel() for value in program.state_dict.values() if value.is_floating_point()) < 200
+    model, _ = restore_model(qat_run)
+    folded, pairs = dense_folded_model(model, torch.zeros(2, 3, 16, 16))
+    for name, layer in integer_layers(model, folded, pairs).items():  # exactly the checkpoint's integers
+        assert any(value.shape == layer.int_weight.shape and torch.equal(value, layer.int_weight)
+                   for value in int8_weights), name  # fmt: skip
+    _invoke(_export_args(qat_run, "onnx-fp32", tmp_path / "float.onnx"))  # no data needed: no check
+    report = json.loads((tmp_path / "float.onnx.json").read_text())
+    assert report["check"] is None and report["folded_batch_norms"] == 3
+    ops = {node.op_type for node in onnx.load(tmp_path / "float.onnx").graph.node}
+    assert "BatchNormalization" not in ops and "Mul" not in ops  # folded, masks multiplied in
+
+
+@pytest.mark.slow
+def test_bad_inputs_fail_in_one_line_and_write_nothing(qat_run: Path, digits: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    output = tmp_path / "model.onnx"
+    line = _one_line_error(_export_args(qat_run, "onnx-int8", output))
+    assert "needs --images-dir" in line and "8 bits" in line
+    float_run = tmp_path / "float"
+    _invoke([*TRAIN, "--images-dir", str(digits), "--no-weight-quant", "--save-checkpoint-dir", str(float_run)])
+    assert "has no weight quantization" in _one_line_error(_export_args(float_run / "last.pt", "onnx-int8", output))
+    ptq = tmp_path / "ptq" / "model.onnx"  # with calibration data the float run is quantized post training
+    _invoke(_export_args(float_run / "last.pt", "onnx-int8", ptq, "--images-dir", str(digits)))
+    report = json.loads((tmp_path / "ptq" / "model.onnx.json").read_text())
+    assert {layer["weight_bits"] for layer in report["layers"].values()} == {8}
+    assert report["check"]["top1_agreement"] >= 90.0
+    wide = torch.load(qat_run, map_location="cpu", weights_only=True)
+    wide["options"]["quant"]["n_bits"] = 16  # the same tensors, read as a 16-bit run
+    torch.save(wide, tmp_path / "wide.pt")
+    line = _one_line_error(_export_args(tmp_path / "wide.pt", "onnx-int8", output, "--images-dir", str(digits)))
+    assert "16-bit weights do not fit in int8" in line
+    monkeypatch.setattr(export_module, "installed", lambda package: package != "torchao")
+    line = _one_line_error(_export_args(qat_run, "pt2e-x86", output, "--images-dir", str(digits)))
+    assert "needs torchao, which is not installed" in line
+    (tmp_path / "a_file").write_text("")
+    line = _one_line_error(_export_args(qat_run, "onnx-fp32", tmp_path / "a_file" / "model.onnx"))
+    assert "'--output'" in line and "is a file" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "float", "ptq", "wide.pt"]  # nothing more
+    assert sorted(path.name for path in (tmp_path / "ptq").iterdir()) == ["model.onnx", "model.onnx.json"]
+
+
+@pytest.mark.slow
+def test_onnx_fp32_of_a_rearranged_block_pruned_run_is_the_masked_folded_model(digits: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "blocks"
+    _invoke([*TRAIN, "--images-dir", str(digits), "--no-weight-quant", "--prune-method", "block", "--block-size", "4",
+             "--s-f", "0.5", "--rearrange", "--save-checkpoint-dir", str(run_dir)])  # fmt: skip
+    output = tmp_path / "float.onnx"
+    _invoke(_export_args(run_dir / "last.pt", "onnx-fp32", output, "--images-dir", str(digits)))
+    report = json.loads((tmp_path / "float.onnx.json").read_text())
+    assert report["check"]["top1_agreement"] == 100.0 and report["check"]["max_logit_error"] < 1e-4
+    model, _ = restore_model(run_dir / "last.pt")
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(output).graph.initializer}
+    for name in ("conv1", "conv2"):  # the block-pruned zeros, in the rearranged (permuted) layout
+        mask = model.get_submodule(name).weight_mask.numpy()
+        assert not mask.all() and (weights[f"{name}.weight"][~mask] == 0).all(), name
