@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from train_helpers import interrupt_at_call, private_registry, write_digits_dataset
+from train_helpers import interrupt_at_call, invoke_cli, one_line_cli_error, private_registry, write_digits_dataset
 
 from main import cli
 from training import run
@@ -95,21 +95,6 @@ def _args(digits: Path, out: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _one_line_error(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output and not isinstance(result.exception, (ValueError, RuntimeError))
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
 def expected_pruned_blocks(weight: torch.Tensor, n: int, rate: float) -> set[tuple[int, int]]:
     """The ``floor(rate * blocks)`` blocks ``(first output channel, input channel)`` of lowest L1 norm, by plain loops."""
     c_out, c_in = weight.shape[:2]
@@ -139,8 +124,8 @@ def test_block_pruning_with_qat_keeps_fixed_1x4_masks_of_the_lowest_blocks(digit
                                                                            caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
-        _invoke(_args(digits, out, "--prune-method", "block", "--block-size", str(N), "--s-f", str(RATE),
-                      "--n-bits", "4"))  # fmt: skip
+        invoke_cli(_args(digits, out, "--prune-method", "block", "--block-size", str(N), "--s-f", str(RATE),
+                         "--n-bits", "4"))  # fmt: skip
     assert any("not pruned" in r.message and "narrow" in r.message for r in caplog.records)
     checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     state = checkpoint["model"]
@@ -163,9 +148,9 @@ def test_block_pruning_with_qat_keeps_fixed_1x4_masks_of_the_lowest_blocks(digit
     # evaluate: the checkpoint keeps its masks; without one, the starting weights are block-pruned once
     evaluate = ["evaluate", "--images-dir", str(digits), "--num-workers", "0", "--no-progress-bar",
                 "--output-json"]  # fmt: skip
-    _invoke([*evaluate, str(tmp_path / "eval.json"), "--checkpoint", str(out / "last.pt")])
-    _invoke([*evaluate, str(tmp_path / "post.json"), *COMMON, "--prune-method", "block", "--s-f", str(RATE),
-             "--no-weight-quant", "--no-reestimate-bn-stats"])  # fmt: skip
+    invoke_cli([*evaluate, str(tmp_path / "eval.json"), "--checkpoint", str(out / "last.pt")])
+    invoke_cli([*evaluate, str(tmp_path / "post.json"), *COMMON, "--prune-method", "block", "--s-f", str(RATE),
+                "--no-weight-quant", "--no-reestimate-bn-stats"])  # fmt: skip
     for result in ("eval.json", "post.json"):
         layers = json.loads((tmp_path / result).read_text())["layers"]
         assert {name: layers[name]["sparsity"] for name in layers} == pytest.approx(
@@ -199,8 +184,8 @@ def test_rearrange_permutes_the_float_network_before_the_masks(caplog: pytest.Lo
 @pytest.mark.slow
 def test_rearranged_block_run_trains(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "rearranged"
-    _invoke(_args(digits, out, "--prune-method", "block", "--s-f", str(RATE), "--rearrange", "--no-weight-quant",
-                  "--max-epochs", "1"))  # fmt: skip
+    invoke_cli(_args(digits, out, "--prune-method", "block", "--s-f", str(RATE), "--rearrange", "--no-weight-quant",
+                     "--max-epochs", "1"))  # fmt: skip
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert len(pruned_blocks_of(state["expand.weight_mask"], N)) == 64
     assert len(pruned_blocks_of(state["project.weight_mask"], N)) == 144
@@ -217,7 +202,7 @@ def test_rearranged_block_run_trains(digits: Path, tmp_path: Path) -> None:
     ],
 )
 def test_bad_block_options_are_one_line(digits: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
-    line = _one_line_error(_args(digits, tmp_path / "bad", "--no-weight-quant", *extra))
+    line = one_line_cli_error(_args(digits, tmp_path / "bad", "--no-weight-quant", *extra))
     assert expected in line
 
 
@@ -226,13 +211,13 @@ def test_interrupted_random_block_run_resumes_bitwise(digits: Path, tmp_path: Pa
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     extra = ["--prune-method", "block", "--block-pattern", "random", "--s-f", str(RATE), "--deterministic",
              "--no-weight-quant", "--max-epochs", "2"]  # fmt: skip
-    _invoke(_args(digits, tmp_path / "full", *extra))
+    invoke_cli(_args(digits, tmp_path / "full", *extra))
     crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)
 
     with monkeypatch.context() as patch:
         patch.setattr(run, "train_one_epoch", crash_in_second_epoch)
         CliRunner().invoke(cli, _args(digits, tmp_path / "part", *extra))
-    _invoke(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
+    invoke_cli(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
     full, resumed = (torch.load(tmp_path / run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
                      for run_dir in ("full", "part"))  # fmt: skip
     assert all(torch.equal(full[name], resumed[name]) for name in full)  # the masks come back from the checkpoint
@@ -252,8 +237,8 @@ def test_gradual_block_pruning_with_qat_and_rearrange_ends_at_exactly_floor_p_bl
 ) -> None:
     out = tmp_path / "gradual"
     with caplog.at_level(logging.INFO):
-        _invoke(_args(digits, out, *GRADUAL, "--n-bits", "4", "--rearrange", "--max-epochs", "4", "--optimizer", "adam",
-                      "--learning-rate", "0.01"))  # fmt: skip
+        invoke_cli(_args(digits, out, *GRADUAL, "--n-bits", "4", "--rearrange", "--max-epochs", "4", "--optimizer", "adam",
+                         "--learning-rate", "0.01"))  # fmt: skip
     assert any("sorted the filters of" in r.message for r in caplog.records)
     assert any("1xn pattern, --block-size 4" in r.message for r in caplog.records)  # the block rule, not magnitude
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -275,7 +260,7 @@ def test_gradual_block_pruning_with_qat_and_rearrange_ends_at_exactly_floor_p_bl
     # evaluate keeps the checkpoint's masks
     evaluate = ["evaluate", "--images-dir", str(digits), "--num-workers", "0", "--no-progress-bar", "--checkpoint",
                 str(out / "last.pt"), "--output-json", str(tmp_path / "eval.json")]  # fmt: skip
-    _invoke(evaluate)
+    invoke_cli(evaluate)
     layers = json.loads((tmp_path / "eval.json").read_text())["layers"]
     assert {name: layers[name]["sparsity"] for name in layers} == pytest.approx(
         {name: summary["layers"][name]["sparsity"] for name in layers})
@@ -286,13 +271,13 @@ def test_gradual_block_pruning_with_qat_and_rearrange_ends_at_exactly_floor_p_bl
 def test_interrupted_gradual_block_run_resumes_bitwise(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        pattern: str) -> None:  # fmt: skip
     extra = [*GRADUAL, "--block-pattern", pattern, "--deterministic", "--no-weight-quant", "--max-epochs", "2"]
-    _invoke(_args(digits, tmp_path / "full", *extra))
+    invoke_cli(_args(digits, tmp_path / "full", *extra))
     crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)  # the schedule is still rising there
 
     with monkeypatch.context() as patch:
         patch.setattr(run, "train_one_epoch", crash_in_second_epoch)
         CliRunner().invoke(cli, _args(digits, tmp_path / "part", *extra))
-    _invoke(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
+    invoke_cli(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
     full, resumed = (torch.load(tmp_path / run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
                      for run_dir in ("full", "part"))  # fmt: skip
     assert all(torch.equal(full[name], resumed[name]) for name in full)
@@ -315,5 +300,5 @@ def test_interrupted_gradual_block_run_resumes_bitwise(digits: Path, tmp_path: P
     ],
 )
 def test_bad_gradual_block_options_are_one_line(digits: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
-    line = _one_line_error(_args(digits, tmp_path / "bad", "--no-weight-quant", *extra))
+    line = one_line_cli_error(_args(digits, tmp_path / "bad", "--no-weight-quant", *extra))
     assert expected in line

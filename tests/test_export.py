@@ -14,15 +14,13 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
-from train_helpers import private_registry, write_digits_dataset
+from train_helpers import invoke_cli, one_line_cli_error, private_registry, write_digits_dataset
 
 from deployment import export as export_module
 from deployment.integer_model import dense_folded_model, integer_layers, set_dequantized_weights
 from deployment.pt2e_x86 import load_program
 from deployment.storage import load_encoded
-from main import cli
 from models.quantized import CompressionSpec, QuantSetup, calibrate_input_quantizers, compress_model, compressed_layers
 from quantization.fake_quant import QuantizerConfig
 from quantization.granularity import Granularity
@@ -171,28 +169,13 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digits_dataset(tmp_path_factory.mktemp("digits"), per_class_train=12, per_class_val=4, image_size=16)
 
 
-def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _one_line_error(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # a click error, not a crash
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def qat_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4-bit per-channel QAT with 8-bit activations and 50% magnitude pruning, one epoch."""
     out = tmp_path_factory.mktemp("qat")
-    _invoke([*TRAIN, "--images-dir", str(digits), "--act-quant", "--n-bits", "4", "--per-channel",
-             "--prune-method", "zhu_gupta", "--s-f", "0.5", "--prune-last-epoch", "0", "--save-checkpoint-dir",
-             str(out)])  # fmt: skip
+    invoke_cli([*TRAIN, "--images-dir", str(digits), "--act-quant", "--n-bits", "4", "--per-channel",
+                "--prune-method", "zhu_gupta", "--s-f", "0.5", "--prune-last-epoch", "0", "--save-checkpoint-dir",
+                str(out)])  # fmt: skip
     return out / "last.pt"
 
 
@@ -204,7 +187,7 @@ def _export_args(checkpoint: Path, fmt: str, output: Path, *extra: str) -> list[
 def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run: Path, digits: Path,
                                                                          tmp_path: Path) -> None:  # fmt: skip
     output = tmp_path / "model.onnx"
-    _invoke(_export_args(qat_run, "onnx-int8", output, "--images-dir", str(digits), "--pack"))
+    invoke_cli(_export_args(qat_run, "onnx-int8", output, "--images-dir", str(digits), "--pack"))
     report = json.loads((tmp_path / "model.onnx.json").read_text())
     check = report["check"]
     assert check["images"] == 40 and check["top1_agreement"] >= 90.0
@@ -227,7 +210,7 @@ def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run
 
 @pytest.mark.slow
 def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) -> None:
-    _invoke(_export_args(qat_run, "pt2e-x86", tmp_path / "model.pt2", "--images-dir", str(digits)))
+    invoke_cli(_export_args(qat_run, "pt2e-x86", tmp_path / "model.pt2", "--images-dir", str(digits)))
     check = json.loads((tmp_path / "model.pt2.json").read_text())["check"]
     assert check["top1_agreement"] >= 90.0
     program = load_program(tmp_path / "model.pt2")
@@ -240,7 +223,7 @@ def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) 
     for name, layer in integer_layers(model, folded, pairs).items():  # exactly the checkpoint's integers
         assert any(value.shape == layer.int_weight.shape and torch.equal(value, layer.int_weight)
                    for value in int8_weights), name  # fmt: skip
-    _invoke(_export_args(qat_run, "onnx-fp32", tmp_path / "float.onnx"))  # no data needed: no check
+    invoke_cli(_export_args(qat_run, "onnx-fp32", tmp_path / "float.onnx"))  # no data needed: no check
     report = json.loads((tmp_path / "float.onnx.json").read_text())
     assert report["check"] is None and report["folded_batch_norms"] == 3
     ops = {node.op_type for node in onnx.load(tmp_path / "float.onnx").graph.node}
@@ -251,26 +234,26 @@ def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) 
 def test_bad_inputs_fail_in_one_line_and_write_nothing(qat_run: Path, digits: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     output = tmp_path / "model.onnx"
-    line = _one_line_error(_export_args(qat_run, "onnx-int8", output))
+    line = one_line_cli_error(_export_args(qat_run, "onnx-int8", output))
     assert "needs --images-dir" in line and "8 bits" in line
     float_run = tmp_path / "float"
-    _invoke([*TRAIN, "--images-dir", str(digits), "--no-weight-quant", "--save-checkpoint-dir", str(float_run)])
-    assert "has no weight quantization" in _one_line_error(_export_args(float_run / "last.pt", "onnx-int8", output))
+    invoke_cli([*TRAIN, "--images-dir", str(digits), "--no-weight-quant", "--save-checkpoint-dir", str(float_run)])
+    assert "has no weight quantization" in one_line_cli_error(_export_args(float_run / "last.pt", "onnx-int8", output))
     ptq = tmp_path / "ptq" / "model.onnx"  # with calibration data the float run is quantized post training
-    _invoke(_export_args(float_run / "last.pt", "onnx-int8", ptq, "--images-dir", str(digits)))
+    invoke_cli(_export_args(float_run / "last.pt", "onnx-int8", ptq, "--images-dir", str(digits)))
     report = json.loads((tmp_path / "ptq" / "model.onnx.json").read_text())
     assert {layer["weight_bits"] for layer in report["layers"].values()} == {8}
     assert report["check"]["top1_agreement"] >= 90.0
     wide = torch.load(qat_run, map_location="cpu", weights_only=True)
     wide["options"]["quant"]["n_bits"] = 16  # the same tensors, read as a 16-bit run
     torch.save(wide, tmp_path / "wide.pt")
-    line = _one_line_error(_export_args(tmp_path / "wide.pt", "onnx-int8", output, "--images-dir", str(digits)))
+    line = one_line_cli_error(_export_args(tmp_path / "wide.pt", "onnx-int8", output, "--images-dir", str(digits)))
     assert "16-bit weights do not fit in int8" in line
     monkeypatch.setattr(export_module, "installed", lambda package: package != "torchao")
-    line = _one_line_error(_export_args(qat_run, "pt2e-x86", output, "--images-dir", str(digits)))
+    line = one_line_cli_error(_export_args(qat_run, "pt2e-x86", output, "--images-dir", str(digits)))
     assert "needs torchao, which is not installed" in line
     (tmp_path / "a_file").write_text("")
-    line = _one_line_error(_export_args(qat_run, "onnx-fp32", tmp_path / "a_file" / "model.onnx"))
+    line = one_line_cli_error(_export_args(qat_run, "onnx-fp32", tmp_path / "a_file" / "model.onnx"))
     assert "'--output'" in line and "is a file" in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "float", "ptq", "wide.pt"]  # nothing more
     assert sorted(path.name for path in (tmp_path / "ptq").iterdir()) == ["model.onnx", "model.onnx.json"]
@@ -279,10 +262,10 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(qat_run: Path, digits: Pa
 @pytest.mark.slow
 def test_onnx_fp32_of_a_rearranged_block_pruned_run_is_the_masked_folded_model(digits: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "blocks"
-    _invoke([*TRAIN, "--images-dir", str(digits), "--no-weight-quant", "--prune-method", "block", "--block-size", "4",
-             "--s-f", "0.5", "--rearrange", "--save-checkpoint-dir", str(run_dir)])  # fmt: skip
+    invoke_cli([*TRAIN, "--images-dir", str(digits), "--no-weight-quant", "--prune-method", "block", "--block-size", "4",
+                "--s-f", "0.5", "--rearrange", "--save-checkpoint-dir", str(run_dir)])  # fmt: skip
     output = tmp_path / "float.onnx"
-    _invoke(_export_args(run_dir / "last.pt", "onnx-fp32", output, "--images-dir", str(digits)))
+    invoke_cli(_export_args(run_dir / "last.pt", "onnx-fp32", output, "--images-dir", str(digits)))
     report = json.loads((tmp_path / "float.onnx.json").read_text())
     assert report["check"]["top1_agreement"] == 100.0 and report["check"]["max_logit_error"] < 1e-4
     model, _ = restore_model(run_dir / "last.pt")

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
-from train_helpers import private_registry, write_digits_dataset
+from train_helpers import invoke_cli, private_registry, write_digits_dataset
 
 from main import cli
 from models.quantized import QuantSetup, compressed_layers, layer_bit_widths
@@ -95,12 +95,6 @@ def _indicator_args(images_dir: Path, out: Path) -> list[str]:
             "--batch-size", "10", "--max-epochs", "2", "--deterministic", "--output-dir", str(out)]  # fmt: skip
 
 
-def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -116,7 +110,7 @@ def _strict_json(path: Path) -> dict:
 def indicator_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Two epochs of four steps (uninterrupted): the output folder and the command's output."""
     out = tmp_path_factory.mktemp("indicators")
-    return out, _invoke(_indicator_args(digits, out))
+    return out, invoke_cli(_indicator_args(digits, out))
 
 
 # --------------------------------------------------------------------------- stage 1: train-indicators
@@ -229,7 +223,7 @@ def test_resumed_run_gives_bitwise_the_same_indicators(indicator_run: tuple[Path
         interrupted = CliRunner().invoke(cli, _indicator_args(digits, part))
     assert interrupted.exit_code != 0 and _checkpoint(part / "last.pt")["epoch"] == 1
     after_first_epoch = (part / "indicators.json").read_bytes()
-    _invoke(_indicator_args(digits, part) + ["--resume", str(part)])
+    invoke_cli(_indicator_args(digits, part) + ["--resume", str(part)])
     assert (part / "indicators.json").read_bytes() == (full / "indicators.json").read_bytes() != after_first_epoch
     a, b = _checkpoint(full / "last.pt"), _checkpoint(part / "last.pt")
     assert a["model"].keys() == b["model"].keys()
@@ -246,15 +240,15 @@ def test_the_indicators_feed_the_search_and_the_policy_fine_tunes(indicator_run:
                                                                    tmp_path: Path) -> None:  # fmt: skip
     out, _ = indicator_run
     policy_file = tmp_path / "policy.json"
-    _invoke(["search-bit-policy", "--architecture", "tiny_limpq", "--indicators", str(out / "indicators.json"),
-             "--image-size", "16", "--wb", "3", "--ab", "4", "--compression-ratio", "0", "--output", str(policy_file)])  # fmt: skip
+    invoke_cli(["search-bit-policy", "--architecture", "tiny_limpq", "--indicators", str(out / "indicators.json"),
+                "--image-size", "16", "--wb", "3", "--ab", "4", "--compression-ratio", "0", "--output", str(policy_file)])  # fmt: skip
     policy = json.loads(policy_file.read_text())
     assert policy["layers"] == ["conv1", "conv2", "conv3"]
     fine_tuned = tmp_path / "fine_tuned"
-    _invoke(["train-compressed", "--architecture", "tiny_limpq", *COMMON, "--images-dir", str(digits), "--batch-size",
-             "10", "--max-epochs", "1", "--act-quant", "--quant-setup", "LIMPQ", "--bit-policy", str(policy_file),
-             "--grad-scaling", "--label-smoothing", "0.1", "--bn-est-batches", "2", "--save-checkpoint-dir",
-             str(fine_tuned)])  # fmt: skip
+    invoke_cli(["train-compressed", "--architecture", "tiny_limpq", *COMMON, "--images-dir", str(digits), "--batch-size",
+                "10", "--max-epochs", "1", "--act-quant", "--quant-setup", "LIMPQ", "--bit-policy", str(policy_file),
+                "--grad-scaling", "--label-smoothing", "0.1", "--bn-est-batches", "2", "--save-checkpoint-dir",
+                str(fine_tuned)])  # fmt: skip
     model, _ = run.restore_model(fine_tuned / "last.pt")
     layers = compressed_layers(model)
     expected = {"stem.0": (8, None), "fc": (8, 8)}  # LIMPQ: first conv W8 on the float image, classifier W8A8
@@ -317,18 +311,18 @@ def test_the_options_are_the_config_and_default_to_the_recipe() -> None:
 ])  # fmt: skip
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     """Refused before any data is read (--images-dir does not even exist) and before any output is written."""
-    assert_one_line_error(["train-indicators", "--architecture", "tiny_limpq", *COMMON, "--images-dir",
-                           str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), *args], message, tmp_path)
+    assertone_line_cli_error(["train-indicators", "--architecture", "tiny_limpq", *COMMON, "--images-dir",
+                              str(tmp_path / "images"), "--output-dir", str(tmp_path / "out"), *args], message, tmp_path)
 
 
 @pytest.mark.slow
 def test_too_small_images_are_one_line(digits: Path, tmp_path: Path) -> None:
-    assert_one_line_error(["train-indicators", "--architecture", "tiny_limpq_11px", *COMMON, "--image-size", "8",
-                           "--images-dir", str(digits), "--output-dir", str(tmp_path / "out"), "--batch-size", "8"],
-                          "Error: tiny_limpq_11px does not run on 8x8 images (--image-size): ", tmp_path)  # fmt: skip
+    assertone_line_cli_error(["train-indicators", "--architecture", "tiny_limpq_11px", *COMMON, "--image-size", "8",
+                              "--images-dir", str(digits), "--output-dir", str(tmp_path / "out"), "--batch-size", "8"],
+                             "Error: tiny_limpq_11px does not run on 8x8 images (--image-size): ", tmp_path)  # fmt: skip
 
 
-def assert_one_line_error(args: list[str], message: str, tmp_path: Path) -> None:
+def assertone_line_cli_error(args: list[str], message: str, tmp_path: Path) -> None:
     """Exit code 2 for a usage error, 1 for another error (message "Error: ..."); one error line; nothing written."""
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == (1 if message.startswith("Error:") else 2), result.output

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from test_cifar import random_images, write_cifar100
 from torch import nn
-from train_helpers import interrupt_at_call, private_registry, write_digits_dataset
+from train_helpers import interrupt_at_call, invoke_cli, private_registry, write_digits_dataset
 
 from main import cli
 from quantization.position_scaling import scaled_tensor_bits
@@ -61,12 +61,6 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digits_dataset(tmp_path_factory.mktemp("digits"), per_class_train=8, per_class_val=2, image_size=16)
 
 
-def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -94,12 +88,12 @@ def mean_grid_distance(state: dict, names: dict[str, int | None]) -> float:
 def test_psgd_pulls_the_weights_to_the_grid_and_resumes(digits: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # a plain float run, then two epochs from its weights: plain, and PSGD towards the 4-bit grid
-    _invoke(_digits_args(digits, tmp_path / "start", 1))
+    invoke_cli(_digits_args(digits, tmp_path / "start", 1))
     start = tmp_path / "start" / "last.pt"
     from_start = ["--init-checkpoint", str(start), "--momentum", "0", "--weight-decay", "0"]
     psgd = ["--psgd-target", "grid", "--psgd-bits", str(BITS), "--psgd-lambda", "150"]
-    _invoke(_digits_args(digits, tmp_path / "plain", 2) + from_start)
-    _invoke(_digits_args(digits, tmp_path / "psgd", 2) + from_start + psgd)
+    invoke_cli(_digits_args(digits, tmp_path / "plain", 2) + from_start)
+    invoke_cli(_digits_args(digits, tmp_path / "psgd", 2) + from_start + psgd)
     initial, plain, pulled = (_checkpoint(path) for path in
                               (start, tmp_path / "plain" / "last.pt", tmp_path / "psgd" / "last.pt"))  # fmt: skip
     scaled = scaled_tensor_bits(TinyPsgdNet(), BITS)  # (4 bits: every layer on the 4-bit grid)
@@ -126,7 +120,7 @@ def test_psgd_pulls_the_weights_to_the_grid_and_resumes(digits: Path, tmp_path: 
         patch.setattr(run, "train_one_epoch", crash_in_second_epoch)
         CliRunner().invoke(cli, args)
     assert _checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
-    _invoke(args + ["--resume", str(tmp_path / "part" / "last.pt")])
+    invoke_cli(args + ["--resume", str(tmp_path / "part" / "last.pt")])
     resumed = _checkpoint(tmp_path / "part" / "last.pt")
     for name, tensor in pulled["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
@@ -136,7 +130,7 @@ def test_psgd_pulls_the_weights_to_the_grid_and_resumes(digits: Path, tmp_path: 
 
 
 def test_scaled_weight_decay_leaves_the_scaled_tensors_undecayed_by_the_optimizer(digits: Path, tmp_path: Path) -> None:
-    _invoke(_digits_args(digits, tmp_path / "run", 1) + ["--psgd-target", "zero", "--psgd-scale-weight-decay",
+    invoke_cli(_digits_args(digits, tmp_path / "run", 1) + ["--psgd-target", "zero", "--psgd-scale-weight-decay",
                                                           "--psgd-linear-biases", "--weight-decay", "0.01"])  # fmt: skip
     checkpoint = _checkpoint(tmp_path / "run" / "last.pt")
     groups = checkpoint["optimizers"]["model"]["param_groups"]
@@ -159,7 +153,7 @@ def test_cifar100_run_validates_on_the_test_split(tmp_path: Path) -> None:
     train = (random_images(32, 0), rng.integers(0, 100, 32).tolist())
     test = (random_images(8, 1), rng.integers(0, 100, 8).tolist())
     write_cifar100(tmp_path / "data", train, test, archive=True)
-    output = _invoke(_cifar_args(tmp_path / "data", tmp_path / "run"))
+    output = invoke_cli(_cifar_args(tmp_path / "data", tmp_path / "run"))
     checkpoint = _checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["step"] == 2 and checkpoint["num_classes"] == 100  # 32 images, batches of 16; 100 classes
     assert checkpoint["options"]["data"]["image_size"] == 32  # CIFAR's size without --image-size
@@ -178,16 +172,16 @@ def test_cifar100_run_validates_on_the_test_split(tmp_path: Path) -> None:
     assert f"loss {loss:.4f}" in output
     # evaluate: the checkpoint on the test split, and its float weights through --init-checkpoint (post hoc)
     evaluate = ["evaluate", "--data-dir", str(tmp_path / "data"), "--num-workers", "0", "--no-progress-bar"]
-    assert f"loss {loss:.4f}" in _invoke(evaluate + ["--checkpoint", str(tmp_path / "run")])
+    assert f"loss {loss:.4f}" in invoke_cli(evaluate + ["--checkpoint", str(tmp_path / "run")])
     post_hoc = evaluate + ["--dataset", "cifar100", "--architecture", "tiny_psgd", "--no-pretrained",
                            "--init-checkpoint", str(tmp_path / "run" / "last.pt"), "--no-reestimate-bn-stats"]  # fmt: skip
-    assert f"loss {loss:.4f}" in _invoke(post_hoc + ["--no-weight-quant"])
-    assert f"loss {loss:.4f}" not in _invoke(post_hoc + ["--n-bits", "2", "--quant-setup", "all"])
-    pruned = _invoke(post_hoc + ["--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", "0.5"])
+    assert f"loss {loss:.4f}" in invoke_cli(post_hoc + ["--no-weight-quant"])
+    assert f"loss {loss:.4f}" not in invoke_cli(post_hoc + ["--n-bits", "2", "--quant-setup", "all"])
+    pruned = invoke_cli(post_hoc + ["--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", "0.5"])
     assert "sparsity 0.5000" in pruned and f"loss {loss:.4f}" not in pruned  # one-shot magnitude pruning, every layer
 
 
-def _assert_one_line_error(args: list[str], code: int, message: str) -> None:
+def _assertone_line_cli_error(args: list[str], code: int, message: str) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output and message in result.output, result.output
@@ -217,5 +211,5 @@ def test_bad_inputs_are_one_line_errors(digits: Path, tmp_path: Path) -> None:
         (["train-compressed", *COMMON], 2, "Missing option '--images-dir'"),
     ]
     for args, code, message in cases:
-        _assert_one_line_error(args, code, message)
+        _assertone_line_cli_error(args, code, message)
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from torchvision.datasets import ImageFolder
-from train_helpers import write_digits_dataset
+from train_helpers import invoke_cli, write_digits_dataset
 
 from main import cli
 from models.quantized import compressed_layers
@@ -47,12 +47,6 @@ def small_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _invoke(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -79,8 +73,8 @@ def _plain_evaluation(model: torch.nn.Module, images_dir: Path, image_size: int)
 @pytest.mark.slow
 def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "qat"
-    _invoke(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
-             "--n-bits", "4", "--quant-setup", "LSQ_paper", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    invoke_cli(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
+                "--n-bits", "4", "--quant-setup", "LSQ_paper", "--save-checkpoint-dir", str(out)])  # fmt: skip
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["epoch"]) == [0, 1]
     assert metrics["val_top1"].iloc[-1] > 40.0  # chance is 10%
@@ -102,8 +96,8 @@ def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Pa
 
     # evaluate the checkpoint: same numbers as the training run's last evaluation and as a plain loop
     report = tmp_path / "eval.json"
-    output = _invoke(["evaluate", "--images-dir", str(digits), "--checkpoint", str(out / "last.pt"), "--num-workers",
-                      "0", "--batch-size", "50", "--no-progress-bar", "--output-json", str(report)])  # fmt: skip
+    output = invoke_cli(["evaluate", "--images-dir", str(digits), "--checkpoint", str(out / "last.pt"), "--num-workers",
+                         "0", "--batch-size", "50", "--no-progress-bar", "--output-json", str(report)])  # fmt: skip
     assert output.startswith("top-1 ")
     result = json.loads(report.read_text())
     assert result["top1"] == pytest.approx(metrics["val_top1"].iloc[-1], abs=1e-9)
@@ -117,9 +111,9 @@ def test_qat_learns_digits_with_weights_on_their_grid(digits: Path, tmp_path: Pa
 def test_gradual_pruning_learns_digits_at_exact_sparsity(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "prune"
     s_f = 0.6
-    _invoke(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
-             "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", str(s_f), "--prune-last-epoch", "0",
-             "--delta-t", "4", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    invoke_cli(["train-compressed", *FAST, "--images-dir", str(digits), "--batch-size", "64", "--max-epochs", "2",
+                "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", str(s_f), "--prune-last-epoch", "0",
+                "--delta-t", "4", "--save-checkpoint-dir", str(out)])  # fmt: skip
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["val_top1"].iloc[-1] > 40.0
     state = _checkpoint(out / "last.pt")["model"]
@@ -137,9 +131,9 @@ def test_gradual_pruning_learns_digits_at_exact_sparsity(digits: Path, tmp_path:
 @pytest.mark.slow
 def test_global_pruning_with_quantization(small_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "both"
-    _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
-             "--prune-method", "zhu_gupta", "--prune-scope", "global", "--s-f", "0.7", "--delta-t", "2",
-             "--n-bits", "3", "--per-channel", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    invoke_cli(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
+                "--prune-method", "zhu_gupta", "--prune-scope", "global", "--s-f", "0.7", "--delta-t", "2",
+                "--n-bits", "3", "--per-channel", "--save-checkpoint-dir", str(out)])  # fmt: skip
     model, _ = run.restore_model(out / "last.pt")
     layers = compressed_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
@@ -164,7 +158,7 @@ def _resume_args(images_dir: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_resume_is_bitwise_identical(small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _invoke(_resume_args(small_digits, tmp_path / "full"))
+    invoke_cli(_resume_args(small_digits, tmp_path / "full"))
 
     calls = []
     evaluate = run.evaluate
@@ -179,7 +173,7 @@ def test_resume_is_bitwise_identical(small_digits: Path, tmp_path: Path, monkeyp
         patch.setattr(run, "evaluate", crash_in_second_epoch)
         interrupted = CliRunner().invoke(cli, _resume_args(small_digits, tmp_path / "part"))
     assert interrupted.exit_code != 0 and _checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
-    _invoke(_resume_args(small_digits, tmp_path / "part") + ["--resume", str(tmp_path / "part" / "last.pt")])
+    invoke_cli(_resume_args(small_digits, tmp_path / "part") + ["--resume", str(tmp_path / "part" / "last.pt")])
 
     full, resumed = _checkpoint(tmp_path / "full" / "last.pt"), _checkpoint(tmp_path / "part" / "last.pt")
     assert full["model"].keys() == resumed["model"].keys()
@@ -200,7 +194,7 @@ def test_resume_with_other_options_says_which(small_digits: Path, tmp_path: Path
     out = tmp_path / "run"
     args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
             "--save-checkpoint-dir", str(out), "--no-reestimate-bn-stats"]  # fmt: skip
-    _invoke(args[:-1] + ["--no-reestimate-bn-stats", "--max-epochs", "1"])
+    invoke_cli(args[:-1] + ["--no-reestimate-bn-stats", "--max-epochs", "1"])
     result = CliRunner().invoke(cli, args + ["--n-bits", "3", "--resume", str(out / "last.pt")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--n-bits: 4 (checkpoint) vs 3 (now)" in result.output and "--max-epochs: 1 (checkpoint) vs 2" in result.output
@@ -223,7 +217,7 @@ def test_checkpoints_of_earlier_versions_resume_and_evaluate(small_digits: Path,
     out = tmp_path / "run"
     args = ["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--deterministic",
             "--no-reestimate-bn-stats"]  # fmt: skip
-    _invoke(args + ["--max-epochs", "1", "--save-checkpoint-dir", str(out)])
+    invoke_cli(args + ["--max-epochs", "1", "--save-checkpoint-dir", str(out)])
     checkpoint = _checkpoint(out / "last.pt")
     assert set(checkpoint["options"]) == {"model", "data", "optim", "quant", "bn", "pruning", "psgd", "indicators",
                                            "runtime"}
@@ -236,7 +230,7 @@ def test_checkpoints_of_earlier_versions_resume_and_evaluate(small_digits: Path,
     torch.save(old, files["flat"])
     resume = args + ["--max-epochs", "2"]
     for layout, path in files.items():
-        _invoke(resume + ["--save-checkpoint-dir", str(tmp_path / layout), "--resume", str(path)])
+        invoke_cli(resume + ["--save-checkpoint-dir", str(tmp_path / layout), "--resume", str(path)])
     nested, flat = _checkpoint(tmp_path / "nested" / "last.pt"), _checkpoint(tmp_path / "flat" / "last.pt")
     assert nested["epoch"] == flat["epoch"] == 2 and flat["model"].keys() == nested["model"].keys()
     for key, value in nested["model"].items():
@@ -275,10 +269,10 @@ def test_channel_scope_warmup_and_label_smoothing(small_digits: Path, tmp_path: 
         return train_one_epoch(*args, **kwargs)
 
     monkeypatch.setattr(run, "train_one_epoch", recording)
-    _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
-             "--no-weight-quant", "--prune-method", "zhu_gupta", "--prune-scope", "channel", "--s-f", str(s_f),
-             "--prune-last-epoch", "0", "--delta-t", "2", "--warmup-epochs", "1", "--label-smoothing", "0.1",
-             "--save-checkpoint-dir", str(out)])  # fmt: skip
+    invoke_cli(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "2",
+                "--no-weight-quant", "--prune-method", "zhu_gupta", "--prune-scope", "channel", "--s-f", str(s_f),
+                "--prune-last-epoch", "0", "--delta-t", "2", "--warmup-epochs", "1", "--label-smoothing", "0.1",
+                "--save-checkpoint-dir", str(out)])  # fmt: skip
     model, config = run.restore_model(out / "last.pt")
     assert config.pruning.prune_scope == "channel" and config.optim.label_smoothing == 0.1
     layers = compressed_layers(model)
@@ -368,10 +362,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_digits: Path, t
 @pytest.mark.slow
 def test_evaluate_post_training_starting_point(small_digits: Path, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    output = _invoke(["evaluate", "--images-dir", str(small_digits), "--architecture", "mobilenet_v2",
-                      "--no-pretrained", "--image-size", "16", "--num-workers", "0", "--no-progress-bar",
-                      "--batch-size", "16", "--bn-est-batches", "2", "--n-bits", "5", "--quant-setup", "all",
-                      "--prune-method", "zhu_gupta", "--s-f", "0.3", "--output-json", str(report)])  # fmt: skip
+    output = invoke_cli(["evaluate", "--images-dir", str(small_digits), "--architecture", "mobilenet_v2",
+                         "--no-pretrained", "--image-size", "16", "--num-workers", "0", "--no-progress-bar",
+                         "--batch-size", "16", "--bn-est-batches", "2", "--n-bits", "5", "--quant-setup", "all",
+                         "--prune-method", "zhu_gupta", "--s-f", "0.3", "--output-json", str(report)])  # fmt: skip
     assert "(80 images)" in output
     result = json.loads(report.read_text())
     assert result["images"] == 80 and result["skipped_images"] == 1
@@ -427,16 +421,16 @@ def test_bad_inputs_are_one_line_errors(small_digits: Path, tmp_path: Path, monk
     if not run.tensorboard_available():
         cases.append((base + ["--tb-logging-dir", str(tmp_path / "tb")], 1, "needs the tensorboard package"))
     for args, code, message in cases:
-        _assert_one_line_error(args, code, message)
+        _assertone_line_cli_error(args, code, message)
     with monkeypatch.context() as patch:  # output paths are checked before any work
         patch.setattr(run, "evaluate_run", lambda *a, **k: pytest.fail("evaluated despite a bad --output-json"))
         patch.setattr(run, "train", lambda *a, **k: pytest.fail("trained despite a bad output folder"))
         for args, code, message in output_cases:
-            _assert_one_line_error(args, code, message)
+            _assertone_line_cli_error(args, code, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()  # bad inputs create no folder
 
 
-def _assert_one_line_error(args: list[str], code: int, message: str) -> None:
+def _assertone_line_cli_error(args: list[str], code: int, message: str) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == code, (args, result.output)
     assert message in result.output and "Traceback" not in result.output, (args, result.output)
@@ -459,9 +453,9 @@ def test_best_checkpoint_is_at_the_final_sparsity(small_digits: Path, tmp_path: 
     s_f = 0.6
     _scripted_top1(monkeypatch, [90.0, 50.0])
     with caplog.at_level(logging.INFO):
-        output = _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
-                          "--max-epochs", "2", "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", str(s_f),
-                          "--prune-last-epoch", "1", "--delta-t", "2", "--save-checkpoint-dir", str(out)])  # fmt: skip
+        output = invoke_cli(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
+                             "--max-epochs", "2", "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", str(s_f),
+                             "--prune-last-epoch", "1", "--delta-t", "2", "--save-checkpoint-dir", str(out)])  # fmt: skip
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["val_top1"]) == [90.0, 50.0] and metrics["sparsity"].iloc[0] < s_f - 0.05
     best, last = _checkpoint(out / "best.pt"), _checkpoint(out / "last.pt")
@@ -497,8 +491,8 @@ def test_best_checkpoint_without_pruning_is_any_epoch(small_digits: Path, tmp_pa
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     out = tmp_path / "qat"
     _scripted_top1(monkeypatch, [90.0, 50.0])
-    output = _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
-                      "--max-epochs", "2", "--n-bits", "4", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    output = invoke_cli(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32",
+                         "--max-epochs", "2", "--n-bits", "4", "--save-checkpoint-dir", str(out)])  # fmt: skip
     assert _checkpoint(out / "best.pt")["epoch"] == 1 and "(best.pt: top-1 90.00% at epoch 0)" in output
 
 
@@ -508,9 +502,9 @@ def test_default_prune_last_epoch_of_a_short_run_is_moved_with_a_warning(
 ) -> None:
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
-        _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs",
-                 "1", "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", "0.5", "--delta-t", "2",
-                 "--no-reestimate-bn-stats", "--save-checkpoint-dir", str(out)])  # fmt: skip
+        invoke_cli(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs",
+                    "1", "--no-weight-quant", "--prune-method", "zhu_gupta", "--s-f", "0.5", "--delta-t", "2",
+                    "--no-reestimate-bn-stats", "--save-checkpoint-dir", str(out)])  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert ("--prune-last-epoch 15 is beyond this run's last epoch (--max-epochs 1): pruning reaches --s-f 0.5 at "
             "the end of epoch 0 instead") in warnings  # fmt: skip
@@ -520,8 +514,8 @@ def test_default_prune_last_epoch_of_a_short_run_is_moved_with_a_warning(
 @pytest.mark.slow
 def test_evaluate_a_checkpoint_refuses_other_model_options(small_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _invoke(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
-             "--n-bits", "4", "--no-reestimate-bn-stats", "--save-checkpoint-dir", str(out)])  # fmt: skip
+    invoke_cli(["train-compressed", *FAST, "--images-dir", str(small_digits), "--batch-size", "32", "--max-epochs", "1",
+                "--n-bits", "4", "--no-reestimate-bn-stats", "--save-checkpoint-dir", str(out)])  # fmt: skip
     evaluate = ["evaluate", "--images-dir", str(small_digits), "--checkpoint", str(out), "--num-workers", "0",
                 "--no-progress-bar"]  # fmt: skip
     conflicting = ["--n-bits", "3", "--architecture", "mobilenet_v2", "--batch-size", "8"]
@@ -531,7 +525,7 @@ def test_evaluate_a_checkpoint_refuses_other_model_options(small_digits: Path, t
     assert "drop --architecture mobilenet_v2 (checkpoint: resnet18); --n-bits 3 (checkpoint: 4)" in refused.output
     assert "only --images-dir, --batch-size," in refused.output
     # the checkpoint's own values, the paper's alias of the architecture and the evaluation options are fine
-    same = _invoke(evaluate + ["--n-bits", "4", "--architecture", "resnet18_quantized", "--batch-size", "8"])
+    same = invoke_cli(evaluate + ["--n-bits", "4", "--architecture", "resnet18_quantized", "--batch-size", "8"])
     assert same.startswith("top-1 ") and "(80 images)" in same
 
 

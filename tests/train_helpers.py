@@ -68,3 +68,28 @@ def interrupt_at_call(function: Callable, call: int) -> Callable:
         return function(*args, **kwargs)
 
     return wrapper
+
+
+def invoke_cli(args: list[str]) -> str:
+    """Run ``main.py`` with ``args`` in-process; it must succeed. Returns its output."""
+    from click.testing import CliRunner
+
+    from main import cli
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def one_line_cli_error(args: list[str]) -> str:
+    """Run ``main.py`` with ``args``; it must fail with a click error of one line (no traceback). Returns that line."""
+    from click.testing import CliRunner
+
+    from main import cli
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # a click error, not a crash
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
