@@ -163,3 +163,50 @@ def test_psgd_compare_reports_post_hoc_accuracy_and_weight_sqnr(digits: Path, tm
              "--weight-quant-method", "current_minmax", "--quant-setup", "all", "--no-reestimate-bn-stats",
              "--output-json", str(result)])  # fmt: skip
     assert start_row.posthoc_top1 == pytest.approx(json.loads(result.read_text())["top1"])
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_tracked_psgd_grid(digits: Path, tmp_path: Path) -> None:
+    from models.quantized import compressed_layers
+    from training.builders import build_compressed_model
+    from training.config import TrainConfig
+
+    plain = _train(digits, tmp_path / "plain")
+    psgd = _train(digits, tmp_path / "psgd", "--init-checkpoint", str(plain), "--psgd-target", "grid", "--psgd-bits", "2")
+    checkpoint = torch.load(psgd, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_options(architecture="tiny_res", pretrained=False, images_dir=str(digits), image_size=16,
+                                      n_bits=2, weight_quant_method="psgd_grid", quant_setup="LSQ_paper", seed=3)
+    model = build_compressed_model(config, num_classes=10, init_checkpoint=psgd)
+    layers = compressed_layers(model)
+    assert set(layers) == {"conv0", "conv1", "conv2", "conv3", "conv4", "down.0", "fc"}
+    for name, layer in layers.items():
+        bits = 8 if name in ("conv0", "fc") else 2  # the first and last layer at 8 bits below 4, as PSGD scaled them
+        state = checkpoint["method"]["psgd"][f"{name}.weight"]
+        level_max = 2 ** (bits - 1) - 1
+        step = max(-float(state["low"]), float(state["high"])) / level_max
+        weight = checkpoint["model"][f"{name}.weight"].double().numpy()
+        expected = np.clip(np.round(weight / step), -level_max, level_max) * step
+        evaluated = layer.effective_weight().detach().double().numpy()
+        np.testing.assert_allclose(evaluated, expected, rtol=1e-6, atol=1e-9 * step)
+        assert layer.weight_quantizer.n_bits == bits
+        assert len(np.unique(np.round(evaluated / step))) <= 2 * level_max + 1
+    out = tmp_path / "eval.json"
+    base = ["evaluate", *COMMON, "--images-dir", str(digits), "--no-reestimate-bn-stats", "--weight-quant-method",
+            "psgd_grid"]  # fmt: skip
+    _invoke([*base, "--init-checkpoint", str(psgd), "--n-bits", "2", "--quant-setup", "LSQ_paper", "--output-json",
+             str(out)])  # fmt: skip
+    assert {name: layer["weight_bits"] for name, layer in json.loads(out.read_text())["layers"].items()} == {
+        "conv0": 8, "conv1": 2, "conv2": 2, "conv3": 2, "conv4": 2, "down.0": 2, "fc": 8}  # fmt: skip
+    cases = [
+        (base + ["--n-bits", "2"], "psgd_grid needs --init-checkpoint of a --psgd-target grid run"),
+        (base + ["--init-checkpoint", str(psgd), "--n-bits", "2", "--per-channel"], "is per tensor and symmetric"),
+        (base + ["--init-checkpoint", str(plain), "--n-bits", "2"], "was not trained with --psgd-target grid"),
+        (base + ["--init-checkpoint", str(psgd), "--n-bits", "3"], "was trained for the 2-bit grid, not --n-bits 3"),
+        (base + ["--init-checkpoint", str(psgd), "--n-bits", "2", "--quant-setup", "all"],
+         "conv0 has 2 weight bits, PSGD trained it for 8"),
+        (["train-compressed", *COMMON, "--images-dir", str(digits), "--init-checkpoint", str(psgd), "--n-bits", "2",
+          "--weight-quant-method", "psgd_grid", "--save-checkpoint-dir", str(tmp_path / "qat")],
+         "psgd_grid is for evaluate (post hoc), not for training"),
+    ]  # fmt: skip
+    for args, message in cases:
+        _assert_one_line_error(args, 1, message)

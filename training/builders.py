@@ -21,10 +21,15 @@ from models.quantized import CompressionSpec, QuantSetup, compress_model, compre
 from pruning.block_masks import BlockMaskRule, PruneMethod, model_masks, prunable_layers
 from pruning.rearrange import rearrange_filters
 from pruning.schedule import GradualMagnitudePruner, PruningSchedule, magnitude_rule
-from quantization.position_scaling import scaled_tensor_bits, weight_decay_groups
+from quantization.position_scaling import (
+    SymmetricRangeTracker,
+    restricted_level_max,
+    scaled_tensor_bits,
+    weight_decay_groups,
+)
 from training.callbacks import PositionScaledGradientCallback
 from training.checkpoint import CheckpointError, load_checkpoint, read_torch_file
-from training.config import BLOCK_PATTERNS, PAPER_ARCHITECTURES, TrainConfig, saved_config
+from training.config import BLOCK_PATTERNS, PAPER_ARCHITECTURES, PSGD_GRID_METHOD, TrainConfig, saved_config
 from training.lr_schedule import lr_factor, parse_lr_schedule
 
 logger = logging.getLogger(__name__)
@@ -164,7 +169,51 @@ def build_compressed_model(
         raise SetupError(f"--bit-policy {config.quant.bit_policy}: {error}") from None
     for name, mask in masks.items():
         layers[name].weight_mask.copy_(mask)
+    if from_file and config.quant.weight_quant and config.quant.weight_quant_method == PSGD_GRID_METHOD:
+        set_psgd_grid(model, init_checkpoint, config)
     return model
+
+
+def set_psgd_grid(model: nn.Module, path: str | Path, config: TrainConfig) -> None:
+    """Put the weight quantizer of each weight PSGD scaled in the run ``path`` on PSGD's grid (compressed ``model``).
+
+    The quantizer then computes ``delta * clamp(round(w / delta), -(2^(b-1) - 1), 2^(b-1) - 1)``
+    (:func:`quantization.position_scaling.nearest_grid_point`): PSGD's tracked step ``delta``
+    (:meth:`SymmetricRangeTracker.step_size`), its restricted levels and its bits ``b`` (:func:`psgd_tensor_bits`);
+    the linear biases PSGD may have scaled stay float, as the quantizers leave biases. Raises :class:`SetupError`
+    (one line) unless ``path`` is a ``--psgd-target grid`` run with ``--psgd-bits`` equal to ``--n-bits`` and each
+    such layer's weight bits are PSGD's.
+    """
+    option = f"--weight-quant-method {PSGD_GRID_METHOD}"
+    checkpoint = load_checkpoint(Path(path))  # (read and checked by load_float_weights already)
+    trained = saved_config(checkpoint["options"])
+    if trained.psgd.grid_bits is None:
+        raise SetupError(f"{option}: --init-checkpoint {path} was not trained with --psgd-target grid")
+    if trained.psgd.grid_bits != config.quant.n_bits:
+        raise SetupError(f"{option}: --init-checkpoint {path} was trained for the {trained.psgd.grid_bits}-bit grid, "
+                         f"not --n-bits {config.quant.n_bits}")  # fmt: skip
+    states = checkpoint.get("method", {}).get("psgd", {})
+    layers = compressed_layers(model)
+    for name, bits in psgd_tensor_bits(model, trained).items():
+        layer_name = name.removesuffix(".weight")
+        if layer_name == name:  # a linear bias
+            continue
+        tracker = SymmetricRangeTracker()
+        try:
+            tracker.load_state_dict(states[name])
+            step = tracker.step_size(bits)
+        except (KeyError, RuntimeError):
+            raise SetupError(f"{option}: --init-checkpoint {path} has no PSGD range for {name}") from None
+        quantizer = layers[layer_name].weight_quantizer
+        layer_bits = None if quantizer is None else quantizer.n_bits
+        if layer_bits != bits:
+            raise SetupError(f"{option}: {layer_name} has {layer_bits} weight bits, PSGD trained it for {bits} "
+                             "(--quant-setup all from 4 bits, LSQ_paper below)")  # fmt: skip
+        level_max = restricted_level_max(bits)
+        quantizer.q_min, quantizer.q_max = -level_max, level_max
+        with torch.no_grad():
+            quantizer.step_size.copy_(step)
+            quantizer.zero_point.zero_()
 
 
 def rearrange_for_blocks(model: nn.Module) -> None:

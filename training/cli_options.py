@@ -25,6 +25,7 @@ from training.config import (
     OPTIMIZERS,
     PRUNE_METHODS,
     PRUNE_SCHEDULES,
+    PSGD_GRID_METHOD,
     PSGD_MAX_BITS,
     PSGD_MIN_BITS,
     PSGD_TARGETS,
@@ -121,8 +122,11 @@ compression_options = _options(
     click.option("--n-bits", type=click.IntRange(2, 16), default=DEFAULTS.quant.n_bits, show_default=True,
                  help="Weight bit-width (first/last layer: see --quant-setup)."),
     click.option("--n-bits-act", type=click.IntRange(2, 16), default=DEFAULTS.quant.n_bits_act, show_default=True),
-    click.option("--weight-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE"]),
-                 default=DEFAULTS.quant.weight_quant_method, show_default=True, help="Weight range initialisation."),
+    click.option("--weight-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE", PSGD_GRID_METHOD]),
+                 default=DEFAULTS.quant.weight_quant_method, show_default=True,
+                 help=f"Weight range initialisation; {PSGD_GRID_METHOD} (evaluate --init-checkpoint of a --psgd-target "
+                      "grid run, --n-bits = its --psgd-bits): each weight PSGD scaled on its grid, step from the "
+                      "range PSGD tracked, the first/last layer at PSGD's bits for them."),
     click.option("--act-quant-method", type=_choice(["current_minmax", "running_minmax", "MSE"]),
                  default=DEFAULTS.quant.act_quant_method, show_default=True, help="Activation range estimation."),
     click.option("--per-channel/--no-per-channel", default=DEFAULTS.quant.per_channel, show_default=True,

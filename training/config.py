@@ -43,6 +43,8 @@ RANGE_METHODS = {
     "running_minmax": RangeEstimator.RUNNING_MINMAX,
     "mse": RangeEstimator.MSE,
 }
+# evaluate --init-checkpoint of a PSGD grid run: the weight quantizers on PSGD's tracked grid (builders.set_psgd_grid)
+PSGD_GRID_METHOD = "psgd_grid"
 PRUNE_METHODS = ("none", "zhu_gupta", "block")  # block: 1xN block masks (pruning/block_masks.py)
 PRUNE_SCHEDULES = ("one-shot", "zhu_gupta")  # --prune-method block: masks fixed from the start, or the cubic schedule
 BLOCK_PATTERNS = {"1xn": "1xn", "random": "random_blocks", "filter": "filter", "weight": "weight"}  # -> PruneMethod
@@ -159,8 +161,8 @@ class QuantConfig:
         return QuantizerConfig(
             n_bits=self.n_bits, scheme=QMETHODS[self.qmethod],
             granularity=Granularity.per_channel(0) if self.per_channel else Granularity.per_tensor(),
-            range_estimator=RANGE_METHODS[self.weight_quant_method], learn_step_size=self.learn_step_size,
-            grad_scaling=self.grad_scaling,
+            range_estimator=RANGE_METHODS.get(self.weight_quant_method, RangeEstimator.CURRENT_MINMAX),  # (psgd_grid)
+            learn_step_size=self.learn_step_size, grad_scaling=self.grad_scaling,
         )  # fmt: skip
 
     def act_quantizer(self) -> QuantizerConfig | None:
@@ -371,6 +373,12 @@ class TrainConfig:
             parse_act_range(self.quant.act_range)
             if not self.quant.act_quant:
                 raise ValueError(f"--act-range {self.quant.act_range} only acts with --act-quant")
+        if self.quant.weight_quant_method == PSGD_GRID_METHOD:
+            if self.model.init_checkpoint is None:
+                raise ValueError(f"--weight-quant-method {PSGD_GRID_METHOD} needs --init-checkpoint of a --psgd-target grid run")
+            if self.quant.per_channel or self.quant.qmethod != "symmetric_uniform":
+                raise ValueError(f"--weight-quant-method {PSGD_GRID_METHOD} is per tensor and symmetric: drop --per-channel "
+                                 "and --qmethod asymmetric_uniform")  # fmt: skip
         if self.indicators.enabled and self.pruning.enabled:
             raise ValueError("indicator training does not prune (--prune-method none)")
         if self.indicators.enabled and self.model.init_checkpoint is not None:

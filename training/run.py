@@ -55,7 +55,7 @@ from training.builders import (
 )
 from training.callbacks import GradualPruningCallback, PositionScaledGradientCallback
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import TrainConfig, differing_options, option_flag, saved_config
+from training.config import PSGD_GRID_METHOD, TrainConfig, differing_options, option_flag, saved_config
 from training.data import DataLoaders, SkipRecorder, TrainUse, build_cifar_loaders, build_loaders, check_images_dir
 from training.distributed import (
     DistributedContext,
@@ -263,6 +263,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         config.validate()
     except ValueError as error:
         raise TrainingError(str(error)) from None
+    if config.quant.weight_quant_method == PSGD_GRID_METHOD:  # (its restricted levels are not saved in checkpoints)
+        raise TrainingError(f"--weight-quant-method {PSGD_GRID_METHOD} is for evaluate (post hoc), not for training")
     runtime, pruning, max_epochs = config.runtime, config.pruning, config.optim.max_epochs
     if runtime.tb_logging_dir and not tensorboard_available():
         raise TrainingError("--tb-logging-dir needs the tensorboard package (pip install tensorboard)")
