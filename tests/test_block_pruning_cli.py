@@ -206,27 +206,6 @@ def test_bad_block_options_are_one_line(digits: Path, tmp_path: Path, extra: lis
     assert expected in line
 
 
-@pytest.mark.slow
-def test_interrupted_random_block_run_resumes_bitwise(digits: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    extra = ["--prune-method", "block", "--block-pattern", "random", "--s-f", str(RATE), "--deterministic",
-             "--no-weight-quant", "--max-epochs", "2"]  # fmt: skip
-    invoke_cli(_args(digits, tmp_path / "full", *extra))
-    crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(run, "train_one_epoch", crash_in_second_epoch)
-        CliRunner().invoke(cli, _args(digits, tmp_path / "part", *extra))
-    invoke_cli(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
-    full, resumed = (torch.load(tmp_path / run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
-                     for run_dir in ("full", "part"))  # fmt: skip
-    assert all(torch.equal(full[name], resumed[name]) for name in full)  # the masks come back from the checkpoint
-    for name in PRUNED:  # random blocks: still exactly floor(p * blocks) whole blocks
-        weight = full[f"{name}.weight"]
-        blocks = math.ceil(weight.shape[0] / N) * weight.shape[1]
-        assert len(pruned_blocks_of(full[f"{name}.weight_mask"], N)) == math.floor(RATE * blocks), name
-
-
 GRADUAL = ["--prune-method", "block", "--prune-schedule", "zhu_gupta", "--block-size", str(N), "--s-i", "0.1",
            "--s-f", str(RATE), "--prune-last-epoch", "1", "--delta-t", "5"]  # fmt: skip
 
@@ -267,12 +246,14 @@ def test_gradual_block_pruning_with_qat_and_rearrange_ends_at_exactly_floor_p_bl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["1xn", "random"])
-def test_interrupted_gradual_block_run_resumes_bitwise(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       pattern: str) -> None:  # fmt: skip
-    extra = [*GRADUAL, "--block-pattern", pattern, "--deterministic", "--no-weight-quant", "--max-epochs", "2"]
+@pytest.mark.parametrize(("schedule", "pattern"), [("one-shot", "random"), ("zhu_gupta", "1xn"), ("zhu_gupta", "random")])
+def test_interrupted_block_run_resumes_bitwise(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               schedule: str, pattern: str) -> None:  # fmt: skip
+    """Interrupted in its second epoch (a gradual schedule is still rising there) and resumed: the same tensors."""
+    start = GRADUAL if schedule == "zhu_gupta" else ["--prune-method", "block", "--s-f", str(RATE)]
+    extra = [*start, "--block-pattern", pattern, "--deterministic", "--no-weight-quant", "--max-epochs", "2"]
     invoke_cli(_args(digits, tmp_path / "full", *extra))
-    crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)  # the schedule is still rising there
+    crash_in_second_epoch = interrupt_at_call(run.train_one_epoch, 2)
 
     with monkeypatch.context() as patch:
         patch.setattr(run, "train_one_epoch", crash_in_second_epoch)
@@ -280,8 +261,8 @@ def test_interrupted_gradual_block_run_resumes_bitwise(digits: Path, tmp_path: P
     invoke_cli(_args(digits, tmp_path / "part", *extra, "--resume", str(tmp_path / "part" / "last.pt")))
     full, resumed = (torch.load(tmp_path / run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
                      for run_dir in ("full", "part"))  # fmt: skip
-    assert all(torch.equal(full[name], resumed[name]) for name in full)
-    for name in PRUNED:
+    assert all(torch.equal(full[name], resumed[name]) for name in full)  # the masks come back from the checkpoint
+    for name in PRUNED:  # still exactly floor(p * blocks) whole blocks
         weight = full[f"{name}.weight"]
         blocks = math.ceil(weight.shape[0] / N) * weight.shape[1]
         assert len(pruned_blocks_of(full[f"{name}.weight_mask"], N)) == math.floor(RATE * blocks), name
