@@ -24,6 +24,7 @@ onnxruntime (graph optimizations on) fuses ``DQ -> Conv -> Q`` into ``QLinearCon
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Iterable, Mapping
@@ -164,8 +165,30 @@ def _dequantized_constant(nodes: list[onnx.NodeProto], inits: list[TensorProto],
     return f"{prefix}.dequantized"
 
 
+def fit_bias_in_int32(name: str, layer: IntegerLayer, input_scale: float) -> IntegerLayer:
+    """``layer`` with every output channel's bias representable in int32 at the scale ``s_in * s_w``.
+
+    A channel whose folded weight scale is tiny (a batch norm with ``gamma`` near 0) can have
+    ``|b| / (s_in s_w) > 2^31 - 1``; its scale is raised to ``s_w' = |b| / (s_in (2^31 - 1))`` and its
+    integers re-rounded, ``q' = round(q s_w / s_w')`` (``|q'| <= |q|``: still on the grid's range). Such a
+    channel computes almost only its bias; the change to its weights is at most ``s_w' / 2`` each, and is
+    logged. Other channels are unchanged (exact).
+    """
+    needed = layer.bias.abs() / (input_scale * INT32_MAX)
+    raise_scale = needed > layer.scale
+    if not bool(raise_scale.any()):
+        return layer
+    scale = torch.where(raise_scale, needed * (1 + 1e-9), layer.scale)
+    view = (-1,) + (1,) * (layer.int_weight.dim() - 1)
+    requantized = torch.round(layer.int_weight.to(torch.float64) * (layer.scale / scale).reshape(view))
+    int_weight = torch.where(raise_scale.reshape(view), requantized, layer.int_weight.to(torch.float64))
+    logger.warning("layer %s: %d output channel(s) with a tiny weight scale and a large bias: their weight scale raised "
+                   "so that the bias fits in int32 (their weights re-rounded)", name, int(raise_scale.sum()))  # fmt: skip
+    return dataclasses.replace(layer, int_weight=int_weight.to(layer.int_weight.dtype), scale=scale)
+
+
 def int32_bias(name: str, layer: IntegerLayer, input_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(round(b / (s_in * s_w)), s_in * s_w)`` per output channel."""
+    """``(round(b / (s_in * s_w)), s_in * s_w)`` per output channel (``layer`` from :func:`fit_bias_in_int32`)."""
     scale = (input_scale * layer.scale).numpy()
     values = np.round(layer.bias.numpy() / scale)
     if np.abs(values).max(initial=0) > INT32_MAX:
@@ -201,7 +224,7 @@ def qdq_model(float_model: onnx.ModelProto, layers: Mapping[str, IntegerLayer],
         node.input[:] = [dequantized.get(tensor, tensor) for tensor in node.input]
         name = _layer_of_node(node, layers)
         if name is not None:
-            layer = layers[name]
+            layer = fit_bias_in_int32(name, layers[name], input_quant.scale)
             found.add(name)
             int_weight = layer.int_weight.numpy()
             transposed = tuple(initializers[node.input[1]].dims) != int_weight.shape

@@ -18,7 +18,8 @@ from torch import nn
 from train_helpers import invoke_cli, one_line_cli_error, private_registry, write_digits_dataset
 
 from deployment import export as export_module
-from deployment.integer_model import dense_folded_model, integer_layers, set_dequantized_weights
+from deployment.integer_model import IntegerLayer, dense_folded_model, integer_layers, set_dequantized_weights
+from deployment.onnx_qdq import INT32_MAX, fit_bias_in_int32, int32_bias
 from deployment.pt2e_x86 import load_program
 from deployment.storage import load_encoded
 from models.quantized import CompressionSpec, QuantSetup, calibrate_input_quantizers, compress_model, compressed_layers
@@ -273,3 +274,23 @@ def test_onnx_fp32_of_a_rearranged_block_pruned_run_is_the_masked_folded_model(d
     for name in ("conv1", "conv2"):  # the block-pruned zeros, in the rearranged (permuted) layout
         mask = model.get_submodule(name).weight_mask.numpy()
         assert not mask.all() and (weights[f"{name}.weight"][~mask] == 0).all(), name
+
+
+def test_a_bias_too_large_for_int32_raises_only_its_channel_weight_scale() -> None:
+    """A channel with a tiny folded scale (batch norm gamma near 0, as in EfficientNet-Lite0) and a large bias."""
+    int_weight = torch.tensor([[[[3]], [[-7]]], [[[5]], [[-2]]], [[[127]], [[-90]]]], dtype=torch.int8)
+    scale = torch.tensor([0.02, 1e-12, 0.5], dtype=torch.float64)
+    bias = torch.tensor([0.3, 0.8, -1.0], dtype=torch.float64)
+    layer = IntegerLayer(int_weight, 8, scale, bias, None)
+    input_scale = 0.05
+    assert 0.8 / (input_scale * 1e-12) > INT32_MAX  # int32_bias would refuse the layer as it is
+    fitted = fit_bias_in_int32("conv", layer, input_scale)
+    values, bias_scale = int32_bias("conv", fitted, input_scale)  # now fits
+    assert np.abs(values.astype(np.int64)).max() <= INT32_MAX
+    np.testing.assert_allclose(values * bias_scale, bias.numpy(), atol=bias_scale.max() / 2 + 1e-15)
+    assert torch.equal(fitted.int_weight[[0, 2]], int_weight[[0, 2]]) and torch.equal(fitted.scale[[0, 2]], scale[[0, 2]])
+    new_scale = float(fitted.scale[1])
+    assert new_scale == pytest.approx(0.8 / (input_scale * INT32_MAX), rel=1e-6)
+    old = int_weight[1].double() * 1e-12
+    assert float((fitted.int_weight[1].double() * new_scale - old).abs().max()) <= new_scale / 2
+    assert fit_bias_in_int32("conv", fitted, input_scale) is fitted  # nothing left to change
