@@ -8,6 +8,7 @@ import random
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -156,8 +157,7 @@ def build_compressed_model(
         config = config.with_options(weight_quant_method="current_minmax")
     from_file = init_checkpoint is not None
     model = build_float_model(config, False if from_file else pretrained, for_state_dict or from_file, num_classes)
-    if from_file:
-        load_float_weights(model, init_checkpoint, config)
+    start = load_float_weights(model, init_checkpoint, config) if from_file else None
     # (a saved state holds the rearranged weights and the masks already)
     if config.pruning.rearrange and not for_state_dict:
         rearrange_for_blocks(model)
@@ -169,13 +169,14 @@ def build_compressed_model(
         raise SetupError(f"--bit-policy {config.quant.bit_policy}: {error}") from None
     for name, mask in masks.items():
         layers[name].weight_mask.copy_(mask)
-    if from_file and config.quant.weight_quant and config.quant.weight_quant_method == PSGD_GRID_METHOD:
-        set_psgd_grid(model, init_checkpoint, config)
+    if start is not None and config.quant.weight_quant and config.quant.weight_quant_method == PSGD_GRID_METHOD:
+        set_psgd_grid(model, start, init_checkpoint, config)
     return model
 
 
-def set_psgd_grid(model: nn.Module, path: str | Path, config: TrainConfig) -> None:
-    """Put the weight quantizer of each weight PSGD scaled in the run ``path`` on PSGD's grid (compressed ``model``).
+def set_psgd_grid(model: nn.Module, checkpoint: dict[str, Any], path: str | Path, config: TrainConfig) -> None:
+    """Put the weight quantizer of each weight PSGD scaled in the run ``checkpoint`` (read from ``path`` by
+    :func:`load_float_weights`) on PSGD's grid (compressed ``model``).
 
     The quantizer then computes ``delta * clamp(round(w / delta), -(2^(b-1) - 1), 2^(b-1) - 1)``
     (:func:`quantization.position_scaling.nearest_grid_point`): PSGD's tracked step ``delta``
@@ -185,7 +186,6 @@ def set_psgd_grid(model: nn.Module, path: str | Path, config: TrainConfig) -> No
     such layer's weight bits are PSGD's.
     """
     option = f"--weight-quant-method {PSGD_GRID_METHOD}"
-    checkpoint = load_checkpoint(Path(path))  # (read and checked by load_float_weights already)
     trained = saved_config(checkpoint["options"])
     if trained.psgd.grid_bits is None:
         raise SetupError(f"{option}: --init-checkpoint {path} was not trained with --psgd-target grid")
@@ -291,8 +291,10 @@ def build_float_model(
     return model
 
 
-def load_float_weights(model: nn.Module, path: str | Path, config: TrainConfig) -> None:
+def load_float_weights(model: nn.Module, path: str | Path, config: TrainConfig) -> dict[str, Any]:
     """Load the weights of the float train-compressed checkpoint ``path`` (``weights_only``) into the float ``model``.
+
+    Returns the checkpoint.
 
     The checkpoint must be of the same architecture and hold a float model (no fake quantizers, no pruning
     masks, batch norm not folded): its state dict has then exactly the keys of the float model. Raises
@@ -316,6 +318,7 @@ def load_float_weights(model: nn.Module, path: str | Path, config: TrainConfig) 
         first_line = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), type(error).__name__)
         raise SetupError(f"{option}: its weights do not fit the model: {first_line}") from None
     logger.info("starting from the weights of %s (epoch %d of its run)", path, checkpoint["epoch"])
+    return checkpoint
 
 
 def check_bit_policy(config: TrainConfig) -> None:
