@@ -6,7 +6,7 @@ compressed for QAT as ``main.py train-compressed`` does it by default (4-bit per
 symmetric weights, MSE-initialised and learned step sizes with their own Adam optimizer,
 first and last layer at 8 bits, activations in float). A step is forward, cross-entropy,
 backward and the optimizer steps on a fixed batch. The two steps take turns; prints the best
-of ``--repeats`` timed steps (after warm-up) of each and their ratio; target: QAT <= 1.3x float.
+of ``--repeats`` timed steps (after warm-up; CPU time on CPU, wall time on a GPU) of each and their ratio; target: QAT <= 1.3x float.
 
     python bench/bench_train_step.py --device cpu --batch-size 16 --image-size 224
 """
@@ -45,12 +45,16 @@ def make_step(config: TrainConfig, images: torch.Tensor, targets: torch.Tensor) 
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Seconds of one step: CPU time of the process on CPU (other processes on a shared machine do not count),
+    wall time on an accelerator (after synchronising it)."""
+    if device.type == "cpu":
+        start = time.process_time()
+        step()
+        return time.process_time() - start
+    torch.accelerator.synchronize(device)
     start = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    torch.accelerator.synchronize(device)
     return time.perf_counter() - start
 
 
