@@ -6,7 +6,7 @@ The float model is exported with ``torch.onnx.export(dynamo=True)`` (dynamic bat
 * every exported layer (a Conv or Gemm whose weight initializer is ``<layer>.weight``) takes its weight
   as an int8 initializer with per-output-channel scales through ``DequantizeLinear``, and its bias as
   int32 with scale ``s_in * s_w`` per channel, ``b_int = round(b / (s_in * s_w))`` (onnxruntime's
-  int8 kernels take it so);
+  int8 kernels take it so), with room left in int32 for the accumulation (:func:`fit_bias_in_int32`);
 * every tensor an integer kernel reads or writes is quantized once (``QuantizeLinear`` ->
   ``DequantizeLinear`` after its producer): the inputs of the layers, with the layer's learned
   quantizer (the first such layer's when several read one tensor); the layers' outputs and the inputs
@@ -41,6 +41,7 @@ from deployment.integer_model import ActivationQuant, ExportError, IntegerLayer,
 logger = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
+MAX_INPUT_INTEGER = 255  # the largest |q_x - z_x| of an 8-bit activation
 # x86 u8s8 kernels without VNNI add pairs of u8 * s8 products in int16 (saturating): 2 * 255 * 64 < 2^15.
 MAX_UNSATURATED_WEIGHT = 64
 UINT8_WEIGHT_ZERO_POINT = 128
@@ -64,12 +65,18 @@ def serialized(model: onnx.ModelProto) -> bytes:
     return buffer.getvalue()
 
 
-def inference_session(model: onnx.ModelProto | bytes, threads: int = 1) -> onnxruntime.InferenceSession:
-    """An onnxruntime CPU session with all graph optimizations (QDQ fusion into integer kernels)."""
+def inference_session(model: onnx.ModelProto | bytes, threads: int = 1, optimize: bool = True
+                      ) -> onnxruntime.InferenceSession:  # fmt: skip
+    """An onnxruntime CPU session with all graph optimizations (QDQ fusion into integer kernels), or none.
+
+    Without optimizations a QDQ graph runs literally, each operator in float32 (the simulation of
+    :mod:`deployment.kernel_check`).
+    """
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)  # fmt: skip
     options.log_severity_level = 3
     data = model if isinstance(model, bytes) else serialized(model)
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
@@ -165,16 +172,23 @@ def _dequantized_constant(nodes: list[onnx.NodeProto], inits: list[TensorProto],
     return f"{prefix}.dequantized"
 
 
-def fit_bias_in_int32(name: str, layer: IntegerLayer, input_scale: float) -> IntegerLayer:
-    """``layer`` with every output channel's bias representable in int32 at the scale ``s_in * s_w``.
+def accumulator_headroom(layer: IntegerLayer) -> torch.Tensor:
+    """``255 sum_i |q_i|`` per output channel: the largest ``|sum_i (x_i - z_x) q_i|`` for 8-bit inputs."""
+    return MAX_INPUT_INTEGER * layer.int_weight.to(torch.float64).abs().reshape(layer.int_weight.shape[0], -1).sum(1)
 
-    A channel whose folded weight scale is tiny (a batch norm with ``gamma`` near 0) can have
-    ``|b| / (s_in s_w) > 2^31 - 1``; its scale is raised to ``s_w' = |b| / (s_in (2^31 - 1))`` and its
-    integers re-rounded, ``q' = round(q s_w / s_w')`` (``|q'| <= |q|``: still on the grid's range). Such a
-    channel computes almost only its bias; the change to its weights is at most ``s_w' / 2`` each, and is
-    logged. Other channels are unchanged (exact).
+
+def fit_bias_in_int32(name: str, layer: IntegerLayer, input_scale: float) -> IntegerLayer:
+    """``layer`` with every output channel's int32 bias leaving room for its accumulation, at the scale ``s_in * s_w``.
+
+    The integer kernels add ``b_int = round(b / (s_in s_w))`` to the int32 accumulator ``sum_i (x_i - z_x) q_i``;
+    the sum must fit: ``|b_int| + 255 sum_i |q_i| <= 2^31 - 1`` (else it wraps around). A channel whose folded
+    weight scale is tiny (a batch norm with ``gamma`` near 0) can break this; its scale is raised to
+    ``s_w' = |b| / (s_in (2^31 - 1 - 255 sum_i |q_i|))`` and its integers re-rounded, ``q' = round(q s_w / s_w')``
+    (``|q'| <= |q|``: still on the grid's range, and the room left suffices). Such a channel computes almost
+    only its bias; the change to its weights is at most ``s_w' / 2`` each, and is logged. Other channels are
+    unchanged (exact).
     """
-    needed = layer.bias.abs() / (input_scale * INT32_MAX)
+    needed = layer.bias.abs() / (input_scale * (INT32_MAX - accumulator_headroom(layer)))
     raise_scale = needed > layer.scale
     if not bool(raise_scale.any()):
         return layer
@@ -191,8 +205,8 @@ def int32_bias(name: str, layer: IntegerLayer, input_scale: float) -> tuple[np.n
     """``(round(b / (s_in * s_w)), s_in * s_w)`` per output channel (``layer`` from :func:`fit_bias_in_int32`)."""
     scale = (input_scale * layer.scale).numpy()
     values = np.round(layer.bias.numpy() / scale)
-    if np.abs(values).max(initial=0) > INT32_MAX:
-        raise ExportError(f"layer {name}: its bias does not fit in int32 at scale s_in * s_w")
+    if (np.abs(values) + accumulator_headroom(layer).numpy()).max(initial=0) > INT32_MAX:
+        raise ExportError(f"layer {name}: its bias and accumulation do not fit in int32 at scale s_in * s_w")
     return values.astype(np.int32), scale
 
 

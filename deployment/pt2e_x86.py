@@ -23,7 +23,7 @@ import io
 import logging
 import operator
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -131,6 +131,24 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
             owner, _, attribute = name.rpartition(".")
             delattr(graph_module.get_submodule(owner) if owner else graph_module, attribute)
     graph_module.recompile()
+
+
+def compiled_program(program: torch.export.ExportedProgram) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``program`` as inductor runs it on int8 kernels: ``torch.compile`` under ``torch._inductor.config.freezing``.
+
+    Freezing is required: inductor's passes that replace ``dequantize -> convolution/linear`` by oneDNN's int8
+    kernels with prepacked weights are freezing patterns (``torch/_inductor/fx_passes/quantization.py``);
+    without it the program runs as float operators between quantize/dequantize (the simulation). It must be set
+    while dynamo traces (each call may compile: a new batch size), not only as a ``torch.compile`` option (that
+    fails in fake-tensor tracing of ``onednn.qconv_prepack``).
+    """
+    compiled = torch.compile(program.module())
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(images)
+
+    return run
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:

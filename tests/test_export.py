@@ -158,6 +158,122 @@ def test_onnx_qdq_runs_int8_kernels_and_matches_the_fake_quantized_model(tmp_pat
     assert torch.equal(int8.argmax(1), reference.argmax(1))
 
 
+def _tiny_float_onnx() -> tuple[onnx.ModelProto, dict[str, IntegerLayer], torch.Tensor]:
+    from deployment.onnx_qdq import export_float_onnx
+
+    model, images = _compressed()
+    folded, pairs = dense_folded_model(model, images[:2])
+    layers = integer_layers(model, folded, pairs)
+    set_dequantized_weights(folded, layers)
+    return export_float_onnx(folded, images[:2]), layers, images
+
+
+def _tiny_qdq() -> tuple[onnx.ModelProto, dict[str, IntegerLayer], torch.Tensor]:
+    from deployment.onnx_qdq import qdq_model
+
+    float_model, layers, images = _tiny_float_onnx()
+    return qdq_model(float_model, layers, [images]), layers, images
+
+
+@pytest.mark.slow
+def test_the_cut_simulation_reproduces_the_literal_graph_and_the_kernels_stay_within_one_step(tmp_path: Path) -> None:
+    from deployment import kernel_check as kc
+    from deployment.onnx_qdq import inference_session, serialized
+
+    qdq, layers, images = _tiny_qdq()
+    probed = kc.probed_model(qdq)
+    tensors = [output.name for output in probed.graph.output][1:]
+    assert len(tensors) == 6  # x, three layer outputs, the addition's inputs/outputs, the classifier's input
+    literal = inference_session(probed, optimize=False).run(None, {"x": images.numpy()})
+    values = dict(zip(tensors, literal[1:]))
+    cut = inference_session(kc.cut_simulation(qdq), optimize=False)
+    simulated = cut.run(["logits", *(tensor + kc.SIMULATED_SUFFIX for tensor in tensors)], {"x": images.numpy(), **values})
+    for tensor, value in zip(tensors, simulated[1:]):  # fed its own integers, the cut graph computes the same
+        np.testing.assert_array_equal(value, values[tensor])
+    np.testing.assert_array_equal(simulated[0], literal[0])
+    options = onnxruntime.SessionOptions()  # the probes keep the fusions: the check runs the integer kernels
+    options.optimized_model_filepath = str(tmp_path / "probed.onnx")
+    onnxruntime.InferenceSession(serialized(probed), options, providers=["CPUExecutionProvider"])
+    fused = [node.op_type for node in onnx.load(tmp_path / "probed.onnx").graph.node]
+    assert fused.count("QLinearConv") == 3 and "QLinearAdd" in fused
+    # the logit bound gamma_(K+8) sum_i |x_i w_ji| + |b_j|, recomputed from the classifier's integers
+    fc, fc_input = layers["fc"], torch.from_numpy(values[tensors[-1]].astype(np.float64))
+    scale, zero_point = (onnx.numpy_helper.to_array(init) for init in qdq.graph.initializer
+                         if init.name in (f"{tensors[-1][:-4]}.scale", f"{tensors[-1][:-4]}.zero_point"))  # fmt: skip
+    x = float(scale) * (fc_input - float(zero_point))
+    terms = x.abs() @ fc.dequantized_weight().double().abs().T
+    bias = torch.round(fc.bias / (float(scale) * fc.scale)) * (float(scale) * fc.scale)  # the int32 bias
+    expected = kc.gamma(8 + 8) * (terms + bias.abs())
+    np.testing.assert_allclose(kc.logit_bound(qdq, values), expected.numpy(), rtol=1e-5)
+    result = kc.check_kernels(qdq, [images, torch.randn(5, 3, 12, 12)])
+    assert result.images == 21 and result.quantized_tensors == 6 and result.passed
+    assert result.max_integer_difference <= 1 and result.share_off_by_one < 0.01
+
+
+@pytest.mark.slow
+def test_the_kernel_check_fails_a_kernel_that_does_not_compute_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployment import kernel_check
+
+    qdq, _layers, images = _tiny_qdq()
+    faithful = kernel_check.probed_model
+
+    def off_by_three(model: onnx.ModelProto) -> onnx.ModelProto:  # kernels using another zero point for relu_1
+        probed = faithful(model)
+        for init in probed.graph.initializer:
+            if init.name == "relu_1.q.zero_point":
+                init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) + 3, init.name))
+        return probed
+
+    monkeypatch.setattr(kernel_check, "probed_model", off_by_three)
+    result = kernel_check.check_kernels(qdq, [images])
+    assert result.max_integer_difference >= 3 and not result.passed  # (it also shifts what conv2 reads)
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return set(next((line.split(":")[1].split() for line in lines if line.startswith("flags")), []))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx2" not in _cpu_flags() or bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+                    reason="u8s8 pair sums saturate only on x86 CPUs with AVX2 and without VNNI")  # fmt: skip
+def test_the_kernel_check_catches_saturating_u8s8_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit weights (+-127) kept as int8: onnxruntime's AVX2 u8s8 kernels add u8 * s8 pairs in int16, saturating."""
+    from deployment import onnx_qdq
+    from deployment.kernel_check import check_kernels
+
+    float_model, layers, images = _tiny_float_onnx()
+    assert int(layers["stem"].int_weight.abs().max()) == 127
+    monkeypatch.setattr(onnx_qdq, "MAX_UNSATURATED_WEIGHT", 127)
+    result = check_kernels(onnx_qdq.qdq_model(float_model, layers, [images]), [3 * images])
+    assert result.max_integer_difference > 1 and not result.passed
+    monkeypatch.setattr(onnx_qdq, "MAX_UNSATURATED_WEIGHT", 64)  # the export's choice: uint8 weights, u8u8 kernels
+    assert check_kernels(onnx_qdq.qdq_model(float_model, layers, [images]), [3 * images]).passed
+
+
+@pytest.mark.slow
+def test_real_efficientnet_lite0_int8_kernels_stay_within_the_rounding_bound() -> None:
+    """The bundled ImageNet weights: batch-norm channels with gamma near 0 (a bias at the edge of int32)."""
+    from deployment.kernel_check import check_kernels
+    from deployment.onnx_qdq import export_float_onnx, qdq_model
+    from models.registry import load_model
+    from utils.images import sample_photo_batch
+
+    photos = sample_photo_batch(image_size=160)
+    model = load_model("efficientnet_lite0", pretrained=True, download=False).eval()
+    compress_model(model, CompressionSpec(weight_quant=QuantizerConfig(8, QuantScheme.SYMMETRIC, Granularity.per_channel(0)),
+                                          act_quant=QuantizerConfig(8, QuantScheme.ASYMMETRIC), quant_setup=QuantSetup.ALL))  # fmt: skip
+    calibrate_input_quantizers(model, [photos])
+    with torch.no_grad():
+        folded, pairs = dense_folded_model(model.eval(), photos[:2])
+        layers = integer_layers(model, folded, pairs)
+        set_dequantized_weights(folded, layers)
+        qdq = qdq_model(export_float_onnx(folded, photos[:2]), layers, [photos])
+        result = check_kernels(qdq, [photos])
+    assert result.passed and result.max_integer_difference <= 1  # a wrapped-around int32 sum: up to 75 steps
+
+
 # --------------------------------------------------------------------------- the command
 
 TRAIN = ["train-compressed", "--architecture", "tiny_export", "--no-pretrained", "--image-size", "16",
@@ -192,6 +308,9 @@ def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run
     report = json.loads((tmp_path / "model.onnx.json").read_text())
     check = report["check"]
     assert check["images"] == 40 and check["top1_agreement"] >= 90.0
+    kernels = report["kernel_check"]  # the int8 kernels against the float simulation of the same quantization
+    assert kernels["images"] == 40 and kernels["max_integer_difference"] <= 1
+    assert kernels["max_logit_difference_to_bound"] <= 1.0
     assert abs(check["top1_exported"] - check["top1_reference"]) <= 5.0
     state = torch.load(qat_run, map_location="cpu", weights_only=True)["model"]
     int_weights, n_bits, _scales = load_encoded(tmp_path / "model.onnx.weights.npz")
@@ -212,8 +331,9 @@ def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run
 @pytest.mark.slow
 def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) -> None:
     invoke_cli(_export_args(qat_run, "pt2e-x86", tmp_path / "model.pt2", "--images-dir", str(digits)))
-    check = json.loads((tmp_path / "model.pt2.json").read_text())["check"]
-    assert check["top1_agreement"] >= 90.0
+    report = json.loads((tmp_path / "model.pt2.json").read_text())
+    assert report["check"]["top1_agreement"] >= 90.0
+    assert report["kernel_check"]["images"] == 40 and report["kernel_check"]["top1_agreement"] >= 90.0
     program = load_program(tmp_path / "model.pt2")
     int8_weights = [value for value in program.constants.values() if value.dtype == torch.int8] + [
         value for value in program.state_dict.values() if value.dtype == torch.int8]  # fmt: skip
@@ -286,11 +406,12 @@ def test_a_bias_too_large_for_int32_raises_only_its_channel_weight_scale() -> No
     assert 0.8 / (input_scale * 1e-12) > INT32_MAX  # int32_bias would refuse the layer as it is
     fitted = fit_bias_in_int32("conv", layer, input_scale)
     values, bias_scale = int32_bias("conv", fitted, input_scale)  # now fits
-    assert np.abs(values.astype(np.int64)).max() <= INT32_MAX
+    room = 255 * int_weight.abs().to(torch.int64).sum((1, 2, 3)).numpy()  # the largest accumulation, channel by channel
+    assert (np.abs(values.astype(np.int64)) + room).max() <= INT32_MAX
     np.testing.assert_allclose(values * bias_scale, bias.numpy(), atol=bias_scale.max() / 2 + 1e-15)
     assert torch.equal(fitted.int_weight[[0, 2]], int_weight[[0, 2]]) and torch.equal(fitted.scale[[0, 2]], scale[[0, 2]])
     new_scale = float(fitted.scale[1])
-    assert new_scale == pytest.approx(0.8 / (input_scale * INT32_MAX), rel=1e-6)
+    assert new_scale == pytest.approx(0.8 / (input_scale * (INT32_MAX - 255 * (5 + 2))), rel=1e-8)
     old = int_weight[1].double() * 1e-12
     assert float((fitted.int_weight[1].double() * new_scale - old).abs().max()) <= new_scale / 2
     assert fit_bias_in_int32("conv", fitted, input_scale) is fitted  # nothing left to change
