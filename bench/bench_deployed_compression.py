@@ -14,9 +14,10 @@ combination, deployed through :mod:`deployment` for each model (``--models``):
 * ``INT4 + pruned 75%``: both.
 
 The models are made in-process (``compress_model``, magnitude masks, activation ranges from the offline
-sample photos), not trained: bytes and latency do not depend on the accuracy. Every model has random
-weights (``torch.manual_seed(0)``): with EfficientNet-Lite0's bundled ImageNet weights the int8 ONNX export
-stops (a stem channel whose batch-norm scale is near 0 gets a bias beyond int32 at scale ``s_in * s_w``).
+sample photos), not trained: latency does not depend on the accuracy, but the bytes of the sparse and packed
+encodings do, through the zeros (INT4 rounds the smallest real weights to 0). The models in ``--pretrained``
+(default EfficientNet-Lite0, whose ImageNet weights are bundled) start from their offline pretrained weights,
+the others from random ones (CSV column ``weights``).
 
 Bytes: the weights of the compressed layers in each encoding of :mod:`deployment.storage` (float32 for the
 float deployments; the integer encodings for the integer ones), and the files the runtimes load (ONNX and
@@ -56,7 +57,7 @@ from deployment.integer_model import dense_folded_model, integer_layers, set_deq
 from deployment.onnx_qdq import export_float_onnx, inference_session, qdq_model, run_session, serialized
 from deployment.pt2e_x86 import quantize_pt2e, serialized_program
 from models.quantized import CompressionSpec, QuantSetup, calibrate_input_quantizers, compress_model
-from models.registry import list_models, load_model
+from models.registry import is_weights_available, list_models, load_model
 from pruning.schedule import PruningScope, set_magnitude_masks
 from quantization.fake_quant import QuantizerConfig
 from quantization.granularity import Granularity
@@ -93,9 +94,9 @@ DEPLOYMENTS = (
 )
 
 
-def compressed_model(name: str, deployment: Deployment, photos: torch.Tensor) -> nn.Module:
-    """``name`` compressed as ``deployment`` says (see the module doc); eval mode."""
-    model = load_model(name, pretrained=False, download=False).eval()
+def compressed_model(name: str, deployment: Deployment, photos: torch.Tensor, pretrained: bool = False) -> nn.Module:
+    """``name`` (offline pretrained or random weights) compressed as ``deployment`` says (see the module doc); eval."""
+    model = load_model(name, pretrained=pretrained, download=False).eval()
     weight_quant = act_quant = None
     if deployment.is_integer:
         weight_quant = QuantizerConfig(deployment.weight_bits, QuantScheme.SYMMETRIC, Granularity.per_channel(0))
@@ -120,9 +121,9 @@ class Deployed:
 
 
 @torch.no_grad()
-def deploy(name: str, deployment: Deployment, photos: torch.Tensor) -> Deployed:
+def deploy(name: str, deployment: Deployment, photos: torch.Tensor, pretrained: bool) -> Deployed:
     """Export ``deployment`` of model ``name`` to both runtimes; bytes of its weights and files, export times."""
-    model = compressed_model(name, deployment, photos)
+    model = compressed_model(name, deployment, photos, pretrained)
     example = photos[:2]
     folded, pairs = dense_folded_model(model, example)
     layers = integer_layers(model, folded, pairs)  # float deployments: only for the weight counts
@@ -148,7 +149,8 @@ def deploy(name: str, deployment: Deployment, photos: torch.Tensor) -> Deployed:
     session = inference_session(onnx_model, threads=1)
     runners = {"onnxruntime": partial(run_session, session),
                "inductor": torch.compile(program.module() if deployment.is_integer else copy.deepcopy(folded))}  # fmt: skip
-    row = {"model": name, "deployment": deployment.name, "weight_bits": deployment.weight_bits or 32,
+    row = {"model": name, "weights": "pretrained" if pretrained else "random", "deployment": deployment.name,
+           "weight_bits": deployment.weight_bits or 32,
            "kernels": "int8" if deployment.is_integer else "float32", "zeros": zeros,
            **{f"bytes_{encoding}": sizes.get(encoding, math.nan) for encoding in storage.ENCODINGS},
            "smallest_encoding": storage.smallest_encoding(sizes) if deployment.is_integer else "float32",
@@ -177,9 +179,10 @@ def photo_batch(photos: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_model(name: str, photos: torch.Tensor, batch_sizes: list[int], repeats: int) -> list[dict[str, object]]:
+def measure_model(name: str, photos: torch.Tensor, batch_sizes: list[int], repeats: int, pretrained: bool
+                  ) -> list[dict[str, object]]:  # fmt: skip
     """One row per deployment of ``name``: bytes, export times, CPU ms and relative logit error per runtime/batch."""
-    deployed = [deploy(name, deployment, photos) for deployment in tqdm(DEPLOYMENTS, desc=f"export {name}")]
+    deployed = [deploy(name, deployment, photos, pretrained) for deployment in tqdm(DEPLOYMENTS, desc=f"export {name}")]
     for batch_size in batch_sizes:
         images = photo_batch(photos, batch_size)
         runs = {(index, runtime): partial(runner, images)
@@ -196,8 +199,10 @@ def measure_model(name: str, photos: torch.Tensor, batch_sizes: list[int], repea
 
 def print_table(frame: pd.DataFrame, batch_sizes: list[int], repeats: int) -> None:
     """Bytes in MB (10^6) and CPU ms per batch with the speed-up over the float deployment in the same runtime."""
+    pretrained = sorted(set(frame.model[frame.weights == "pretrained"]))
     print(f"\nCPU time per batch (1 thread, {IMAGE_SIZE} px, median of {repeats} interleaved repeats); "
-          "x = float ms / ms in the same runtime; weights in MB")  # fmt: skip
+          f"x = float ms / ms in the same runtime; weights in MB; pretrained weights: {', '.join(pretrained) or 'none'}, "
+          "random for the others")  # fmt: skip
     integer_encodings = [encoding for encoding in storage.ENCODINGS if encoding != "float32"]
     header = f"{'model':18s} {'deployment':25s} {'zeros':>5s} " + " ".join(f"{e:>14s}" for e in storage.ENCODINGS)
     header += f" {'onnx MB':>8s} {'pt2 MB':>7s}"
@@ -231,18 +236,19 @@ def plot(frame: pd.DataFrame, batch_sizes: list[int], path: Path) -> None:
     positions = range(len(names))
     for column, model in enumerate(models):
         rows = frame[frame.model == model].set_index("deployment").loc[names]
+        label = f"{model} ({rows.weights.iloc[0]} weights)"
         width = 0.8 / len(storage.ENCODINGS)
         for offset, encoding in enumerate(storage.ENCODINGS):
             axes[0, column].bar([p + (offset - 2.5) * width for p in positions], rows[f"bytes_{encoding}"] / 1e6, width,
                                 label=encoding)  # fmt: skip
-        axes[0, column].set_title(f"{model}: weights")
+        axes[0, column].set_title(f"{label}: weights")
         axes[0, column].set_ylabel("MB")
         for row, batch_size in enumerate(batch_sizes, start=1):
             width = 0.8 / len(RUNTIMES)
             for offset, runtime in enumerate(RUNTIMES):
                 axes[row, column].bar([p + (offset - 0.5) * width for p in positions], rows[f"{runtime}_b{batch_size}_ms"],
                                       width, label=runtime)  # fmt: skip
-            axes[row, column].set_title(f"{model}: CPU ms per batch of {batch_size} (1 thread)")
+            axes[row, column].set_title(f"{label}: CPU ms per batch of {batch_size} (1 thread)")
             axes[row, column].set_ylabel("ms")
         for ax in axes[:, column]:
             ax.set_xticks(list(positions), [name.replace(" (", "\n(") for name in names], fontsize=7)
@@ -264,14 +270,15 @@ def parse_list(value: str, parse: Callable[[str], object], what: str) -> list:
     return items
 
 
-def run_bench(models: list[str], batch_sizes: list[int], repeats: int, output_csv: Path, figure: Path) -> pd.DataFrame:
-    """Measure every deployment of every model, print the table, write the CSV and the figure."""
+def run_bench(models: list[str], pretrained: set[str], batch_sizes: list[int], repeats: int, output_csv: Path,
+              figure: Path) -> pd.DataFrame:  # fmt: skip
+    """Measure every deployment of every model (``pretrained``: those with offline pretrained weights), report."""
     torch.set_num_threads(1)
     torch._inductor.config.freezing = True
     photos = sample_photo_batch(image_size=IMAGE_SIZE)
     rows = []
     for name in models:
-        rows.extend(measure_model(name, photos, batch_sizes, repeats))
+        rows.extend(measure_model(name, photos, batch_sizes, repeats, name in pretrained))
         write_csv(output_csv, pd.DataFrame(rows))  # the models measured so far
     frame = pd.DataFrame(rows)
     print_table(frame, batch_sizes, repeats)
@@ -282,6 +289,8 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int, output_cs
 @click.command(help=__doc__.split("\n\n")[0])
 @click.option("--models", default="resnet18,mobilenet_v2,efficientnet_lite0", show_default=True,
               help="Comma-separated registered model names.")
+@click.option("--pretrained", default="efficientnet_lite0", show_default=True,
+              help="Comma-separated models of --models to start from their offline pretrained weights ('' for none).")
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
               help="Interleaved timed rounds (the median is kept).")
@@ -289,11 +298,18 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int, output_cs
               default=Path("results/deployed_compression.csv"), show_default=True)
 @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/deployed_compression.png"),
               show_default=True)
-def main(models: str, batch_sizes: str, repeats: int, output_csv: Path, figure: Path) -> None:
+def main(models: str, pretrained: str, batch_sizes: str, repeats: int, output_csv: Path, figure: Path) -> None:
     names = parse_list(models, str, "model names")
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
         raise click.BadParameter(f"unknown models {', '.join(unknown)}", param_hint="--models")
+    pretrained_names = set(parse_list(pretrained, str, "model names")) if pretrained.strip() else set()
+    if pretrained_names - set(names):
+        raise click.BadParameter(f"{', '.join(sorted(pretrained_names - set(names)))} not in --models",
+                                 param_hint="--pretrained")  # fmt: skip
+    offline = sorted(name for name in pretrained_names if not is_weights_available(name))
+    if offline:
+        raise click.BadParameter(f"no offline pretrained weights for {', '.join(offline)}", param_hint="--pretrained")
     sizes = parse_list(batch_sizes, int, "integers")
     if min(sizes) < 1:
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
@@ -303,7 +319,7 @@ def main(models: str, batch_sizes: str, repeats: int, output_csv: Path, figure: 
         except OutputPathError as error:
             raise click.BadParameter(str(error), param_hint=option) from None
     logging.basicConfig(level=logging.WARNING)
-    run_bench(names, sizes, repeats, output_csv, figure)
+    run_bench(names, pretrained_names, sizes, repeats, output_csv, figure)
 
 
 if __name__ == "__main__":

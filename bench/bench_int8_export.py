@@ -6,12 +6,19 @@ channel, activations asymmetric per tensor, ranges from the offline sample photo
 two warm-up calls) of:
 
 * ``onnxruntime``: the dense folded float ONNX model against the int8 QDQ model (``onnx-fp32`` / ``onnx-int8``);
+* ``ORT quantize_static QOp``: the same float model against onnxruntime's own static quantization of it in the
+  QOperator format (``QLinearConv`` nodes written directly; per-channel int8 weights, uint8 activations, its own
+  calibration on the photos, not the checkpoint's integers): the alternative format, for speed only;
 * ``inductor``: ``torch.compile`` with freezing of the folded float model against the PT2E int8 program
   (``pt2e-x86``);
 * ``eager torch.ao`` (ResNet-18 only, the deprecated reference): torchvision's quantizable ResNet-18,
   ``fuse_model``, x86 qconfig, ``prepare``/``convert``, against the same float model in eager mode.
 
-The ratio is float time / int8 time in the same runtime. Run: ``python bench/bench_int8_export.py``
+The ratio is float time / int8 time in the same runtime. First, the ceiling of those ratios on this CPU: one
+GEMM shaped as a ResNet-18 3x3 convolution at 56 px (``M = 56 * 56``, ``K = 64 * 9``, ``N = 64``), float32
+against the integer kernels each runtime uses (onnxruntime ``MatMulInteger`` with uint8 x int8 and uint8 x
+uint8 operands; PyTorch's x86 quantized ``Linear``), and the CPU's int8 instruction sets (AVX2's ``vpmaddubsw``
+only, or AVX-512 VNNI / AVX-VNNI / AMX). Run: ``python bench/bench_int8_export.py``
 (``--models resnet18,mobilenet_v2,efficientnet_lite0``, ``--batches 1,16``, ``--threads 1``, ``--weight-bits 4``:
 INT4 weights, which onnxruntime keeps in its u8s8 kernels; 8-bit weights go to u8u8, see
 :mod:`deployment.onnx_qdq`).
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployment.integer_model import dense_folded_model, integer_layers, set_dequantized_weights
 from deployment.onnx_qdq import export_float_onnx, inference_session, qdq_model, run_session
-from deployment.pt2e_x86 import quantize_pt2e
+from deployment.pt2e_x86 import compiled_program, quantize_pt2e
 from models.quantized import CompressionSpec, QuantSetup, calibrate_input_quantizers, compress_model
 from models.registry import load_model
 from quantization.fake_quant import QuantizerConfig
@@ -53,6 +60,56 @@ def cpu_seconds(run: Callable[[torch.Tensor], object], x: torch.Tensor, repeats:
     return best
 
 
+GEMM_SHAPE = (56 * 56, 64 * 9, 64)  # (M, K, N)
+INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_flags() -> list[str]:
+    """The int8-relevant instruction sets the CPU reports (``/proc/cpuinfo``; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":")[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")),
+                 []) if cpuinfo.exists() else []  # fmt: skip
+    return [flag for flag in INT8_FLAGS if flag in flags]
+
+
+def gemm_ceiling(repeats: int) -> dict[str, float]:
+    """Float32 GEMM CPU time / integer GEMM CPU time at :data:`GEMM_SHAPE`, per runtime and operand types."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deployment.onnx_qdq import inference_session
+
+    m, k, n = GEMM_SHAPE
+    generator = np.random.default_rng(0)
+
+    def session(op: str, a_type: int, b: np.ndarray, y_type: int):
+        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm",
+                                  [helper.make_tensor_value_info("a", a_type, [m, k])],
+                                  [helper.make_tensor_value_info("y", y_type, None)], [numpy_helper.from_array(b, "b")])  # fmt: skip
+        return inference_session(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+    a_float, a_uint8 = generator.standard_normal((m, k), dtype=np.float32), generator.integers(0, 256, (m, k), np.uint8)
+    float_session = session("MatMul", TensorProto.FLOAT, generator.standard_normal((k, n), dtype=np.float32),
+                            TensorProto.FLOAT)  # fmt: skip
+    t_float = cpu_seconds(lambda a: float_session.run(None, {"a": a}), a_float, repeats)
+    ratios = {}
+    for label, b in (("u8s8", generator.integers(-128, 128, (k, n), np.int8)),
+                     ("u8u8", generator.integers(0, 256, (k, n), np.uint8))):  # fmt: skip
+        integer_session = session("MatMulInteger", TensorProto.UINT8, b, TensorProto.INT32)
+        ratios[f"onnxruntime {label}"] = t_float / cpu_seconds(lambda a, s=integer_session: s.run(None, {"a": a}),
+                                                               a_uint8, repeats)  # fmt: skip
+    from torch.ao.nn.quantized import Linear as QuantizedLinear
+
+    torch.backends.quantized.engine = "x86"
+    x = torch.randn(m, k)
+    linear, quantized = torch.nn.Linear(k, n), QuantizedLinear(k, n)
+    quantized.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, k), 0.05, 0, torch.qint8), torch.zeros(n))
+    x_quantized = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
+    ratios["torch x86 u8s8"] = cpu_seconds(linear, x, repeats) / cpu_seconds(quantized, x_quantized, repeats)
+    return ratios
+
+
 def compressed(name: str, photos: torch.Tensor, weight_bits: int) -> torch.nn.Module:
     torch.manual_seed(0)
     model = load_model(name, pretrained=False, download=False).eval()
@@ -61,6 +118,28 @@ def compressed(name: str, photos: torch.Tensor, weight_bits: int) -> torch.nn.Mo
     compress_model(model, spec)
     calibrate_input_quantizers(model, [photos])
     return model.eval()
+
+
+def onnxruntime_qoperator(float_onnx, photos: torch.Tensor):
+    """onnxruntime's ``quantize_static`` of ``float_onnx`` in the QOperator format, calibrated on ``photos``."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"x": photos.numpy()}])
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        onnx.save_model(float_onnx, source)
+        quantize_static(source, target, Photos(), quant_format=QuantFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        return onnx.load_model(target)
 
 
 def eager_torch_ao(photos: torch.Tensor) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -89,7 +168,10 @@ def main() -> None:
     parser.add_argument("--weight-bits", type=int, default=8, help="INT-b weights of every layer (b <= 8).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch._inductor.config.freezing = True
+    torch._inductor.config.freezing = True  # the float model as the int8 program (deployment.pt2e_x86.compiled_program)
+    ceiling = gemm_ceiling(10 * args.repeats)
+    print(f"CPU int8 instruction sets: {', '.join(cpu_int8_flags()) or 'unknown'}; GEMM {GEMM_SHAPE} float32 time / "
+          "integer time: " + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in ceiling.items()), flush=True)  # fmt: skip
     batches = [int(b) for b in args.batches.split(",")]
     photos = sample_photo_batch(image_size=args.image_size)
     rows = []
@@ -105,7 +187,7 @@ def main() -> None:
             onnx_seconds = time.perf_counter() - start
             start = time.perf_counter()
             program = quantize_pt2e(folded, layers, photos[:2], [photos])
-            compiled_int8 = torch.compile(program.module())
+            compiled_int8 = compiled_program(program)
             compiled_int8(photos[:1])
             pt2e_seconds = time.perf_counter() - start
             compiled_float = torch.compile(copy.deepcopy(folded))
@@ -114,8 +196,10 @@ def main() -> None:
             errors = {"onnxruntime": (run_session(sessions[1], photos) - reference).abs().max().item(),
                       "inductor": (compiled_int8(photos) - reference).abs().max().item()}  # fmt: skip
             exports = {"onnxruntime": onnx_seconds, "inductor": pt2e_seconds}
+            qoperator = inference_session(onnxruntime_qoperator(float_onnx, photos), args.threads)
             runtimes = {
                 "onnxruntime": (partial(run_session, sessions[0]), partial(run_session, sessions[1])),
+                "ORT quantize_static QOp": (partial(run_session, sessions[0]), partial(run_session, qoperator)),
                 "inductor": (compiled_float, compiled_int8),
             }
             if name == "resnet18":

@@ -60,6 +60,7 @@ def test_deployments_prune_the_smallest_quarter_per_layer_and_quantize_as_the_pa
     (["--models", "no_such_model"], "unknown models no_such_model"),
     (["--batch-sizes", "1,0"], "batch sizes must be >= 1"),
     (["--batch-sizes", "1,x"], "is not a comma-separated list of integers"),
+    (["--models", "resnet18", "--pretrained", "mobilenet_v2"], "mobilenet_v2 not in --models"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, arguments: list[str], message: str) -> None:
     csv = tmp_path / "out.csv"
