@@ -6,7 +6,10 @@ layers of the model's compressed set (the first conv, the classifier) stay at
 indicators name the searched layers (``module.`` prefixes removed), each exactly once; their
 order is the order of the policy. MACs come from :func:`models.geometry.layer_geometry` at
 ``image_size``: the real, floored output sizes (``geometry="floored"``, the default) or LIMPQ's
-true-division count (``"official"``, which the published policy was searched with).
+true-division count (``"official"``, which the published policy was searched with). For an
+indicator file and a model of :data:`studies.search_geometry.BUNDLED_ARCHITECTURES` at its size
+(ResNet-50 at 224 px among them) the layers and their geometry are read from the bundled table,
+so the search neither builds the model nor imports torch (:mod:`studies.search_geometry`).
 
 The policy file is a valid ``--bit-policy`` file (:mod:`models.bit_policy`): ``layers``,
 ``weight_bits``, ``act_bits``, plus ``status``, ``objective``, ``bitops`` and ``bitops_target``
@@ -21,17 +24,24 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
-from models import UnknownModelError, WeightsUnavailableError, check_model_name, load_model
 from models.bit_policy import BitPolicy, BitPolicyError, parse_bit_policy, read_bit_policy
-from models.geometry import layer_geometry
-from models.quantized import compressible_layers
 from quantization.bit_allocation import FIXED_LAYER_BITS, BitAllocation, allocate_bits
 from studies.indicators import Indicators, IndicatorsError, read_indicators
+from studies.search_geometry import (
+    SearchGeometry,
+    SearchGeometryError,
+    model_search_geometry,
+    read_bundled_geometry,
+    split_layers,
+)
 from utils.io import write_json
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ __all__ = [
     "SearchProblem",
     "SearchSettings",
     "check_settings",
+    "geometry_problem",
     "policy_document",
     "run_bit_policy_search",
     "search_problem",
@@ -90,34 +101,27 @@ class SearchProblem:
     fixed_weight_count: int
 
 
-def split_layers(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(searched, fixed) names of the model's compressed layers: every conv but the first; the others."""
-    layers, _ = compressible_layers(model)
-    convs = [name for name, module in layers.items() if isinstance(module, nn.modules.conv._ConvNd)]
-    searched = convs[1:]
-    return searched, [name for name in layers if name not in searched]
-
-
 def search_problem(model: nn.Module, indicators: Indicators, settings: SearchSettings) -> SearchProblem:
     """Match the indicators to the model's searched layers and attach their MACs and weight counts."""
     check_settings(settings)
-    searched, fixed = split_layers(model)
-    _check_layers(indicators.layers, searched, fixed, settings.architecture)
+    return geometry_problem(_model_geometry(model, settings), indicators, settings)
+
+
+def geometry_problem(geometry: SearchGeometry, indicators: Indicators, settings: SearchSettings) -> SearchProblem:
+    """:func:`search_problem` from the model's layer geometry (computed, or the bundled table's)."""
+    check_settings(settings)
+    _check_layers(indicators.layers, list(geometry.searched), list(geometry.fixed), settings.architecture)
+    macs = geometry.layer_macs(settings.geometry)
+    return SearchProblem(indicators, tuple(macs[name] for name in indicators.layers),
+                         tuple(geometry.weight_counts[name] for name in indicators.layers), geometry.fixed,
+                         sum(geometry.weight_counts[name] for name in geometry.fixed))  # fmt: skip
+
+
+def _model_geometry(model: nn.Module, settings: SearchSettings) -> SearchGeometry:
     try:
-        geometry = layer_geometry(model, settings.image_size)
-    except RuntimeError as error:
-        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise BitPolicySearchError(f"{settings.architecture} does not run on {settings.image_size}x"
-                                   f"{settings.image_size} images: {first_line}", "--image-size") from None  # fmt: skip
-    not_run = [name for name in (*searched, *fixed) if name not in geometry]
-    if not_run:
-        raise BitPolicySearchError(f"layers that do not run in {settings.architecture}'s forward pass: "
-                                   f"{', '.join(not_run[:5])}", "--architecture")  # fmt: skip
-    macs = [geometry[name].official_macs if settings.geometry == "official" else geometry[name].macs
-            for name in indicators.layers]  # fmt: skip
-    counts = [geometry[name].weight_count for name in indicators.layers]
-    return SearchProblem(indicators, tuple(macs), tuple(counts), tuple(fixed),
-                         sum(geometry[name].weight_count for name in fixed))  # fmt: skip
+        return model_search_geometry(model, settings.architecture, settings.image_size)
+    except SearchGeometryError as error:
+        raise BitPolicySearchError(str(error), error.option) from None
 
 
 def _check_layers(names: tuple[str, ...], searched: list[str], fixed: list[str], architecture: str) -> None:
@@ -199,7 +203,10 @@ def policy_document(problem: SearchProblem, allocation: BitAllocation, settings:
 
 def run_bit_policy_search(settings: SearchSettings, output: str | Path, compare_with: str | Path | None = None,
                           figure: bool = True) -> dict:
-    """Read the indicators, build the model, search, write the policy to ``output``; return the policy.
+    """Read the indicators, get the layer geometry, search, write the policy to ``output``; return the policy.
+
+    The geometry is the bundled table's where it has the architecture at the image size (module
+    doc), else the model's (built with random weights; with data-free indicators, the pretrained one).
 
     With ``figure``, a figure of the policy (bits per layer) is written beside it, ``<output stem>.png/.pdf``
     (matplotlib is imported only then); with ``compare_with`` (another policy file of the same layers)
@@ -213,15 +220,16 @@ def run_bit_policy_search(settings: SearchSettings, output: str | Path, compare_
     if settings.indicators in DATA_FREE_KINDS:
         compute = _data_free_function(settings)  # a missing module fails before the model is built
         model = _load_model(settings.architecture, pretrained=True)
-        searched, _ = split_layers(model)
+        geometry = _model_geometry(model, settings)
         try:
-            indicators = compute(model, searched, settings.bits, settings.indicators)
+            indicators = compute(model, list(geometry.searched), settings.bits, settings.indicators)
         except ValueError as error:
             raise BitPolicySearchError(str(error), "--indicators") from None
     else:
         indicators = _read_indicators(settings)
-        model = _load_model(settings.architecture, pretrained=False)  # only its geometry is needed
-    problem = search_problem(model, indicators, settings)
+        geometry = read_bundled_geometry(settings.architecture, settings.image_size) or _model_geometry(
+            _load_model(settings.architecture, pretrained=False), settings)  # only its geometry is needed
+    problem = geometry_problem(geometry, indicators, settings)
     logger.info("searching %d layers of %s: bits %s, %s, %s geometry at %d px", len(problem.macs),
                 settings.architecture, ",".join(map(str, settings.bits)), _constraints_text(settings),
                 settings.geometry, settings.image_size)  # fmt: skip
@@ -267,6 +275,8 @@ def _read_indicators(settings: SearchSettings) -> Indicators:
 
 
 def _load_model(architecture: str, pretrained: bool) -> nn.Module:
+    from models import UnknownModelError, WeightsUnavailableError, check_model_name, load_model
+
     try:
         check_model_name(architecture, "classification")
     except UnknownModelError as error:

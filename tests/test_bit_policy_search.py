@@ -374,10 +374,36 @@ def test_command_data_free_indicators(tmp_path: Path, monkeypatch: pytest.Monkey
         return Indicators(tuple(layers), tuple(bits), ramp, ramp)
 
     monkeypatch.setattr(module, "data_free_indicators", fake)
-    monkeypatch.setattr(bit_policy_search, "load_model", lambda name, pretrained: load_model(name, pretrained=False))
+    monkeypatch.setattr(bit_policy_search, "_load_model", lambda name, pretrained: load_model(name, pretrained=False))
     output = tmp_path / "policy.json"
     result = CliRunner().invoke(cli, ["search-bit-policy", "--architecture", "resnet18", "--indicators", "weight-mse",
                                       "--bits", "2,4,6", "--output", str(output)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 and calls[0][1:] == ((6, 4, 2), "weight-mse") and len(calls[0][0]) == 19
     assert read_bit_policy(output).layers == tuple(calls[0][0])
+
+
+@pytest.mark.slow
+def test_bundled_geometry_gives_the_policy_of_the_built_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's fast path (no model built) and the model's own geometry: the same policy file."""
+    built = []
+    real_load = bit_policy_search._load_model
+
+    def load(name: str, pretrained: bool) -> nn.Module:
+        built.append(name)
+        return real_load(name, pretrained)
+
+    monkeypatch.setattr(bit_policy_search, "_load_model", load)
+    documents = []
+    for bundled in (True, False):
+        if not bundled:
+            monkeypatch.setattr(bit_policy_search, "read_bundled_geometry", lambda architecture, image_size: None)
+        for geometry in ("official", "floored"):
+            output = tmp_path / f"{bundled}_{geometry}.json"
+            settings = SearchSettings(geometry=geometry)
+            bit_policy_search.run_bit_policy_search(settings, output, figure=False)
+            document = json.loads(output.read_text())
+            assert document.pop("solve_seconds") > 0
+            documents.append(document)
+    assert built == ["resnet50", "resnet50"]  # only without the bundled table
+    assert documents[:2] == documents[2:] and documents[0]["weight_bits"] == PUBLISHED_WEIGHT_BITS
