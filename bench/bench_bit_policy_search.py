@@ -7,10 +7,17 @@ process; CBC runs as a child process, so its CPU column is only PuLP's model bui
 * with ``--subprocess``, fresh interpreters (their CPU: user + system time of the child):
   ``main.py --help`` (the interpreter and main.py's top-level imports, nothing else),
   ``command (subprocess)`` (``python main.py search-bit-policy``, imports included) and
-  ``command --no-figure`` (the same without the figure, so without matplotlib);
+  ``command --no-figure`` (the same without the figure, so without matplotlib); then the wall
+  time of one such command split into its stages, measured inside a fresh interpreter that runs
+  the command's steps (:data:`SPLIT_SCRIPT`): interpreter start (the child's wall time less the
+  rest), imports (``main.py`` and the command's modules), geometry (indicators read, the layer
+  geometry from the bundled table), solve (ILP and policy file) and figure (matplotlib imported,
+  PNG and PDF written); and the same with the geometry computed from the model (torch and
+  torchvision imported, ResNet-50 built, one shape pass: what the command did before the table,
+  and still does for a model or image size the table lacks);
 * ``command path``: :func:`studies.bit_policy_search.run_bit_policy_search` in this process:
-  indicators read, model built (random weights), one forward pass for the geometry, the solve,
-  the policy and its figure written (matplotlib imported by the first run);
+  indicators read, geometry (the bundled table), the solve, the policy and its figure written
+  (matplotlib imported by the first run);
 * ``geometry``: building the model and its geometry (:func:`models.geometry.layer_geometry`);
 * ``solve (dp)``: :func:`quantization.bit_allocation.allocate_bits` as the command runs it (the
   bounded dynamic programme);
@@ -29,6 +36,7 @@ B = 6..2, W3A4 BitOPs, compression ratio 12.2, alpha 2.
 from __future__ import annotations
 
 import importlib.util
+import json
 import resource
 import statistics
 import subprocess
@@ -82,6 +90,60 @@ def timed_subprocess(command: list[str], repeats: int) -> tuple[list[float], lis
     return walls, cpus
 
 
+SPLIT_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+marks = [time.perf_counter()]
+import main, commands.search
+from studies.bit_policy_search import SearchSettings, geometry_problem, policy_document, solve_search_problem
+from studies.indicators import read_indicators
+from studies.search_geometry import model_search_geometry, read_bundled_geometry
+from utils.io import write_json
+marks.append(time.perf_counter())
+output, source = Path(sys.argv[1]), sys.argv[2]
+settings = SearchSettings(geometry=sys.argv[3])
+indicators = read_indicators(settings.indicators).select_bits(settings.bits)
+if source == "bundled":
+    geometry = read_bundled_geometry(settings.architecture, settings.image_size)
+else:
+    from models import load_model
+    geometry = model_search_geometry(load_model(settings.architecture, pretrained=False), settings.architecture,
+                                     settings.image_size)
+marks.append(time.perf_counter())
+problem = geometry_problem(geometry, indicators, settings)
+document = policy_document(problem, solve_search_problem(problem, settings), settings)
+write_json(output, document)
+marks.append(time.perf_counter())
+from models.bit_policy import parse_bit_policy
+from studies.bit_policy_plots import write_bit_policy_figure
+write_bit_policy_figure(parse_bit_policy(document), output.parent, stem=output.stem)
+marks.append(time.perf_counter())
+print(json.dumps([b - a for a, b in zip(marks, marks[1:])]))
+"""
+SPLIT_STAGES = ("imports", "geometry", "solve", "figure")
+
+
+def timed_split(output: Path, source: str, geometry: str, repeats: int) -> list[list[float]]:
+    """Per run of :data:`SPLIT_SCRIPT` in a fresh interpreter: [interpreter start, *SPLIT_STAGES] wall seconds."""
+    runs = []
+    for _ in range(repeats):
+        wall = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, str(output), source, geometry], cwd=ROOT,
+                                check=True, capture_output=True, text=True)  # fmt: skip
+        wall = time.perf_counter() - wall
+        stages = json.loads(result.stdout.strip().splitlines()[-1])
+        runs.append([wall - sum(stages), *stages])
+    return runs
+
+
+def split_rows(runs: list[list[float]]) -> list[str]:
+    """One row per stage (and the total): best and median wall milliseconds."""
+    columns = [*zip(*runs), [sum(run) for run in runs]]
+    names = ["interpreter start", *SPLIT_STAGES, "total"]
+    return [f"  {name:22s} {min(values) * 1e3:9.1f} {statistics.median(values) * 1e3:9.1f}"
+            for name, values in zip(names, columns)]  # fmt: skip
+
+
 def cbc_objective(problem: SearchProblem, settings: SearchSettings) -> float:
     """The ILP with every allowed choice, built with PuLP and solved by CBC (no gap)."""
     import pulp
@@ -127,7 +189,7 @@ def row(name: str, walls: list[float], cpus: list[float] | None = None) -> str:
 def main(repeats: int, geometry: str, run_subprocess: bool) -> None:
     settings = SearchSettings(geometry=geometry)
     indicators = read_indicators(settings.indicators)
-    rows = []
+    rows, split = [], {}
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "policy.json"
         if run_subprocess:
@@ -137,6 +199,7 @@ def main(repeats: int, geometry: str, run_subprocess: bool) -> None:
                                                                  repeats)))  # fmt: skip
             rows.append(row("command (subprocess)", *timed_subprocess(command, repeats)))
             rows.append(row("command --no-figure", *timed_subprocess([*command, "--no-figure"], repeats)))
+            split = {source: timed_split(output, source, geometry, repeats) for source in ("bundled", "model")}
         walls, cpus, document = timed(lambda: run_bit_policy_search(settings, output), repeats)
         rows.append(row("command path", walls, cpus))
     walls, cpus, model = timed(lambda: (m := load_model("resnet50", pretrained=False), layer_geometry(m))[0], repeats)
@@ -168,6 +231,13 @@ def main(repeats: int, geometry: str, run_subprocess: bool) -> None:
     click.echo(f"ResNet-50, {geometry} geometry, B=6..2, W3A4, CR 12.2, alpha 2; {repeats} repeats; milliseconds")
     click.echo(f"{'':24s} {'wall best':>9} {'median':>9} {'cpu best':>9} {'median':>9}")
     click.echo("\n".join(rows))
+    if split:
+        for source, runs in split.items():
+            click.echo(f"one command's wall time by stage, geometry from the {'bundled table' if source == 'bundled' else 'model'}"
+                       f" (fresh interpreter; best, median ms):")  # fmt: skip
+            click.echo("\n".join(split_rows(runs)))
+        medians = {source: statistics.median(sum(run) for run in runs) for source, runs in split.items()}
+        click.echo(f"split total: model geometry / bundled {medians['model'] / medians['bundled']:.2f}x wall")
     spread = max(objectives.values()) - min(objectives.values())
     click.echo(f"objectives: {', '.join(f'{k} {v:.12g}' for k, v in objectives.items())} (spread {spread:.2g})")
     if spread > 1e-9:

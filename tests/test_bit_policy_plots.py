@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
@@ -15,6 +16,7 @@ from models.bit_policy import BitPolicy, read_bit_policy
 from studies.bit_policy_plots import (
     bit_policy_figure,
     differing_layers,
+    fix_layout,
     indicators_figure,
     write_bit_policy_figure,
     write_indicators_figure,
@@ -132,3 +134,19 @@ def test_files_are_written(tmp_path: Path) -> None:
     for path in paths:
         head = path.read_bytes()[:8]
         assert head.startswith(b"\x89PNG") if path.suffix == ".png" else head.startswith(b"%PDF")
+
+
+@pytest.mark.slow
+def test_fixed_layout_keeps_every_label_on_the_figure() -> None:
+    """The layout run once (then off) leaves the axes where constrained layout put them, the names inside the figure."""
+    fig = bit_policy_figure(LEARNED, DATA_FREE, ("learned", "data-free"))
+    fixed = fix_layout(fig)
+    assert fixed is fig and fig.get_layout_engine() is None
+    positions = [ax.get_position().bounds for ax in fig.axes]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    assert [ax.get_position().bounds for ax in fig.axes] == positions  # drawing moves nothing any more
+    bottom = data_axes(fig)[-1]
+    assert bottom.get_position().y0 > 0.1  # room left below for the rotated layer names
+    extents = [label.get_window_extent(renderer) for label in bottom.get_xticklabels()]
+    assert all(box.y0 >= 0 and box.x0 >= 0 and box.x1 <= fig.bbox.width for box in extents)
