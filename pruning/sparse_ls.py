@@ -29,10 +29,12 @@ number at most ``k``, they are all kept (error 0).
 **Branch and bound.** A node fixes inputs *in* (``F``) and *out* (``O``); the others (``U``)
 share the budget ``k' = k - |F|``. A node with at most ``2048`` supports ``C(|U|, k')`` is
 enumerated (:mod:`pruning.support_enumeration`: every support's error by Schur-complement
-updates, the near-best ones refit exactly); this also solves small problems at the root,
-without heuristics or a diagonal split. Otherwise its bound is the certified dual bound of the
-perspective relaxation (:mod:`pruning.perspective_bound`, with the diagonal split ``d`` of
-:func:`diagonal_split`, computed once per distinct ``G``; at most 5 Newton iterations, from the
+updates, the near-best ones refit exactly); this also solves problems at the root, without
+heuristics or a diagonal split, when the root has at most ``65536`` supports and its enumeration's
+largest full level (``n^2 C(|U| - 2, k - 2)`` floats) fits in ``2^22`` floats: far cheaper than a
+search at these sizes (e.g. ``n = 32, k = 4``: 35 960 supports). Otherwise its bound is the
+certified dual bound of the perspective relaxation (:mod:`pruning.perspective_bound`, with the diagonal split ``d`` of
+:func:`diagonal_split`, computed once per distinct ``G``; at most 3 Newton iterations, from the
 parent's relaxed point), raised to the parent's bound. A child whose budget is 0 or whose ``|U|``
 fits the budget is a leaf: its best support is ``F`` (resp. ``F u U``), evaluated exactly by a
 refit. Branching is on the input of ``U`` whose relaxed indicator ``z_i`` is closest to 1/2 (the
@@ -45,7 +47,7 @@ search (:func:`pruning.sparse_ls_heuristics.swap_search`); at every relaxed node
 is rounded (``F`` plus the ``k - |F|`` largest ``z_i`` of ``U``) and refit.
 
 **Batches.** :func:`solve_exact_batch` runs the searches of many problems (one per output channel)
-in lockstep: every round takes the best open nodes of every unfinished problem (64 in all) and
+in lockstep: every round takes the best open nodes of every unfinished problem (128 in all) and
 solves their relaxations and enumerations in batched torch computations, so the per-node Python
 overhead is shared. The limits apply to each problem; the time of a round is attributed to its
 problems in proportion to their nodes in it. Computation is on the CPU in float64.
@@ -83,7 +85,7 @@ from pruning.sparse_ls_heuristics import (
     pruning_methods,
     swap_search,
 )
-from pruning.support_enumeration import enumerate_supports, support_count
+from pruning.support_enumeration import eigenvalue_floors, enumerate_supports, rounding_margins, support_count
 from utils.branch_and_bound import BranchAndBoundResult
 
 # The solver and, re-exported for one import, the pieces it is built from.
@@ -106,9 +108,15 @@ logger = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
 _PRUNE_RTOL = 1e-10
-_ROUND_NODES = 64  # nodes processed together per round (all problems)
-_NEWTON_ITERATIONS = 5  # per node; a child continues from its parent's point
+_ROUND_NODES = 128  # nodes processed together per round (all problems; fewer rounds, about as many nodes)
+_NEWTON_ITERATIONS = 3  # per node; a child continues from its parent's point (more: fewer nodes, more time)
 _ENUMERATION_SUPPORTS = 2048  # nodes with at most this many supports C(|U|, k') are enumerated
+# a root is enumerated with up to this many supports (it then needs no split, heuristics or search) when its largest
+# Schur-complement level, n^2 C(|U| - 2, k - 2) floats, stays below _ENUMERATION_FLOATS; so are the enumerations of a
+# round, taken in groups of at most _ENUMERATION_FLOATS * _ENUMERATION_GROUP floats
+_ROOT_ENUMERATION_SUPPORTS = 65536
+_ENUMERATION_FLOATS = 1 << 22
+_ENUMERATION_GROUP = 4
 DEFAULT_NODE_LIMIT = 100_000
 
 
@@ -118,6 +126,7 @@ class SupportSearch:
     def __init__(self, index: int, support: np.ndarray, ub: float, resolution: float, margin: float) -> None:
         self.index = index
         self.support, self.ub = support, ub
+        self.x: torch.Tensor | None = None  # the refit on support, where the search keeps it
         self.resolution = resolution
         self.margin = margin  # accuracy of the enumerated values (pruning.support_enumeration)
         self.heap: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -163,14 +172,17 @@ class SupportSearch:
         return max(0.0, min(self.ub, self.closed_min, open_min))
 
 
-def _validate(G: torch.Tensor, n: int) -> None:
-    """ValueError for non-finite or clearly indefinite Gram matrices."""
+def _validate(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """ValueError for non-finite or clearly indefinite (symmetric) Gram matrices; else the smallest eigenvalue of
+    every live block ``G_LL`` (``G`` is PSD iff ``G_LL`` is and the rows of the inputs with ``G_ii <= 0`` are 0)."""
     if not torch.isfinite(G).all():
         raise ValueError("the Gram matrix has non-finite entries")
-    eigenvalues = torch.linalg.eigvalsh(0.5 * (G + G.transpose(1, 2)))
-    scale = eigenvalues.abs().amax(-1)
-    if (eigenvalues[:, 0] < -1e3 * (n + 1) * _EPS * scale).any():
+    if (torch.where(live[:, :, None], 0.0, G) != 0).any():
         raise ValueError("the Gram matrix is not positive semidefinite")
+    eigenvalues = live_eigenvalues(G, live)
+    if (eigenvalues[:, 0] < -1e3 * (G.shape[-1] + 1) * _EPS * eigenvalues.abs().amax(-1)).any():
+        raise ValueError("the Gram matrix is not positive semidefinite")
+    return eigenvalues[:, 0]
 
 
 def _branch_input(z: torch.Tensor, x: torch.Tensor, choice: torch.Tensor, free: torch.Tensor,
@@ -237,13 +249,35 @@ def solve_exact_batch(
         torch.set_num_threads(previous_threads)
 
 
-def live_condition_number(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """``cond(G_LL)`` of the live inputs of every problem (``inf`` when singular), ``(B,)``."""
+def live_eigenvalues(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of ``G_LL`` of the live inputs of every problem, with ``max_i G_ii`` for each other input
+    (``G_LL`` embedded in ``max_i G_ii I``), ascending, ``(B, n)``."""
     scale = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
     pair = live[:, :, None] & live[:, None, :]
     embedded = torch.where(pair, G, 0.0) + torch.diag_embed((~live).to(G.dtype) * scale[:, None])
-    eigenvalues = torch.linalg.eigvalsh(embedded)
+    return torch.linalg.eigvalsh(embedded)
+
+
+def live_condition_number(G: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``cond(G_LL)`` of the live inputs of every problem (``inf`` when singular), ``(B,)``."""
+    eigenvalues = live_eigenvalues(G, live)
     return torch.where(eigenvalues[:, 0] > 0, eigenvalues[:, -1] / eigenvalues[:, 0].clamp_min(1e-300), math.inf)
+
+
+def _schur_floats(free: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """``n^2 C(|U| - 2, k' - 2)``: the floats of the largest full level of an enumeration (``0`` for ``k' < 2``)."""
+    n = free.shape[-1]
+    counts = free.sum(-1)
+    return torch.tensor([n * n * math.comb(u - 2, kept - 2) if kept >= 2 and u >= 2 else 0
+                         for u, kept in zip(counts.tolist(), budget.tolist())], dtype=torch.float64)
+
+
+def _enumerated_roots(live: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether each problem's root is enumerated (module doc): at most ``_ROOT_ENUMERATION_SUPPORTS`` supports and
+    ``_ENUMERATION_FLOATS`` floats in its largest level."""
+    budget = torch.full((live.shape[0],), k)
+    return (support_count(live, budget) <= _ROOT_ENUMERATION_SUPPORTS) & (_schur_floats(live, budget)
+                                                                          <= _ENUMERATION_FLOATS)
 
 
 def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d, progress: bool
@@ -263,10 +297,10 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
     G = 0.5 * (G + G.transpose(1, 2))
     if shared:
         G = G[:1].expand(B, n, n)
-    _validate(G[:1] if shared else G, n)
+    live = torch.diagonal(G, dim1=-2, dim2=-1) > 0  # presolve: a dead input (zero column of A) is pruned for free
+    smallest = _validate(G[:1], live[:1]).expand(B) if shared else _validate(G, live)
 
     results: list[BranchAndBoundResult | None] = [None] * B
-    live = torch.diagonal(G, dim1=-2, dim2=-1) > 0  # presolve: a dead input (zero column of A) is pruned for free
     zero_weights = (W * live == 0).all(1)
     fits = live.sum(1) <= k
     for p in range(B):
@@ -283,7 +317,7 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
     if shared:
         Gt = G[:1].expand(len(todo), n, n)
     root_budget = torch.full((len(todo),), k)
-    enumerated = support_count(live, root_budget) <= _ENUMERATION_SUPPORTS
+    enumerated = _enumerated_roots(live, k)
     searched = torch.nonzero(~enumerated).flatten()
     # the diagonal split of the searched problems (an enumerated root needs none)
     if d is not None:
@@ -294,9 +328,9 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
             d[searched] = problem_splits(Gt[searched] if not shared else Gt[:1].expand(searched.numel(), n, n))
     d = torch.where(live, d, 0.0)
     problems = NodeBatch.from_problems(Gt, Wt, d, torch.zeros_like(live), live, root_budget)
-    condition = live_condition_number(Gt[:1], live[:1]).expand(len(todo)) if shared and bool(live.all()) else live_condition_number(Gt, live)
     resolution = 32.0 * (n + 2) * _EPS * problems.abs_r
-    margin = resolution * (1.0 + condition)
+    floors = eigenvalue_floors(Gt, live, smallest[index])
+    margin, deviation = rounding_margins(Gt, problems.b, problems.r, problems.abs_gw, problems.abs_r, live, k, floors)
 
     # incumbents: the heuristics where the root is searched, nothing where it is enumerated
     best = torch.zeros_like(Wt)
@@ -309,6 +343,7 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
     searches = []
     for t, p in enumerate(todo):
         search = SupportSearch(p, (best[t] != 0).numpy(), float(best_error[t]), float(resolution[t]), float(margin[t]))
+        search.x = best[t]
         search.push(-math.inf, np.zeros(n, dtype=bool), live[t].numpy(), None)
         searches.append(search)
     setup_share = (time.perf_counter() - start) / len(todo)
@@ -316,12 +351,13 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
         search.seconds += setup_share
 
     diagonal = torch.diagonal(Gt, dim1=-2, dim2=-1)
-    bar = tqdm(total=len(todo), desc="exact pruning", unit="problem", disable=not progress, leave=False)
+    bar = tqdm(total=len(todo), desc="exact pruning", unit="problem", leave=False) if progress else None
     running = list(range(len(todo)))
     while running:
         round_start = time.perf_counter()
         still = [t for t in running if not searches[t].settle(node_limit, time_limit)]
-        bar.update(len(running) - len(still))
+        if bar is not None:
+            bar.update(len(running) - len(still))
         running = still
         if not running:
             break
@@ -336,27 +372,26 @@ def _solve_batch(gram, weights, k, time_limit: float | None, node_limit: int, d,
                 free.append(free_inputs)
                 starts.append(x)
         if owners:
-            _solve_round(searches, owners, bounds, forced, free, starts, problems, Gt, Wt, diagonal, k)
+            _solve_round(searches, owners, bounds, forced, free, starts, problems, deviation, enumerated, Gt, Wt,
+                         diagonal, k)
         elapsed = time.perf_counter() - round_start
         counts = np.bincount(np.asarray(owners, dtype=np.int64), minlength=len(todo)) if owners else None
         for t in running:
             share = counts[t] / len(owners) if owners else 1.0 / len(running)
             searches[t].seconds += elapsed * share
-    bar.close()
+    if bar is not None:
+        bar.close()
 
-    supports = torch.from_numpy(np.stack([search.support for search in searches]))
-    final = masked_solve(Gt, problems.b, supports)
-    final_errors = reconstruction_error(Gt, Wt, final).clamp_min(0.0).tolist()
-    for t, search in enumerate(searches):
-        ub = final_errors[t]
+    for search in searches:  # the incumbent's refit x and its error ub
         results[search.index] = BranchAndBoundResult(
-            final[t].numpy(), ub, min(search.lower_bound(), ub), search.status, search.nodes, search.seconds,
-            support=search.support,
+            search.x.numpy(), search.ub, min(search.lower_bound(), search.ub), search.status, search.nodes,
+            search.seconds, support=search.support,
         )
     return results
 
 
-def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeBatch, G, W, diagonal, k: int) -> None:
+def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeBatch, deviation, enumerated, G, W,
+                 diagonal, k: int) -> None:
     """Enumerate or relax the round's nodes, prune or branch them, and evaluate the new leaves exactly."""
     owner = torch.tensor(owners)
     forced_in = torch.from_numpy(np.stack(forced))
@@ -365,20 +400,25 @@ def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeB
     levels = torch.tensor([searches[t].level() for t in owners], dtype=torch.float64)
     for t in owners:
         searches[t].nodes += 1
-    small = support_count(free_inputs, budget) <= _ENUMERATION_SUPPORTS
+    root = torch.tensor([bound == -math.inf for bound in bounds])
+    small = (support_count(free_inputs, budget) <= _ENUMERATION_SUPPORTS) | (root & enumerated[owner])
     supports, support_owner = [], []
-
+    floats = _schur_floats(free_inputs, budget)
     for kept in torch.unique(budget[small]).tolist():  # small subtrees: every support, exactly (module doc)
-        rows = torch.nonzero(small & (budget == kept)).flatten()
-        who = owner[rows]
-        margins = torch.tensor([searches[t].margin for t in who.tolist()], dtype=torch.float64)
-        node, candidates, rest = enumerate_supports(
-            G[who], problems.b[who], problems.r[who], problems.d[who], forced_in[rows], free_inputs[rows], kept,
-            margins, levels[rows])
-        for t, value in zip(who.tolist(), rest.tolist()):
-            searches[t].closed_min = min(searches[t].closed_min, value)
-        supports.append(candidates)
-        support_owner.append(who[node])
+        group = torch.nonzero(small & (budget == kept)).flatten()
+        sizes = floats[group].clamp_min(1.0)
+        parts = torch.div(sizes.cumsum(0) - sizes, _ENUMERATION_FLOATS * _ENUMERATION_GROUP, rounding_mode="floor")
+        for part in torch.unique(parts).tolist():
+            rows = group[parts == part]
+            who = owner[rows]
+            margins = torch.tensor([searches[t].margin for t in who.tolist()], dtype=torch.float64)
+            node, candidates, rest = enumerate_supports(
+                G[who], problems.b[who], problems.r[who], problems.d[who], forced_in[rows], free_inputs[rows], kept,
+                margins, deviation[who], levels[rows])
+            for t, value in zip(who.tolist(), rest.tolist()):
+                searches[t].closed_min = min(searches[t].closed_min, value)
+            supports.append(candidates)
+            support_owner.append(who[node])
 
     relaxed = torch.nonzero(~small).flatten()
     if relaxed.numel():
@@ -392,10 +432,10 @@ def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeB
         return
     refits = masked_solve(G[who], problems.b[who], support)
     errors = reconstruction_error(G[who], W[who], refits).clamp_min(0.0).tolist()
-    for e, t, s in zip(errors, who.tolist(), support.numpy()):
+    for i, (e, t, s) in enumerate(zip(errors, who.tolist(), support.numpy())):
         search = searches[t]
         if e < search.ub:
-            search.ub, search.support = e, s.copy()
+            search.ub, search.support, search.x = e, s.copy(), refits[i]
         search.closed_min = min(search.closed_min, e)
 
 

@@ -26,13 +26,44 @@ satisfies ``R_AA >= D_A`` (it is the Schur complement of ``G - D_A >= G - D >= 0
 a partial set whose bound (minus ``margin``) reaches the prune level is dropped, the bound
 standing for its supports.
 
-**Accuracy.** These values carry first-order rounding errors: by the backward error of the
-elimination (a perturbation ``Delta`` of ``G_SS`` with ``||Delta|| <~ n eps ||G_SS||``), the
-computed ``e(S)`` is off by about ``n eps cond(G_SS) r <= n eps cond(G) r``. The caller passes
-``margin`` >= that (:mod:`pruning.sparse_ls` uses ``32 (n + 2) eps (1 + cond(G)) |w|'|G||w|``;
-``inf`` for singular ``G``): every support whose value is within ``margin`` of the node's best
-or of the prune level is returned for the exact refit, and the others are represented by their
-value minus ``margin``, a lower bound on their true errors.
+**Accuracy (certified).** The recursion is Gaussian elimination, without pivoting, of the
+augmented matrix ``M = [[G, b], [b', r]]``: the inputs of ``F`` (in increasing order, the same rank-one
+steps) and then those of ``P``; ``e(S)`` is the last pivot. Let ``u = eps / 2``, ``gamma_m = m u / (1 - m u)``,
+``t = tr(G_SS)`` (at most the sum of the ``k`` largest ``G_ii``), and ``mu > 0`` a certified lower bound on
+``lambda_min`` of the live inputs' ``G`` (:func:`eigenvalue_floors`: half the computed smallest eigenvalue,
+checked by :func:`pruning.perspective_bound.verify_split`), so ``lambda_min(G_SS) >= mu`` for every ``S``.
+
+1. *Inputs.* ``b^ = fl(G w)`` and ``r^ = fl(w'b^)`` satisfy ``|b^ - b| <= beta = gamma |G||w|`` and
+   ``|r^ - r| <= rho_in = 2 gamma |w|'|G||w|`` (``gamma = gamma_{2n+2}``, covering the rounding of
+   ``|G||w|`` itself).
+2. *Elimination.* When every pivot is positive, the computed factors are an exact LU factorisation of
+   ``M^ + Delta`` with ``|Delta_ij| <= theta sqrt(M^_ii M^_jj)``, ``theta = gamma' / (1 - gamma')``,
+   ``gamma' = gamma_{2(n+2)}``: the componentwise backward error of LU (Higham, Thm 9.3; each product here is
+   rounded at most twice, hence ``2(n+2)``), and, by Cauchy-Schwarz on the scaled multipliers
+   ``R_ij / sqrt(R_jj)`` whose squares sum to at most ``M^_ii / (1 - gamma')`` (the diagonal recursion, as in
+   Demmel's bound for Cholesky), the entrywise bound. (It also needs the last pivot ``>= 0``.)
+3. *Perturbation, exactly.* With ``x* = G_SS^-1 b_S`` and the left vector ``y`` of the perturbed system
+   (``(G_SS + E)' y = b_S + row part of Delta``), ``e^ - e = [-y; 1]' (M^ + Delta - M) [-x*; 1]`` (an
+   identity: ``M [-x*; 1] = [0; e]`` and ``[-y; 1]'(M^ + Delta) = [0, e^]``). With ``||E|| <= theta t``, the
+   off-diagonal part ``<= eta = theta sqrt(r^ t) + ||beta||``, ``||x*|| <= X = sqrt((r^ + rho_in) / mu)``
+   (``x*'G x* <= r``) and ``||y|| <= Y = (X + eta / mu) / (1 - theta t / mu)``:
+
+       |e^(S) - e(S)| <= margin = theta t X Y + eta (X + Y) + theta r^ + rho_in.
+
+4. *Completion bounds.* The computed ``c^_i`` of a partial ``S`` is likewise the exact off-diagonal Schur
+   entry of ``M^ + Delta``; with ``z_i = G_SS^-1 G_Si`` (``||z_i|| <= sqrt(G_ii / mu)``) the same identity gives
+
+       |c^_i - c_i| <= deviation_i = sqrt(G_ii) (theta t Y / sqrt(mu) + theta sqrt(t) Y + eta / sqrt(mu)
+                                     + theta sqrt(r^)) + beta_i,
+
+   so the completion bound uses ``(|c^_i| + deviation_i)^2 / d_i`` and ``e^(S) - margin``.
+
+``margin`` is infinite when ``mu`` cannot be certified or ``theta t >= mu / 2`` (``G`` singular or nearly
+so); every support is then refit exactly. A state with a pivot ``<= 0``, a negative ``e^`` or a negative
+computed ``R_ii`` of an allowed input is outside the analysis: its supports are all refit and its partial
+sets never dropped. Every support whose value is within ``margin`` of the node's best or of the prune
+level is returned for the exact refit; the others are represented by their value minus ``margin``, a
+certified lower bound on their true errors.
 """
 from __future__ import annotations
 
@@ -41,9 +72,16 @@ import math
 
 import torch
 
-from pruning.least_squares import masked_pinv
+from pruning.perspective_bound import verify_split
 
-__all__ = ["enumerate_supports", "support_count"]
+__all__ = ["eigenvalue_floors", "enumerate_supports", "rounding_margins", "support_count"]
+
+_UNIT_ROUNDOFF = torch.finfo(torch.float64).eps / 2
+
+
+def _gamma(m: int) -> float:
+    """``gamma_m = m u / (1 - m u)`` (Higham), ``u`` the float64 unit roundoff."""
+    return m * _UNIT_ROUNDOFF / (1.0 - m * _UNIT_ROUNDOFF)
 
 
 @functools.cache
@@ -57,41 +95,113 @@ def support_count(free: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     return _binomials(free.shape[-1])[free.sum(-1), budget]
 
 
-def _step(R, diagonal, c, e, chosen, allowed, need: int, full: bool):
+def eigenvalue_floors(G: torch.Tensor, live: torch.Tensor, smallest: torch.Tensor) -> torch.Tensor:
+    """A certified ``mu <= lambda_min(G_LL)`` of the live inputs ``L`` of every problem, ``(B,)`` (0 if none).
+
+    ``mu`` is half the computed smallest eigenvalue ``smallest`` ``(B,)`` of ``G_LL``, accepted when
+    :func:`pruning.perspective_bound.verify_split` certifies ``G - mu diag(live)`` PSD; a shared
+    (expanded) ``G`` with the same live inputs and estimate everywhere is checked once.
+    """
+    B = G.shape[0]
+    shared = (B == 1 or G.stride(0) == 0) and bool((live == live[:1]).all()) and bool((smallest == smallest[0]).all())
+    floors = 0.5 * smallest[:1 if shared else B].clone()
+    for p in range(floors.numel()):
+        if not (floors[p] > 0 and verify_split(G[p], floors[p] * live[p])):
+            floors[p] = 0.0
+    return floors.expand(B) if shared else floors
+
+
+def rounding_margins(G: torch.Tensor, b: torch.Tensor, r: torch.Tensor, abs_gw: torch.Tensor, abs_r: torch.Tensor,
+                     live: torch.Tensor, k: int, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(margin (B,), deviation (B, n))``: certified bounds on ``|e^(S) - e(S)|`` for every support of at most
+    ``k`` live inputs and on ``|c^_i - c_i|`` of the enumeration (module doc, items 1-4).
+
+    ``G`` ``(B, n, n)``, ``b = fl(G w)``, ``r = fl(w'b)``, ``abs_gw = |G||w|``, ``abs_r = |w|'|G||w|`` as
+    computed (:class:`pruning.perspective_bound.NodeBatch`), ``live`` ``(B, n)`` the inputs with
+    ``G_ii > 0``, ``mu`` ``(B,)`` from :func:`eigenvalue_floors`. ``margin`` and ``deviation`` are ``inf`` where
+    ``mu = 0`` or ``theta t >= mu / 2``.
+    """
+    n = b.shape[1]
+    gamma = _gamma(2 * n + 2)
+    theta = _gamma(2 * (n + 2)) / (1.0 - _gamma(2 * (n + 2)))
+    diagonal = torch.where(live, torch.diagonal(G, dim1=-2, dim2=-1), 0.0)
+    t = torch.topk(diagonal, min(k, n), dim=-1).values.sum(-1)
+    beta = gamma * abs_gw
+    rho_in = 2.0 * gamma * abs_r
+    r_hat = r.clamp_min(0.0)
+    eta = theta * torch.sqrt(r_hat * t) + torch.linalg.vector_norm(beta, dim=-1)
+    usable = (mu > 0) & (theta * t < 0.5 * mu)
+    safe_mu = torch.where(usable, mu, 1.0)
+    X = torch.sqrt((r_hat + rho_in) / safe_mu)
+    Y = (X + eta / safe_mu) / (1.0 - theta * t / safe_mu)
+    margin = theta * t * X * Y + eta * (X + Y) + theta * r_hat + rho_in
+    per_root = (theta * t * Y + eta) / torch.sqrt(safe_mu) + theta * torch.sqrt(t) * Y + theta * torch.sqrt(r_hat)
+    deviation = torch.sqrt(diagonal) * per_root[:, None] + beta
+    # a little above the bounds: they are evaluated in floating point themselves
+    margin = torch.where(usable, margin * (1.0 + 1e-6), math.inf)
+    deviation = torch.where(usable[:, None], deviation * (1.0 + 1e-6), math.inf)
+    return margin, deviation
+
+
+def _rank_one(column: torch.Tensor, cj: torch.Tensor, j: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(usable, ratio, gain)`` of the rank-one step on input ``j`` (module doc) from the column ``R_{:j}`` ``(M, n)``
+    and ``c_j``: ``ratio = R_{:j} / R_jj``, ``gain = c_j^2 / R_jj``; a pivot ``R_jj <= 0`` (``j`` in the span of
+    ``S``, up to rounding) is not ``usable``: ``j`` then adds nothing (ratio and gain 0)."""
+    pivot = column.gather(1, j[:, None])[:, 0]
+    usable = pivot > 0
+    safe = torch.where(usable, pivot, 1.0)
+    ratio = torch.where(usable[:, None], column / safe[:, None], 0.0)
+    return usable, ratio, torch.where(usable, cj * cj / safe, 0.0)
+
+
+def _eliminate(R, diagonal, c, e, certain, state, j, need_c: bool, full: bool):
+    """The rank-one step on input ``j`` of the states ``state``: their ``(R, diagonal, c, e, certain)``.
+
+    ``need_c``: whether ``c`` and the diagonal are needed afterwards; ``full``: whether ``R`` is.
+    A pivot ``<= 0`` or a negative ``e`` makes the state uncertain (module doc).
+    """
+    cj = c[state, j]
+    if not need_c:
+        pivot = diagonal[state, j]
+        usable = pivot > 0
+        new_e = e[state] - torch.where(usable, cj * cj / torch.where(usable, pivot, 1.0), 0.0)
+        return None, None, None, new_e, certain[state] & usable & (new_e >= 0)
+    column = R[state, :, j]
+    usable, ratio, gain = _rank_one(column, cj, j)
+    new_e = e[state] - gain
+    new_certain = certain[state] & usable & (new_e >= 0)
+    new_c = torch.addcmul(c[state], ratio, cj[:, None], value=-1.0)
+    if full:
+        new_R = R[state].addcmul_(ratio[:, :, None], column[:, None, :], value=-1.0)
+        return new_R, torch.diagonal(new_R, dim1=-2, dim2=-1), new_c, new_e, new_certain
+    new_diagonal = torch.addcmul(diagonal[state], ratio, column, value=-1.0)
+    return None, new_diagonal, new_c, new_e, new_certain
+
+
+def _step(R, diagonal, c, e, certain, chosen, allowed, need: int, full: bool):
     """Every one-input extension ``S + j`` (``j`` allowed, after the inputs of ``S``) of every state.
 
     ``need``: inputs still to add after this one (extensions with fewer allowed inputs left are
     dropped); ``full``: whether ``R`` of the extensions is needed (else only its diagonal).
-    Returns the extensions' ``(R, diagonal, c, e, chosen, allowed, state)`` (``state``: the parent).
+    Returns the extensions' ``(R, diagonal, c, e, certain, chosen, allowed, state)`` (``state``: the parent).
     """
     n = c.shape[1]
     state, j = torch.nonzero(allowed, as_tuple=True)
     next_allowed = allowed[state] & (torch.arange(n)[None, :] > j[:, None])
     keep = next_allowed.sum(-1) >= need
     state, j, next_allowed = state[keep], j[keep], next_allowed[keep]
-    rows = torch.arange(j.numel())
-    pivot = diagonal[state, j]
-    usable = pivot > 0  # a pivot <= 0 (in the span of S, up to rounding): j adds nothing
-    safe = torch.where(usable, pivot, torch.ones_like(pivot))
-    cj = c[state, j]
-    new_e = e[state] - torch.where(usable, cj * cj / safe, 0.0)
     new_chosen = chosen[state]
-    new_chosen[rows, j] = True
-    if need == 0:
-        return None, None, None, new_e, new_chosen, next_allowed, state
-    column = R[state, :, j]  # (M, n)
-    ratio = torch.where(usable[:, None], column / safe[:, None], 0.0)
-    new_c = torch.addcmul(c[state], ratio, cj[:, None], value=-1.0)
-    if full:
-        new_R = R[state].addcmul_(ratio[:, :, None], column[:, None, :], value=-1.0)
-        return new_R, torch.diagonal(new_R, dim1=-2, dim2=-1), new_c, new_e, new_chosen, next_allowed, state
-    new_diagonal = torch.addcmul(diagonal[state], ratio, column, value=-1.0)
-    return None, new_diagonal, new_c, new_e, new_chosen, next_allowed, state
+    new_chosen[torch.arange(j.numel()), j] = True
+    R, diagonal, c, e, certain = _eliminate(R, diagonal, c, e, certain, state, j, need > 0, full)
+    return R, diagonal, c, e, certain, new_chosen, next_allowed, state
 
 
-def _completion_bound(c, e, allowed, inv_d, need: int) -> torch.Tensor:
-    """``e(S) - (sum of the need largest c_i^2 / d_i, i allowed)``: a lower bound on every completion (module doc)."""
-    gains = torch.where(allowed, c * c * inv_d, 0.0)
+def _completion_bound(c, e, diagonal, allowed, inv_d, deviation, need: int) -> torch.Tensor:
+    """``e^(S) - (sum of the need largest (|c^_i| + deviation_i)^2 / d_i, i allowed)`` (module doc, item 4);
+    ``-inf`` where an allowed input has a negative computed ``R_ii`` (outside the analysis)."""
+    gains = torch.where(allowed, (c.abs() + deviation).square() * inv_d, 0.0)
+    gains = torch.where(allowed & (diagonal < 0), math.inf, gains)
     return e - torch.topk(gains, need, dim=-1).values.sum(-1)
 
 
@@ -104,49 +214,61 @@ def enumerate_supports(
     free: torch.Tensor,
     budget: int,
     margin: torch.Tensor,
+    deviation: torch.Tensor,
     level: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best supports of nodes with a common budget ``k' >= 1`` (``|U| > k'``), by enumeration (module doc).
+    """The best supports of nodes with a common budget ``k' >= 1`` (``|U| > k'``) and a common ``|F|``, by
+    enumeration (module doc).
 
     Args:
         G: ``(N, n, n)``; b ``(N, n)``; r ``(N,)``; d ``(N, n)`` a certified diagonal split of
             ``G`` (:mod:`pruning.perspective_bound`; zeros disable the pruning); forced_in, free
             ``(N, n)`` bool (``F``, ``U``).
         budget: ``k'``, the same for every node.
-        margin: ``(N,)`` the accuracy of the enumerated values (module doc).
+        margin, deviation: ``(N,)`` and ``(N, n)``, the accuracy of the enumerated values and residual
+            correlations (:func:`rounding_margins`).
         level: ``(N,)`` the prune level of each node's problem.
 
     Returns:
         ``(owner, supports, rest)``: the supports to refit exactly, ``(C, n)`` bool, with their node
-        ``owner`` ``(C,)``; and ``rest`` ``(N,)``, a lower bound on the errors of the node's other
-        supports (``inf`` when there are none).
+        ``owner`` ``(C,)``; and ``rest`` ``(N,)``, a certified lower bound on the errors of the node's
+        other supports (``inf`` when there are none).
     """
     N = b.shape[0]
-    inverse = masked_pinv(G, forced_in)
-    x_f = torch.bmm(inverse, b[..., None])[..., 0]
-    R = G - torch.bmm(G, torch.bmm(inverse, G))
-    c = b - torch.bmm(G, x_f[..., None])[..., 0]
-    e = r - (b * x_f).sum(-1)
+    R, c, e = G.clone(), b.clone(), r.clone()
+    certain = torch.ones(N, dtype=torch.bool)
+    nodes = torch.arange(N)
+    order = torch.sort(forced_in.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    for step in range(int(forced_in[0].sum()) if N else 0):  # F first, in increasing order (same |F| everywhere)
+        j = order[:, step]  # the rank-one steps of _eliminate, in place
+        column, cj = R[nodes, :, j], c[nodes, j]
+        usable, ratio, gain = _rank_one(column, cj, j)
+        e = e - gain
+        certain &= usable & (e >= 0)
+        c.addcmul_(ratio, cj[:, None], value=-1.0)
+        R.addcmul_(ratio[:, :, None], column[:, None, :], value=-1.0)
     diagonal = torch.diagonal(R, dim1=-2, dim2=-1)
     inv_d = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), math.inf)
     chosen, allowed = forced_in.clone(), free.clone()
     owner = torch.arange(N)
     rest = torch.full((N,), math.inf, dtype=e.dtype)
+    prunable = bool((d > 0).any()) and bool(torch.isfinite(level).any())  # else no completion bound reaches a level
     for added in range(budget):
         need = budget - added - 1
-        R, diagonal, c, e, chosen, allowed, state = _step(R, diagonal, c, e, chosen, allowed, need, need >= 2)
+        R, diagonal, c, e, certain, chosen, allowed, state = _step(R, diagonal, c, e, certain, chosen, allowed, need,
+                                                                   need >= 2)
         owner = owner[state]
-        if need:  # drop the partial sets whose completions cannot reach the prune level
-            bound = _completion_bound(c, e, allowed, inv_d[owner], need) - margin[owner]
-            hopeless = bound >= level[owner]
+        if need and prunable:  # drop the partial sets whose completions cannot reach the prune level
+            bound = _completion_bound(c, e, diagonal, allowed, inv_d[owner], deviation[owner], need) - margin[owner]
+            hopeless = certain & (bound >= level[owner])
             if hopeless.any():
                 rest.scatter_reduce_(0, owner[hopeless], bound[hopeless], reduce="amin")
                 keep = ~hopeless
                 R = R[keep] if R is not None else None
-                diagonal, c, e, chosen, allowed, owner = (
-                    diagonal[keep], c[keep], e[keep], chosen[keep], allowed[keep], owner[keep])
+                diagonal, c, e, certain, chosen, allowed, owner = (
+                    diagonal[keep], c[keep], e[keep], certain[keep], chosen[keep], allowed[keep], owner[keep])
     best = torch.full((N,), math.inf, dtype=e.dtype).scatter_reduce(0, owner, e, reduce="amin")
     cutoff = torch.minimum(level, best + margin)[owner] + margin[owner]
-    exact = ~(e >= cutoff)  # also every support when margin is infinite
+    exact = ~(e >= cutoff) | ~certain  # also every support when margin is infinite
     rest.scatter_reduce_(0, owner[~exact], (e - margin[owner])[~exact], reduce="amin")
     return owner[exact], chosen[exact], rest
