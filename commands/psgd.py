@@ -8,7 +8,7 @@ import click
 
 from commands.common import check_output, compression_errors
 from training.cli_options import LrScheduleType
-from training.config import CIFAR_IMAGE_SIZE, DATASETS
+from training.config import AUGMENTATIONS, CIFAR_IMAGE_SIZE, DATASETS, DataConfig
 from utils.cli import DeviceType, IntListType, default_device
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None)
 @click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True,
               help="--dataset folder only (CIFAR is 32 px).")
+@click.option("--augmentation", type=click.Choice(AUGMENTATIONS), default=DataConfig.augmentation, show_default=True,
+              help="--dataset folder: the training transforms of every run (train-compressed --help).")
 @click.option("--bits", type=IntListType(2, 8), default="2,3,4", show_default=True,
               help="Bit-widths b: PSGD toward the b-bit grid, against PSGD toward zero pruned to 1 - b/16.")
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True, help="The budget of every run.")

@@ -10,18 +10,20 @@ From one float checkpoint (a plain ``train-compressed --no-weight-quant`` run), 
 * ``zero``: PSGD toward zero (one run serves every ``b``: its target does not depend on ``b``).
 
 Each is then compressed post hoc without training (:func:`training.run.evaluate_run`, batch norm not
-re-estimated unless asked): the grid runs and ``plain`` quantized to W-b (per tensor, symmetric, min-max range: the
-grid PSGD trained toward, plus the level ``-2^(b-1)``; the first and last layer at 8 bits below 4
-bits), the zero run and ``plain`` magnitude-pruned to ``1 - b/16`` in every layer; the float start
-gets both compressions too. Per layer, the weight SQNR of the same compression comes from the weight
-study (:func:`studies.weight_sqnr.study_model`, min-max range): ``quant_sqnr`` at ``b`` bits for the
-quantized arms, ``pruning_sqnr`` at ``1 - b/16`` for the pruned ones (every layer at ``b``, the first
-and last included).
+re-estimated unless asked; its estimation batches depend on ``batch_size``): the grid runs, ``plain`` and the float
+start quantized to W-b with one quantizer for all (per tensor, symmetric, the current min-max range: step
+``max|w| / (2^(b-1) - 1)``, the grid PSGD trained toward, from the current rather than its moving range, plus
+the level ``-2^(b-1)``; the first and last layer at 8 bits below 4 bits), the zero run, ``plain`` and the start
+magnitude-pruned to ``1 - b/16`` in every layer. The grid runs are also scored on PSGD's own tracked grid
+(``--weight-quant-method psgd_grid``: its moving range and restricted levels; ``tracked_grid_top1``). Per layer,
+the weight SQNR of the same min-max compression comes from the weight study
+(:func:`studies.weight_sqnr.study_model`, min-max range): ``quant_sqnr`` at ``b`` bits for the quantized arms,
+``pruning_sqnr`` at ``1 - b/16`` for the pruned ones (every layer at ``b``, the first and last included).
 
 Outputs in ``--output-dir``: ``runs/<run>/`` (each run's checkpoints and metrics), ``comparison.csv``
-(one row per arm and bit-width: top-1 of the run's float weights, post-hoc top-1, mean and minimum
-layer SQNR), ``layers.csv`` (per layer SQNR), ``comparison.json`` (both, with the settings) and
-``comparison.md`` (the table).
+(one row per arm and bit-width: top-1 of the run's float weights, post-hoc top-1, the grid runs' top-1 on
+their tracked grid, mean and minimum layer SQNR), ``layers.csv`` (per layer SQNR), ``comparison.json`` (both,
+with the settings) and ``comparison.md`` (the table).
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ from studies.compression import pruning_sparsity
 from studies.weight_sqnr import study_model
 from training.builders import build_float_model, load_float_weights
 from training.checkpoint import LAST, load_checkpoint
-from training.config import TrainConfig
+from training.config import PSGD_GRID_METHOD, DataConfig, TrainConfig
 from training.run import evaluate_run, train
 from utils.io import atomic_open, check_output_path, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
+POSTHOC_WEIGHT_METHOD = "current_minmax"  # the post-hoc quantizer of every arm (one grid rule for all)
 SQNR_RANGE = "minmax"  # the weight study's range estimator matching the post-hoc quantizer (current_minmax)
 PLAIN, ZERO, START = "plain", "zero", "start"
 NO_DECAY_BITS = 2  # the official recipe trains PSGD without weight decay at 2 bits
@@ -66,6 +69,7 @@ class ComparisonSettings:
     images_dir: str = ""
     data_dir: str | None = None
     image_size: int = 32
+    augmentation: str = DataConfig.augmentation  # --dataset folder's training transforms (training/data.py)
     bits: tuple[int, ...] = (2, 3, 4)
     epochs: int = 3
     batch_size: int = 128
@@ -83,7 +87,7 @@ class ComparisonSettings:
         """The options every run and evaluation shares: the data, the float model and its start."""
         return TrainConfig.from_options(
             architecture=self.architecture, pretrained=False, dataset=self.dataset, images_dir=self.images_dir,
-            data_dir=self.data_dir, image_size=self.image_size, batch_size=self.batch_size,
+            data_dir=self.data_dir, image_size=self.image_size, augmentation=self.augmentation, batch_size=self.batch_size,
             num_workers=self.num_workers, seed=self.seed, device=self.device, progress_bar=self.progress_bar,
             weight_quant=False, reestimate_bn_stats=False,
         )  # fmt: skip
@@ -112,13 +116,15 @@ def training_config(settings: ComparisonSettings, run: str) -> TrainConfig:
 
 
 def evaluation_config(settings: ComparisonSettings, weights: str, n_bits: int | None = None,
-                      sparsity: float | None = None) -> TrainConfig:  # fmt: skip
-    """Post-hoc compression of the float ``weights``: W-``n_bits`` (first/last at 8 below 4 bits), magnitude pruning
-    to ``sparsity`` in every layer, or neither (the float weights)."""
+                      sparsity: float | None = None, tracked_grid: bool = False) -> TrainConfig:  # fmt: skip
+    """Post-hoc compression of the float ``weights``: W-``n_bits`` (first/last at 8 below 4 bits; the current min-max
+    grid, or with ``tracked_grid`` the grid PSGD tracked), magnitude pruning to ``sparsity`` in every layer, or
+    neither (the float weights)."""
     config = settings.base_config().with_options(init_checkpoint=weights, reestimate_bn_stats=settings.reestimate_bn_stats)
     if n_bits is not None:
         setup = QuantSetup.LSQ_PAPER if n_bits < FIRST_LAST_BELOW_BITS else QuantSetup.ALL
-        config = config.with_options(weight_quant=True, n_bits=n_bits, weight_quant_method="current_minmax",
+        method = PSGD_GRID_METHOD if tracked_grid else POSTHOC_WEIGHT_METHOD
+        config = config.with_options(weight_quant=True, n_bits=n_bits, weight_quant_method=method,
                                      quant_setup=setup.value)  # fmt: skip
     if sparsity is not None:
         config = config.with_options(prune_method="zhu_gupta", s_f=sparsity)
@@ -158,21 +164,24 @@ def compare_runs(settings: ComparisonSettings) -> tuple[pd.DataFrame, pd.DataFra
                 ("psgd_zero", ZERO, "pruning"), ("plain_prune", PLAIN, "pruning"), ("start_prune", START, "pruning")]
         for arm, run, kind in arms:
             compression = {"n_bits": n_bits} if kind == "quant" else {"sparsity": sparsity}
+            tracked = _top1(settings, checkpoints[run], n_bits=n_bits, tracked_grid=True) if arm == "psgd_grid" else None
             layers = {name: metrics[f"{kind}_sqnr"] for name, metrics in sqnr[run][n_bits].items()}
             values = pd.Series(layers, dtype=float)
             rows.append({"bits": n_bits, "arm": arm, "run": run,
                          "compression": f"W{n_bits}" if kind == "quant" else f"sparsity {sparsity:.4g}",
                          "float_top1": float_top1[run], "posthoc_top1": _top1(settings, checkpoints[run], **compression),
+                         "tracked_grid_top1": tracked,
                          "mean_sqnr_db": float(values.mean()), "min_sqnr_db": float(values.min())})  # fmt: skip
             layer_rows += [{"bits": n_bits, "arm": arm, "layer": name, "sqnr_db": value} for name, value in layers.items()]
     return pd.DataFrame(rows), pd.DataFrame(layer_rows)
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """The summary as a markdown table (top-1 in %, SQNR in dB)."""
-    lines = ["| b | arm | compression | float top-1 | post-hoc top-1 | mean SQNR (dB) | min SQNR (dB) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The summary as a markdown table (top-1 in %, SQNR in dB; the tracked-grid top-1 of the grid runs only)."""
+    lines = ["| b | arm | compression | float top-1 | post-hoc top-1 | tracked grid top-1 | mean SQNR (dB) | min SQNR (dB) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {row.bits} | {row.arm} | {row.compression} | {row.float_top1:.2f} | {row.posthoc_top1:.2f} | "
+              f"{'-' if pd.isna(row.tracked_grid_top1) else f'{row.tracked_grid_top1:.2f}'} | "
               f"{row.mean_sqnr_db:.2f} | {row.min_sqnr_db:.2f} |" for row in summary.itertuples()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -181,6 +190,10 @@ def run_comparison(settings: ComparisonSettings) -> pd.DataFrame:
     """Check the inputs and outputs, run :func:`compare_runs`, write the four files; returns the summary."""
     if not settings.bits or any(not 2 <= b <= 8 for b in settings.bits):
         raise ComparisonError(f"the bit-widths must be in 2..8, got {','.join(map(str, settings.bits)) or 'none'}")
+    try:
+        settings.base_config().validate()
+    except ValueError as error:
+        raise ComparisonError(str(error)) from None
     out_dir = Path(settings.output_dir)
     check_output_path(out_dir, "dir")
     float_weights(settings, settings.float_checkpoint)  # a float checkpoint of the architecture, before any work

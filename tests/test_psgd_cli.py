@@ -207,6 +207,9 @@ def test_bad_inputs_are_one_line_errors(digits: Path, tmp_path: Path) -> None:
                                                  "cifar-100-python/ or the archive cifar-100-python.tar.gz there")),
         (cifar, 1, "--dataset cifar100 needs --data-dir"),
         (cifar + ["--data-dir", str(empty), "--image-size", "16"], 1, "--image-size 16 is not 32"),
+        (cifar + ["--data-dir", str(empty), "--augmentation", "crop"], 1,
+         "--augmentation only acts with --dataset folder (cifar100: the recipe's reflect-pad, crop and flip)"),
+        (base + ["--augmentation", "zoom"], 2, "'--augmentation': 'zoom' is not one of 'resized-crop-flip', 'crop'"),
         (base + ["--init-checkpoint", str(garbage)], 1, f"--init-checkpoint {garbage}: cannot read checkpoint"),
         (["train-compressed", *COMMON], 2, "Missing option '--images-dir'"),
     ]

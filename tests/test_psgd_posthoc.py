@@ -75,6 +75,29 @@ def test_cifar_models_evaluate_with_the_cifar_normalisation() -> None:
     assert eval_transform("resnet32_cifar")(Image.fromarray(image).resize((64, 48))).shape == (3, 32, 32)
 
 
+def test_crop_augmentation_shifts_the_validation_view_without_flips() -> None:
+    """``FolderAugmentation.CROP`` (the digits set-up): a ``size`` crop of the image resized as for validation
+    (``round(size * 256 / 224)``), at a random place, never mirrored; checked against every crop of the PIL resize."""
+    from training.data import FolderAugmentation, train_transform
+    from utils.images import IMAGENET_MEAN, IMAGENET_STD
+
+    size, resized = 16, round(16 * 256 / 224)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(20, 20, 3), dtype=np.uint8))
+    view = np.asarray(image.resize((resized, resized), Image.BILINEAR), dtype=np.float64) / 255.0
+    view = ((view - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
+    crops = {(top, left): view[:, top:top + size, left:left + size]
+             for top in range(resized - size + 1) for left in range(resized - size + 1)}  # fmt: skip
+    transform, places = train_transform(size, FolderAugmentation.CROP), set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = transform(image).double().numpy()
+        errors = {place: np.abs(out - crop).max() for place, crop in crops.items()}
+        place = min(errors, key=errors.get)
+        assert errors[place] < 1e-5 and all(np.abs(out[:, :, ::-1] - crop).max() > 0.5 for crop in crops.values())
+        places.add(place)
+    assert len(places) > 3
+
+
 def test_evaluate_with_batch_norm_ranges(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     _invoke(["evaluate", *COMMON, "--images-dir", str(digits), "--no-weight-quant", "--act-quant", "--n-bits-act", "8",
@@ -138,7 +161,8 @@ def test_psgd_compare_reports_post_hoc_accuracy_and_weight_sqnr(digits: Path, tm
     out = tmp_path / "compare"
     _invoke(["psgd-compare", "--architecture", "tiny_res", "--float-checkpoint", str(start), "--output-dir", str(out),
              "--images-dir", str(digits), "--image-size", "16", "--bits", "2,4", "--epochs", "1", "--batch-size", "8",
-             "--learning-rate", "0.01", "--no-progress-bar", "--seed", "3"])  # fmt: skip
+             "--learning-rate", "0.01", "--no-progress-bar", "--seed", "3", "--augmentation", "crop"])  # fmt: skip
+    assert json.loads((out / "comparison.json").read_text())["settings"]["augmentation"] == "crop"
     summary, layers = pd.read_csv(out / "comparison.csv"), pd.read_csv(out / "layers.csv")
     assert len(summary) == 12 and set(summary["arm"]) == {"psgd_grid", "plain_quant", "start_quant", "psgd_zero",
                                                          "plain_prune", "start_prune"}  # fmt: skip
@@ -163,6 +187,13 @@ def test_psgd_compare_reports_post_hoc_accuracy_and_weight_sqnr(digits: Path, tm
              "--weight-quant-method", "current_minmax", "--quant-setup", "all", "--no-reestimate-bn-stats",
              "--output-json", str(result)])  # fmt: skip
     assert start_row.posthoc_top1 == pytest.approx(json.loads(result.read_text())["top1"])
+    # the grid runs also on their tracked grid (evaluate --weight-quant-method psgd_grid), the other arms not
+    assert summary[summary.arm != "psgd_grid"].tracked_grid_top1.isna().all()
+    grid_row = summary[(summary.bits == 4) & (summary.arm == "psgd_grid")].iloc[0]
+    _invoke(["evaluate", *COMMON, "--images-dir", str(digits), "--init-checkpoint", str(out / "runs" / "grid4"),
+             "--n-bits", "4", "--weight-quant-method", "psgd_grid", "--quant-setup", "all", "--no-reestimate-bn-stats",
+             "--output-json", str(result)])  # fmt: skip
+    assert grid_row.tracked_grid_top1 == pytest.approx(json.loads(result.read_text())["top1"])
 
 
 @pytest.mark.slow

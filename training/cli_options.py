@@ -18,6 +18,7 @@ from pruning.schedule import PruningScope
 from quantization.bn_ranges import ACT_RANGE_BN_PREFIX, ACT_RANGE_CALIBRATE, parse_act_range
 from training.config import (
     ACT_SCHEMES,
+    AUGMENTATIONS,
     BLOCK_PATTERNS,
     CIFAR_IMAGE_SIZE,
     DATASETS,
@@ -109,6 +110,12 @@ model_data_options = _options(
                       "epoch 82 of a plain run. evaluate without --checkpoint compresses these weights post hoc."),
     click.option("--image-size", type=click.IntRange(8, 1024), default=DEFAULTS.data.image_size, show_default=True,
                  help="Crop size (validation resizes to size*256/224 first)."),
+    click.option("--augmentation", type=click.Choice(AUGMENTATIONS), default=DEFAULTS.data.augmentation,
+                 show_default=True,
+                 help="--dataset folder: the training transforms: resized-crop-flip (ImageNet: a random 8-100% of "
+                      "the area resized to --image-size, random horizontal flip) or crop (a random --image-size crop "
+                      "of the image resized as for validation: shifts only, for digits or characters, whose class a "
+                      "flip or a zoomed-in part changes)."),
     click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.data.batch_size, show_default=True,
                  help="Global batch size (split over the processes of a torchrun run)."),
     click.option("--num-workers", type=click.IntRange(0), default=min(DEFAULTS.data.num_workers, os.cpu_count() or 1),

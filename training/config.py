@@ -31,6 +31,7 @@ from quantization.fake_quant import QuantizerConfig, RangeEstimator
 from quantization.granularity import Granularity
 from quantization.position_scaling import DEFAULT_LAMBDA, Target
 from quantization.quantizers import QuantScheme
+from training.data import FolderAugmentation
 from training.lr_schedule import parse_lr_schedule
 
 # The paper's names for the architectures it quantized.
@@ -45,6 +46,9 @@ RANGE_METHODS = {
 }
 # evaluate --init-checkpoint of a PSGD grid run: the weight quantizers on PSGD's tracked grid (builders.set_psgd_grid)
 PSGD_GRID_METHOD = "psgd_grid"
+# --weight-quant-method -> the range the weight quantizers are built with; psgd_grid builds them over the current
+# min-max range, then builders.set_psgd_grid replaces the step and the levels of each weight PSGD scaled by PSGD's grid
+WEIGHT_RANGE_METHODS = {**RANGE_METHODS, PSGD_GRID_METHOD: RangeEstimator.CURRENT_MINMAX}
 PRUNE_METHODS = ("none", "zhu_gupta", "block")  # block: 1xN block masks (pruning/block_masks.py)
 PRUNE_SCHEDULES = ("one-shot", "zhu_gupta")  # --prune-method block: masks fixed from the start, or the cubic schedule
 BLOCK_PATTERNS = {"1xn": "1xn", "random": "random_blocks", "filter": "filter", "weight": "weight"}  # -> PruneMethod
@@ -52,6 +56,7 @@ OPTIMIZERS = ("SGD", "Adam")
 ACT_SCHEMES = ("auto", "unsigned", "symmetric")  # input quantizers of indicator training
 DATASETS = ("folder", "cifar10", "cifar100")  # folder: --images-dir class folders; else training/cifar.py in --data-dir
 CIFAR_IMAGE_SIZE = 32
+AUGMENTATIONS = tuple(augmentation.value for augmentation in FolderAugmentation)  # --dataset folder
 PSGD_TARGETS = tuple(target.value for target in Target)
 PSGD_MIN_BITS, PSGD_MAX_BITS = 2, 8
 
@@ -90,6 +95,7 @@ class DataConfig:
     image_size: int = 224
     batch_size: int = 256
     num_workers: int = 4
+    augmentation: str = FolderAugmentation.RESIZED_CROP_FLIP.value  # --dataset folder's training transforms
 
     @property
     def is_cifar(self) -> bool:
@@ -103,6 +109,11 @@ class DataConfig:
     def validate(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset {self.dataset} is not one of {', '.join(DATASETS)}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"--augmentation {self.augmentation} is not one of {', '.join(AUGMENTATIONS)}")
+        if self.is_cifar and self.augmentation != DataConfig.augmentation:
+            raise ValueError(f"--augmentation only acts with --dataset folder ({self.dataset}: the recipe's "
+                             "reflect-pad, crop and flip)")  # fmt: skip
         if self.is_cifar:
             if not self.data_dir:
                 raise ValueError(f"--dataset {self.dataset} needs --data-dir (the folder of the CIFAR archive)")
@@ -161,7 +172,7 @@ class QuantConfig:
         return QuantizerConfig(
             n_bits=self.n_bits, scheme=QMETHODS[self.qmethod],
             granularity=Granularity.per_channel(0) if self.per_channel else Granularity.per_tensor(),
-            range_estimator=RANGE_METHODS.get(self.weight_quant_method, RangeEstimator.CURRENT_MINMAX),  # (psgd_grid)
+            range_estimator=WEIGHT_RANGE_METHODS[self.weight_quant_method],
             learn_step_size=self.learn_step_size, grad_scaling=self.grad_scaling,
         )  # fmt: skip
 

@@ -1,9 +1,13 @@
 """Class-folder image datasets (ImageNet layout: ``train/<class>/*.jpg``, ``val/<class>/*.jpg``) and their loaders.
 
-Standard transforms: training ``RandomResizedCrop(image_size)`` + horizontal flip; validation
-resize to ``round(image_size * 256 / 224)`` + centre crop ``image_size`` (224/256 for ImageNet),
-both normalised with the ImageNet mean/std. CIFAR-10/100 (:func:`build_cifar_loaders`) use the
-loaders of the same kind, their test split as the validation split.
+Transforms: validation resizes to ``round(image_size * 256 / 224)`` and crops the centre ``image_size``
+(224/256 for ImageNet); training (:class:`FolderAugmentation`) either crops a random 8-100% of the area
+at aspect 3/4-4/3, resized to ``image_size``, and flips horizontally at random (``resized-crop-flip``,
+the ImageNet standard and the default), or crops ``image_size`` at a random place of the image resized
+as for validation (``crop``: the validation view shifted, no zoom and no flip, for images whose class
+a mirror or a zoomed-in part changes: digits, characters); both normalised with the ImageNet mean/std.
+CIFAR-10/100 (:func:`build_cifar_loaders`) use the loaders of the same kind, their test split as the
+validation split.
 
 The random training transforms of sample ``i`` in epoch ``e`` are drawn from a torch generator
 seeded with ``(seed, e, i)``, so the augmented images depend neither on the number of loader
@@ -52,19 +56,29 @@ def check_images_dir(images_dir: Path, splits: tuple[str, ...] = SPLITS) -> None
         )
 
 
-def train_transform(image_size: int) -> transforms.Compose:
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size, antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+class FolderAugmentation(str, enum.Enum):
+    """The random training transforms of a class-folder dataset (see the module doc)."""
+
+    RESIZED_CROP_FLIP = "resized-crop-flip"  # ImageNet: RandomResizedCrop + horizontal flip
+    CROP = "crop"  # the validation resize, then a random crop: the validation view shifted (digits, characters)
+
+
+def eval_resize_size(image_size: int) -> int:
+    """The validation resize before the centre crop of ``image_size``: ``round(image_size * 256 / 224)``."""
+    return round(image_size * 256 / 224)
+
+
+def train_transform(image_size: int, augmentation: FolderAugmentation = FolderAugmentation.RESIZED_CROP_FLIP
+                    ) -> transforms.Compose:  # fmt: skip
+    if FolderAugmentation(augmentation) is FolderAugmentation.CROP:
+        shifts_or_zooms = [transforms.Resize(eval_resize_size(image_size), antialias=True), transforms.RandomCrop(image_size)]
+    else:
+        shifts_or_zooms = [transforms.RandomResizedCrop(image_size, antialias=True), transforms.RandomHorizontalFlip()]
+    return transforms.Compose([*shifts_or_zooms, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def eval_transform(image_size: int) -> transforms.Compose:
-    return imagenet_eval_transform(image_size=image_size, resize_size=round(image_size * 256 / 224))
+    return imagenet_eval_transform(image_size=image_size, resize_size=eval_resize_size(image_size))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -214,8 +228,9 @@ def build_loaders(
     world_size: int = 1,
     train_use: TrainUse = TrainUse.TRAINING,
     pin_memory: bool = False,
+    augmentation: FolderAugmentation = FolderAugmentation.RESIZED_CROP_FLIP,
 ) -> DataLoaders:
-    """Loaders of ``images_dir/train`` (shuffled, drop last) and ``images_dir/val`` (in order).
+    """Loaders of ``images_dir/train`` (shuffled, drop last, ``augmentation``) and ``images_dir/val`` (in order).
 
     ``batch_size`` is per process. With ``world_size > 1`` each process gets its share of
     every epoch's permutation (``DistributedSampler``) and every ``world_size``-th validation
@@ -226,7 +241,7 @@ def build_loaders(
     train_use = TrainUse(train_use)
     check_images_dir(images_dir, ("val",) if train_use is TrainUse.NONE else SPLITS)
     train_set = (
-        ClassFolderDataset(images_dir / "train", train_transform(image_size), None, seed)
+        ClassFolderDataset(images_dir / "train", train_transform(image_size, augmentation), None, seed)
         if train_use is not TrainUse.NONE
         else None
     )

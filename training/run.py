@@ -56,7 +56,15 @@ from training.builders import (
 from training.callbacks import GradualPruningCallback, PositionScaledGradientCallback
 from training.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import PSGD_GRID_METHOD, TrainConfig, differing_options, option_flag, saved_config
-from training.data import DataLoaders, SkipRecorder, TrainUse, build_cifar_loaders, build_loaders, check_images_dir
+from training.data import (
+    DataLoaders,
+    FolderAugmentation,
+    SkipRecorder,
+    TrainUse,
+    build_cifar_loaders,
+    build_loaders,
+    check_images_dir,
+)
 from training.distributed import (
     DistributedContext,
     barrier,
@@ -118,7 +126,7 @@ def _loaders(config: TrainConfig, context: DistributedContext, train_use: TrainU
             raise TrainingError(f"--dataset {data.dataset} needs --data-dir (the folder of the CIFAR archive)")
         return build_cifar_loaders(Path(data.data_dir), data.dataset, *common)
     _check_images_dir_given(config)
-    return build_loaders(Path(data.images_dir), data.image_size, *common)
+    return build_loaders(Path(data.images_dir), data.image_size, *common, FolderAugmentation(data.augmentation))
 
 
 def _check_images_dir_given(config: TrainConfig) -> None:
