@@ -29,7 +29,8 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullF
 
 from studies.analytical_sqnr import SWEEP_NU, Distribution, crossover_bits
 from studies.compression import pruning_sparsity
-from studies.weight_sqnr_plots import DPI, NOTE_STYLE, bits_label, finite_rows, models_label, save_figure
+from studies.figures import DPI, save_figure
+from studies.weight_sqnr_plots import NOTE_STYLE, bits_label, finite_rows, models_label
 from utils.io import write_csv
 
 TABLE_CSV = "analytical_sqnr.csv"

@@ -12,7 +12,7 @@
 
 Figures are built with :class:`matplotlib.figure.Figure` (never ``pyplot``); :func:`write_bit_policy_figure`
 and :func:`write_indicators_figure` write PNG and PDF, each atomically
-(:func:`studies.weight_sqnr_plots.save_figure`), laid out once for both (:func:`fix_layout`).
+(:func:`studies.figures.save_figure`), laid out once for both (:func:`fix_layout`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from models.bit_policy import MAX_BITS, BitPolicy
+from studies.figures import DPI, bit_colors, save_figure
 from studies.indicators import Indicators
-from studies.weight_sqnr_plots import DPI, bit_colors, save_figure
 
 __all__ = [
     "BIT_POLICY_STEM",

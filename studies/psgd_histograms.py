@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from quantization.position_scaling import grid_step_size, restricted_level_max, zero_including_range
-from studies.weight_sqnr_plots import save_figure
+from studies.figures import save_figure
 from training.builders import build_float_model, load_float_weights, psgd_tensor_bits
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, saved_config

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from studies.compression import pruning_sparsity
+from studies.figures import DPI, bit_colors, save_figure
 from studies.paper_data import is_flat_result, parse_flat_result
 from studies.result_files import result_glob
-from utils.io import atomic_open, read_json, write_bytes_atomic, write_csv
+from utils.io import atomic_open, read_json, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ SUMMARY_HEADERS = {
     "median_pruning_sqnr": "median pruning SQNR (dB)",
     "median_gap": "median gap (dB)",
 }
-FIGURE_FORMATS = ("png", "pdf")
-DPI = 200
 SCATTER_SIZE_IN = (5.0, 5.0)
 GAP_SIZE_IN = (6.4, 4.4)
 # Side notes ("pruning better") stay legible over dense points.
@@ -253,14 +251,6 @@ def models_label(models: Sequence[str], max_names: int = 3) -> str:
     """The model names when there are at most ``max_names``, else their count."""
     names = sorted(set(models))
     return ", ".join(names) if len(names) <= max_names else f"{len(names)} models"
-
-
-def bit_colors(bits: Sequence[int]) -> dict[int, tuple[float, float, float, float]]:
-    """A colour per bit-width, low bits dark and high bits light (viridis, without its pale yellow end)."""
-    bits = sorted(set(bits))
-    cmap = colormaps["viridis"]
-    positions = np.linspace(0.0, 0.88, len(bits)) if len(bits) > 1 else [0.0]
-    return {n_bits: cmap(position) for n_bits, position in zip(bits, positions)}
 
 
 def bit_legend_handles(colors: dict[int, tuple]) -> list[Line2D]:
@@ -478,16 +468,6 @@ def comparison_header(column: str) -> str:
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def save_figure(fig: Figure, output_dir: Path, stem: str) -> list[Path]:
-    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` in ``output_dir``, each atomically."""
-    paths = []
-    for fmt in FIGURE_FORMATS:
-        path = output_dir / f"{stem}.{fmt}"
-        write_bytes_atomic(path, lambda handle, fmt=fmt: fig.savefig(handle, format=fmt, dpi=DPI))
-        paths.append(path)
-    return paths
 
 
 def write_summary(table: pd.DataFrame, output_dir: str | os.PathLike) -> list[Path]:
