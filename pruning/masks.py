@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from quantization.granularity import Granularity, GranularityKind
@@ -42,6 +43,20 @@ def magnitude_pruning_sse(sorted_squares_prefix: torch.Tensor, sparsity: float) 
     """
     numel = sorted_squares_prefix.shape[-1] - 1
     return sorted_squares_prefix[..., num_pruned(numel, sparsity)]
+
+
+def sorted_magnitudes(values: torch.Tensor) -> torch.Tensor:
+    """``sort(|x|)`` of a 1-D ascending ``values``, by merging two runs already in order of magnitude.
+
+    The negative values reversed and the non-negative ones are each ascending in ``|x|``; numpy's
+    stable sort (a merge of runs) takes ``O(n)`` for them on CPU, about five times faster than
+    sorting ``|x|`` afresh. Other devices sort.
+    """
+    split = int(torch.searchsorted(values, values.new_zeros(1)))
+    runs = torch.cat([-values[:split].flip(0), values[split:]])
+    if values.device.type != "cpu":
+        return torch.sort(runs).values
+    return torch.from_numpy(np.sort(runs.numpy(), kind="stable"))
 
 
 def _prune_smallest_by_selection(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from models.layers import output_channel_axis, weight_layers
 from pruning.block_masks import one_by_n_mask
-from pruning.masks import magnitude_pruning_sse
+from pruning.masks import magnitude_pruning_sse, sorted_magnitudes
 from quantization.grid_error import SortedValues, accumulation_dtype, as_rows, grid_sse, sort_rows, zero_count
 from quantization.quantizers import QuantScheme, params_from_range
 from quantization.range_estimators import mse_range_search_many
@@ -102,7 +102,10 @@ def prepare_tensor(weight: torch.Tensor, ch_axis: int | None = None) -> Prepared
     sorted_rows = SortedValues.from_rows(as_rows(weight, ch_axis))
     flat = sorted_rows.values.reshape(-1)  # the same values, in another order
     numel = flat.numel()
-    squares = sort_rows(weight.abs().reshape(1, -1))[0] ** 2
+    if ch_axis is None:  # the one sorted row holds the magnitudes in two runs
+        squares = sorted_magnitudes(sorted_rows.values[0]) ** 2
+    else:
+        squares = sort_rows(weight.abs().reshape(1, -1))[0] ** 2
     return PreparedTensor(
         sorted_rows=sorted_rows,
         squares_prefix=torch.cat([squares.new_zeros(1), squares.cumsum(0)]),

@@ -23,6 +23,7 @@ from pruning.masks import (
     magnitude_mask_by_selection,
     magnitude_pruning_sse,
     num_pruned,
+    sorted_magnitudes,
 )
 from quantization.granularity import Granularity
 
@@ -265,6 +266,27 @@ def test_magnitude_pruning_sse_batched_prefix():
     got = magnitude_pruning_sse(torch.from_numpy(prefix), 0.4)
     expected = [np.sum(np.sort(row * row)[:12]) for row in w]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [-3.0, -1.0, -0.0, 0.0, 0.5, 1.0, 2.0],  # ties across the runs, signed zeros
+        [-2.0, -1.5, -0.25],  # negatives only
+        [0.0, 0.1, 7.0],  # no negatives
+        [4.0],
+    ],
+)
+def test_sorted_magnitudes_small(values):
+    x = torch.tensor(values, dtype=torch.float64)
+    assert torch.equal(sorted_magnitudes(x), torch.sort(x.abs()).values)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sorted_magnitudes_equals_sorting_the_magnitudes(seed):
+    rng = np.random.default_rng(seed)
+    x = np.sort(np.round(rng.standard_t(3, size=2000 + seed), 2))  # many ties
+    np.testing.assert_array_equal(sorted_magnitudes(torch.from_numpy(x)).numpy(), np.sort(np.abs(x)))
 
 
 # --------------------------------------------------------------------------- edge cases
