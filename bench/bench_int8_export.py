@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deployment.cpu_features import int8_instruction_sets
 from deployment.integer_model import dense_folded_model, integer_layers, set_dequantized_weights
 from deployment.onnx_qdq import export_float_onnx, inference_session, qdq_model, run_session
 from deployment.pt2e_x86 import compiled_program, quantize_pt2e
@@ -61,17 +62,6 @@ def cpu_seconds(run: Callable[[torch.Tensor], object], x: torch.Tensor, repeats:
 
 
 GEMM_SHAPE = (56 * 56, 64 * 9, 64)  # (M, K, N)
-INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_int8_flags() -> list[str]:
-    """The int8-relevant instruction sets the CPU reports (``/proc/cpuinfo``; empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = next((line.split(":")[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")),
-                 []) if cpuinfo.exists() else []  # fmt: skip
-    return [flag for flag in INT8_FLAGS if flag in flags]
-
-
 def gemm_ceiling(repeats: int) -> dict[str, float]:
     """Float32 GEMM CPU time / integer GEMM CPU time at :data:`GEMM_SHAPE`, per runtime and operand types."""
     import numpy as np
@@ -170,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch._inductor.config.freezing = True  # the float model as the int8 program (deployment.pt2e_x86.compiled_program)
     ceiling = gemm_ceiling(10 * args.repeats)
-    print(f"CPU int8 instruction sets: {', '.join(cpu_int8_flags()) or 'unknown'}; GEMM {GEMM_SHAPE} float32 time / "
+    print(f"CPU int8 instruction sets: {', '.join(int8_instruction_sets()) or 'unknown'}; GEMM {GEMM_SHAPE} float32 time / "
           "integer time: " + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in ceiling.items()), flush=True)  # fmt: skip
     batches = [int(b) for b in args.batches.split(",")]
     photos = sample_photo_batch(image_size=args.image_size)

@@ -26,8 +26,9 @@ The checks after export, on ``--images-dir``'s validation split:
 
 Nothing is written when a check fails.
 
-The JSON report beside the output (``PATH.json``) holds both checks, the per-layer sparsity of the int8
-weights, the bytes of the weights in each encoding of :mod:`deployment.storage`, and the export time;
+The JSON report beside the output (``PATH.json``) holds both checks, the layers whose weights oneDNN's int8
+kernels can saturate on this CPU (``saturating_layers``, ``pt2e-x86`` only:
+:func:`deployment.pt2e_x86.saturating_layers`), the per-layer sparsity of the int8 weights, the bytes of the weights in each encoding of :mod:`deployment.storage`, and the export time;
 ``--pack`` writes the weights in the smallest encoding to ``PATH.weights.npz``.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from deployment import storage
+from deployment.cpu_features import MAX_UNSATURATED_WEIGHT
 from deployment.integer_model import (
     MAX_BITS,
     ExportError,
@@ -208,6 +210,17 @@ def export_checkpoint(settings: ExportSettings) -> dict[str, Any]:
     if settings.format.is_integer:
         set_dequantized_weights(folded, layers)
     written, run_exported, against_simulation = _export(settings.format, folded, layers, example, calibration)
+    saturating = []
+    if settings.format is ExportFormat.PT2E_X86:
+        from deployment.pt2e_x86 import saturating_layers
+
+        saturating = saturating_layers(layers)
+        if saturating:
+            listed = ", ".join(saturating[:3]) + (", ..." if len(saturating) > 3 else "")
+            logger.warning("pt2e-x86: %d layers (%s) have weight integers beyond +-%d, which oneDNN's int8 kernels "
+                           "without VNNI can saturate: the compiled program may differ from its simulation (see "
+                           "kernel_check in the report); onnx-int8 avoids it, CPUs with VNNI run it exactly",
+                           len(saturating), listed, MAX_UNSATURATED_WEIGHT)  # fmt: skip
     export_seconds = time.perf_counter() - started
     check = kernel_check = None
     if loaders is not None:
@@ -222,7 +235,7 @@ def export_checkpoint(settings: ExportSettings) -> dict[str, Any]:
         "checkpoint": str(settings.checkpoint), "format": settings.format.value, "output": str(settings.output),
         "architecture": config.model.architecture, "export_seconds": export_seconds,
         "output_bytes": len(written), "folded_batch_norms": len(pairs), "check": check,
-        "kernel_check": kernel_check,
+        "kernel_check": kernel_check, "saturating_layers": saturating,
         "weight_bytes": sizes, "smallest_encoding": smallest,
         "packed_file": str(packed_path(settings.output)) if settings.pack else None, "layers": per_layer,
     }  # fmt: skip

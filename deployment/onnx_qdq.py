@@ -36,14 +36,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from deployment.cpu_features import MAX_UNSATURATED_WEIGHT
 from deployment.integer_model import ActivationQuant, ExportError, IntegerLayer, activation_quant_from_range
 
 logger = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
 MAX_INPUT_INTEGER = 255  # the largest |q_x - z_x| of an 8-bit activation
-# x86 u8s8 kernels without VNNI add pairs of u8 * s8 products in int16 (saturating): 2 * 255 * 64 < 2^15.
-MAX_UNSATURATED_WEIGHT = 64
 UINT8_WEIGHT_ZERO_POINT = 128
 INPUT_NAME, OUTPUT_NAME = "x", "logits"
 

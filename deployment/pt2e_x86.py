@@ -29,12 +29,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deployment.cpu_features import MAX_UNSATURATED_WEIGHT, onednn_saturates
 from deployment.integer_model import ActivationQuant, IntegerLayer
 
 logger = logging.getLogger(__name__)
 
 LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 UINT8_SIGNED_ZERO_POINT = 128
+
+
+def saturating_layers(layers: Mapping[str, IntegerLayer]) -> list[str]:
+    """The layers whose weight integers oneDNN's int8 kernels may saturate on this CPU: beyond
+    ``+-MAX_UNSATURATED_WEIGHT`` where :func:`deployment.cpu_features.onednn_saturates` (none elsewhere).
+
+    PT2E stores weights as int8 whatever their bit-width, so unlike ``onnx-int8`` (uint8 weights for such
+    layers) nothing avoids it: the program is right on CPUs with VNNI and wrong here.
+    """
+    if not onednn_saturates():
+        return []
+    return [name for name, layer in layers.items() if int(layer.int_weight.abs().max()) > MAX_UNSATURATED_WEIGHT]
 
 
 def split_reused_modules(graph_module: torch.fx.GraphModule) -> int:
