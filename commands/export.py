@@ -38,7 +38,18 @@ def export(checkpoint: Path, export_format: str, output: Path, images_dir: Path 
     checked = (f"; top-1 {check['top1_exported']:.2f}% (fake-quantized {check['top1_reference']:.2f}%, agreement "
                f"{check['top1_agreement']:.1f}%), max logit error {check['max_logit_error']:.3g}"
                if check is not None else "")  # fmt: skip
+    kernels = report["kernel_check"]
+    if kernels is None:
+        kernel_line = ""
+    elif "max_integer_difference" in kernels:  # onnx-int8: the cut simulation, with its bound
+        kernel_line = (f"; kernels vs simulation: up to {kernels['max_integer_difference']} step, logits at "
+                       f"{kernels['max_logit_difference_to_bound']:.2g} of their rounding bound")  # fmt: skip
+    else:  # pt2e-x86: end to end, no bound
+        kernel_line = (f"; inductor vs simulation: top-1 agreement {kernels['top1_agreement']:.1f}%, max logit "
+                       f"difference {kernels['max_logit_error']:.3g}")  # fmt: skip
+    if report["saturating_layers"]:
+        kernel_line += f" ({len(report['saturating_layers'])} layers may saturate on this CPU, see the warning)"
     sizes = report["weight_bytes"]
-    click.echo(f"{export_format} -> {output} ({report['output_bytes']} bytes, {report['export_seconds']:.1f} s){checked}; "
-               f"weights: float32 {sizes['float32']} B, int8 {sizes['int8']} B, smallest {report['smallest_encoding']} "
-               f"{sizes[report['smallest_encoding']]} B")  # fmt: skip
+    click.echo(f"{export_format} -> {output} ({report['output_bytes']} bytes, {report['export_seconds']:.1f} s){checked}"
+               f"{kernel_line}; weights: float32 {sizes['float32']} B, int8 {sizes['int8']} B, smallest "
+               f"{report['smallest_encoding']} {sizes[report['smallest_encoding']]} B")  # fmt: skip

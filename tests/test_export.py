@@ -18,6 +18,7 @@ from torch import nn
 from train_helpers import invoke_cli, one_line_cli_error, private_registry, write_digits_dataset
 
 from deployment import export as export_module
+from deployment.cpu_features import MAX_UNSATURATED_WEIGHT, onednn_saturates, u8s8_saturates
 from deployment.integer_model import IntegerLayer, dense_folded_model, integer_layers, set_dequantized_weights
 from deployment.onnx_qdq import INT32_MAX, fit_bias_in_int32, int32_bias
 from deployment.pt2e_x86 import load_program
@@ -229,15 +230,8 @@ def test_the_kernel_check_fails_a_kernel_that_does_not_compute_the_graph(monkeyp
     assert result.max_integer_difference >= 3 and not result.passed  # (it also shifts what conv2 reads)
 
 
-def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    return set(next((line.split(":")[1].split() for line in lines if line.startswith("flags")), []))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif("avx2" not in _cpu_flags() or bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}),
-                    reason="u8s8 pair sums saturate only on x86 CPUs with AVX2 and without VNNI")  # fmt: skip
+@pytest.mark.skipif(not u8s8_saturates(), reason="u8s8 pair sums saturate only on x86 CPUs with AVX2 and without VNNI")
 def test_the_kernel_check_catches_saturating_u8s8_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """8-bit weights (+-127) kept as int8: onnxruntime's AVX2 u8s8 kernels add u8 * s8 pairs in int16, saturating."""
     from deployment import onnx_qdq
@@ -304,8 +298,12 @@ def _export_args(checkpoint: Path, fmt: str, output: Path, *extra: str) -> list[
 def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run: Path, digits: Path,
                                                                          tmp_path: Path) -> None:  # fmt: skip
     output = tmp_path / "model.onnx"
-    invoke_cli(_export_args(qat_run, "onnx-int8", output, "--images-dir", str(digits), "--pack"))
+    printed = invoke_cli(_export_args(qat_run, "onnx-int8", output, "--images-dir", str(digits), "--pack"))
     report = json.loads((tmp_path / "model.onnx.json").read_text())
+    kernels = report["kernel_check"]
+    assert (f"kernels vs simulation: up to {kernels['max_integer_difference']} step, logits at "
+            f"{kernels['max_logit_difference_to_bound']:.2g} of their rounding bound") in printed  # fmt: skip
+    assert report["saturating_layers"] == []  # uint8 weights where they would saturate
     check = report["check"]
     assert check["images"] == 40 and check["top1_agreement"] >= 90.0
     kernels = report["kernel_check"]  # the int8 kernels against the float simulation of the same quantization
@@ -330,8 +328,9 @@ def test_export_onnx_int8_keeps_the_zeros_and_agrees_with_the_checkpoint(qat_run
 
 @pytest.mark.slow
 def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) -> None:
-    invoke_cli(_export_args(qat_run, "pt2e-x86", tmp_path / "model.pt2", "--images-dir", str(digits)))
+    printed = invoke_cli(_export_args(qat_run, "pt2e-x86", tmp_path / "model.pt2", "--images-dir", str(digits)))
     report = json.loads((tmp_path / "model.pt2.json").read_text())
+    assert f"inductor vs simulation: top-1 agreement {report['kernel_check']['top1_agreement']:.1f}%" in printed
     assert report["check"]["top1_agreement"] >= 90.0
     assert report["kernel_check"]["images"] == 40 and report["kernel_check"]["top1_agreement"] >= 90.0
     program = load_program(tmp_path / "model.pt2")
@@ -341,9 +340,13 @@ def test_export_pt2e_and_onnx_fp32(qat_run: Path, digits: Path, tmp_path: Path) 
     assert sum(value.numel() for value in program.state_dict.values() if value.is_floating_point()) < 200
     model, _ = restore_model(qat_run)
     folded, pairs = dense_folded_model(model, torch.zeros(2, 3, 16, 16))
-    for name, layer in integer_layers(model, folded, pairs).items():  # exactly the checkpoint's integers
+    layers = integer_layers(model, folded, pairs)
+    for name, layer in layers.items():  # exactly the checkpoint's integers
         assert any(value.shape == layer.int_weight.shape and torch.equal(value, layer.int_weight)
                    for value in int8_weights), name  # fmt: skip
+    beyond = [name for name, layer in layers.items() if int(layer.int_weight.abs().max()) > MAX_UNSATURATED_WEIGHT]
+    assert beyond and report["saturating_layers"] == (beyond if onednn_saturates() else [])
+    assert ("may saturate on this CPU" in printed) is onednn_saturates()
     invoke_cli(_export_args(qat_run, "onnx-fp32", tmp_path / "float.onnx"))  # no data needed: no check
     report = json.loads((tmp_path / "float.onnx.json").read_text())
     assert report["check"] is None and report["folded_batch_norms"] == 3
