@@ -68,9 +68,10 @@ batch searched in lockstep (64 nodes a round) as in :mod:`pruning.sparse_ls` (wh
 reuses). A node fixes groups in (``F``) and out and leaves ``U`` to share ``K' = K - |F|``. A node
 with at most :data:`ENUMERATION_SUPPORTS` supports ``C(|U|, K')`` is enumerated: every support's
 ``E(S) = sum_c r_c - sum_c b_c,I' G_II^-1 b_c,I`` from a Cholesky factor of its own ``G_II``; as in
-:mod:`pruning.support_enumeration`, the supports within ``margin = resolution (1 + cond(G))`` of the
-node's best (or of the prune level; all of them when ``G`` is singular) are refit exactly and the
-others stand for their value minus ``margin``. The root of a small chunk (e.g. 3 input channels of a
+:mod:`pruning.support_enumeration`, the supports within ``margin`` of the node's best (or of the prune
+level; all of them when ``G`` is singular or nearly so) are refit exactly and the others stand for their
+value minus ``margin``, a certified bound on the rounding of the Cholesky solves
+(:func:`enumeration_margins`). The root of a small chunk (e.g. 3 input channels of a
 3x3 conv, or 16 of a 1x1 conv keeping 8) is solved this way. Otherwise the node's bound is the group
 relaxation (``ROOT_ITERATIONS`` alternating steps at the root, up to ``NODE_ITERATIONS`` from the
 parent's ``z`` below, stopping once the node can be pruned), raised to the parent's; its rounding
@@ -106,8 +107,9 @@ from pruning.perspective_bound import (
     relaxed_indicators,
     top_sum,
 )
-from pruning.sparse_ls import SupportSearch, live_condition_number
+from pruning.sparse_ls import SupportSearch, live_eigenvalues
 from pruning.sparse_ls_heuristics import check_budget, damped_inverse, hard_threshold
+from pruning.support_enumeration import eigenvalue_floors, rounding_gamma
 from utils.branch_and_bound import BranchAndBoundResult
 
 __all__ = [
@@ -638,10 +640,9 @@ def _solve_batch(gram, weights, g, kept, node_limit, time_limit, d, initial_supp
     splits = problem_splits(Gt, None if d is None else torch.as_tensor(d, dtype=torch.float64).expand(B, n)[index])
     abs_energy = torch.einsum("bci,bij,bcj->b", Wt.abs(), Gt.abs(), Wt.abs())
     resolution = 32.0 * (N * n + 2) * _EPS * abs_energy
-    live_inputs = torch.diagonal(Gt, dim1=-2, dim2=-1) > 0
-    margin = resolution * (1.0 + live_condition_number(Gt, live_inputs))  # accuracy of the enumerated values
     b = torch.einsum("bij,bcj->bci", Gt, Wt)
     r = (Wt * b).sum((1, 2))
+    margin = enumeration_margins(Gt, Wt, b, r, kept * g)  # certified accuracy of the enumerated values
     searches = []
     for t in range(len(todo)):
         search = SupportSearch(todo[t], start_support[t].numpy(), float(start_error[t]), float(resolution[t]),
@@ -710,6 +711,49 @@ def _solve_round(searches, owners, taken, G, W, b, r, splits, g: int, kept: int)
         if error < search.ub:
             search.ub, search.support = error, support.copy()
         search.closed_min = min(search.closed_min, error)  # an enumerated support's or a leaf's value (a rounding's >= ub)
+
+
+def enumeration_margins(G: torch.Tensor, W: torch.Tensor, b: torch.Tensor, r: torch.Tensor, size: int) -> torch.Tensor:
+    """A certified bound ``(B,)`` on ``|E^(S) - E(S)|`` of :func:`_support_values` for every support of at most
+    ``size`` live inputs (``G_ii > 0``), ``b = fl(G w_c)`` ``(B, N, n)`` and ``r = fl(sum_c w_c'b_c)`` as computed.
+
+    With ``u = eps / 2``, ``gamma_k = k u / (1 - k u)``, ``t`` the sum of the ``size`` largest live ``G_ii`` and
+    ``mu <= lambda_min(G_LL)`` certified (:func:`pruning.support_enumeration.eigenvalue_floors`):
+
+    * *inputs*: ``|b^_c - b_c| <= beta_c = gamma_{2n+2} |G||w_c|``, ``|r^ - r| <= rho = 2 gamma_{(N+1) n + 2}
+      sum_c |w_c|'|G||w_c|``;
+    * *solve*: Cholesky and the two triangular solves give ``(G_II + Delta_c) x^_c = b^_c`` with ``|Delta_c| <=
+      gamma_{3m+1} |L^||L^'|`` (Higham, Thms 10.3-10.4) and, the rows of ``L^`` having squared norms at most
+      ``G_ii / (1 - gamma_{m+1})``, ``||Delta_c|| <= theta t`` with ``theta = gamma_{3m+1} / (1 - gamma_{m+1})``
+      (taken at ``2(3n + 1)`` and ``2(n + 1)``, room for blocked kernels);
+    * *perturbation, exactly*: with ``x_c = G_II^-1 b_c`` (``||x_c|| <= X_c = sqrt((r^_c + rho_c) / mu)``, as
+      ``x_c'G x_c <= r_c``), ``b^_c'x^_c - b_c'x_c = (b^_c - b_c)'x^_c + x_c'(b^_c - b_c) - x_c'Delta_c x^_c``, and
+      ``||x^_c|| <= Y_c = (X_c + ||beta_c|| / mu) / (1 - theta t / mu)``;
+    * *sums*: the ``N m`` products and their sum ``gamma_{Nn+1} sum_c ||b^_c|| Y_c``, the final subtraction ``u``
+      times ``r^ + sum_c ||b^_c|| Y_c``.
+
+    ``margin = sum_c (||beta_c|| (X_c + Y_c) + theta t X_c Y_c) + (gamma_{Nn+1} + u) sum_c ||b^_c|| Y_c + u r^ + rho``
+    (a little above: it is evaluated in float itself); ``inf`` where ``mu`` is not certified or ``theta t >= mu / 2``.
+    """
+    N, n = W.shape[1:]
+    live = torch.diagonal(G, dim1=-2, dim2=-1) > 0
+    mu = eigenvalue_floors(G, live, live_eigenvalues(G, live)[:, 0])
+    t = torch.topk(torch.where(live, torch.diagonal(G, dim1=-2, dim2=-1), 0.0), min(size, n), dim=-1).values.sum(-1)
+    unit = _EPS / 2
+    gamma_in = rounding_gamma(2 * n + 2)
+    theta = rounding_gamma(2 * (3 * n + 1)) / (1.0 - rounding_gamma(2 * (n + 1)))
+    abs_gw = torch.einsum("bij,bcj->bci", G.abs(), W.abs())
+    beta = torch.linalg.vector_norm(gamma_in * abs_gw, dim=-1)  # (B, N)
+    rho_c = 2.0 * rounding_gamma((N + 1) * n + 2) * (W.abs() * abs_gw).sum(-1)
+    r_c = (W * b).sum(-1).clamp_min(0.0)
+    usable = (mu > 0) & (theta * t < 0.5 * mu)
+    safe_mu = torch.where(usable, mu, 1.0)[:, None]
+    X = torch.sqrt((r_c + rho_c) / safe_mu)
+    Y = (X + beta / safe_mu) / (1.0 - (theta * t)[:, None] / safe_mu)
+    b_norm = torch.linalg.vector_norm(b, dim=-1)
+    products = (rounding_gamma(N * n + 1) + unit) * (b_norm * Y).sum(-1)
+    margin = (beta * (X + Y) + theta * t[:, None] * X * Y).sum(-1) + products + unit * r.abs() + rho_c.sum(-1)
+    return torch.where(usable, margin * (1.0 + 1e-6), math.inf)
 
 
 def _support_values(G, b, r, supports: torch.Tensor, owner: torch.Tensor, g: int) -> torch.Tensor:

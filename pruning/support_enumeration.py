@@ -74,12 +74,12 @@ import torch
 
 from pruning.perspective_bound import verify_split
 
-__all__ = ["eigenvalue_floors", "enumerate_supports", "rounding_margins", "support_count"]
+__all__ = ["eigenvalue_floors", "enumerate_supports", "rounding_gamma", "rounding_margins", "support_count"]
 
 _UNIT_ROUNDOFF = torch.finfo(torch.float64).eps / 2
 
 
-def _gamma(m: int) -> float:
+def rounding_gamma(m: int) -> float:
     """``gamma_m = m u / (1 - m u)`` (Higham), ``u`` the float64 unit roundoff."""
     return m * _UNIT_ROUNDOFF / (1.0 - m * _UNIT_ROUNDOFF)
 
@@ -122,8 +122,8 @@ def rounding_margins(G: torch.Tensor, b: torch.Tensor, r: torch.Tensor, abs_gw: 
     ``mu = 0`` or ``theta t >= mu / 2``.
     """
     n = b.shape[1]
-    gamma = _gamma(2 * n + 2)
-    theta = _gamma(2 * (n + 2)) / (1.0 - _gamma(2 * (n + 2)))
+    gamma = rounding_gamma(2 * n + 2)
+    theta = rounding_gamma(2 * (n + 2)) / (1.0 - rounding_gamma(2 * (n + 2)))
     diagonal = torch.where(live, torch.diagonal(G, dim1=-2, dim2=-1), 0.0)
     t = torch.topk(diagonal, min(k, n), dim=-1).values.sum(-1)
     beta = gamma * abs_gw

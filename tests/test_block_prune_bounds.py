@@ -239,3 +239,36 @@ def test_cli_writes_the_files_and_the_npz_rechecks(tmp_path: Path) -> None:
     assert ((np.abs(x).sum(1) > 0).sum(1) <= kept).all() and (kept == 8).all()
     assert (lb <= ub * (1 + 1e-9)).all()
     assert "SQNR best method" in result.output
+
+
+@pytest.mark.slow
+def test_enumeration_margin_bounds_the_rounding_of_every_support() -> None:
+    """Ill-conditioned group problems (``cond(G)`` about 1e9): every enumerated value is within the certified
+    margin of the support's exact (rational) error, and the float values are not exact (a zero margin fails)."""
+    from fractions import Fraction
+
+    from test_sparse_ls import _exact_support_error
+
+    n, g, N, kept = 12, 2, 3, 3
+    worst_error = Fraction(0)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        G = (Q * np.geomspace(1.0, 1e-9, n)) @ Q.T + np.diag(1e-6 * rng.uniform(1.0, 10.0, n))
+        W = rng.standard_normal((N, n))
+        Gt, Wt = torch.from_numpy(G)[None], torch.from_numpy(W)[None]
+        b = torch.einsum("bij,bcj->bci", Gt, Wt)
+        r = (Wt * b).sum((1, 2))
+        margin = float(group_ls.enumeration_margins(Gt, Wt, b, r, kept * g)[0])
+        assert 0 < margin < 1e-3 * float(r[0])
+        supports = torch.tensor([[group in chosen for group in range(n // g)]
+                                 for chosen in itertools.combinations(range(n // g), kept)])  # fmt: skip
+        values = group_ls._support_values(Gt, b, r, supports, torch.zeros(len(supports), dtype=torch.long), g)
+        assert torch.isfinite(values).all()
+        for support, value in zip(supports, values.tolist()):
+            inputs = np.flatnonzero(group_ls.group_inputs(support[None], g)[0].numpy())
+            exact = sum(_exact_support_error(G, W[c], inputs) for c in range(N))
+            error = abs(Fraction(value) - exact)
+            assert error <= Fraction(margin), (seed, inputs, float(error), margin)
+            worst_error = max(worst_error, error)
+    assert worst_error > 0
