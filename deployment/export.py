@@ -29,7 +29,8 @@ Nothing is written when a check fails.
 The JSON report beside the output (``PATH.json``) holds both checks, the layers whose weights oneDNN's int8
 kernels can saturate on this CPU (``saturating_layers``, ``pt2e-x86`` only:
 :func:`deployment.pt2e_x86.saturating_layers`), the per-layer sparsity of the int8 weights, the bytes of the
-weights in each encoding of :mod:`deployment.storage`, and the export time; ``--pack`` writes the weights in the smallest encoding to ``PATH.weights.npz``.
+weights in each encoding of :mod:`deployment.storage`, and the export time; ``--pack`` writes the weights in
+the smallest encoding to ``PATH.weights.npz``.
 """
 from __future__ import annotations
 
