@@ -14,7 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from studies.analytical_sqnr import (  # noqa: E402  (after choosing the headless backend)
+# imported after choosing the headless backend
+from studies.analytical_sqnr import (
     SPEC_USAGE,
     SWEEP_NU,
     Distribution,
@@ -23,10 +24,10 @@ from studies.analytical_sqnr import (  # noqa: E402  (after choosing the headles
     kurtosis_sweep,
     parse_distribution,
 )
-from studies.analytical_sqnr_plots import crossover_summary, write_outputs  # noqa: E402
-from studies.weight_sqnr_plots import load_results  # noqa: E402
-from utils.cli import IntListType, setup_logging  # noqa: E402
-from utils.io import ensure_writable_dir  # noqa: E402
+from studies.analytical_sqnr_plots import crossover_summary, write_outputs
+from studies.weight_sqnr_plots import load_results
+from utils.cli import IntListType, setup_logging
+from utils.io import ensure_writable_dir
 
 DEFAULT_DISTRIBUTIONS = "gaussian,laplace,uniform,student_t:3,student_t:5,truncated_student_t:3:10"
 

@@ -77,8 +77,8 @@ def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> dict[str, nn
             close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
             hint = f"closest: {', '.join(close)}" if close else f"valid names include {', '.join(valid[:5])}, ..."
             raise ValueError(f"unknown layer {name!r} ({len(valid)} Conv/Linear layers in the model; {hint})")
-        if not isinstance(module, SUPPORTED_LAYERS):
-            raise ValueError(
+        if not isinstance(module, SUPPORTED_LAYERS):  # a bad --layer-name: a user error like the one above
+            raise ValueError(  # noqa: TRY004
                 f"layer {name!r} is a {type(module).__name__}; only Conv1d, Conv2d, Conv3d and Linear are supported"
             )
         resolved[name] = module

@@ -34,6 +34,7 @@ float64 numpy, deterministic, with no I/O.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -123,7 +124,7 @@ class Distribution(ABC):
         bounds = np.append(points, self.support_max)
         tails = []
         for k in range(3):
-            pieces = np.array([self._quad_moment(k, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+            pieces = np.array([self._quad_moment(k, lo, hi) for lo, hi in itertools.pairwise(bounds)])
             tails.append(np.cumsum(pieces[::-1])[::-1][inverse].reshape(x.shape))
         return tails[0], tails[1], tails[2]
 

@@ -226,8 +226,9 @@ def weights_overlay_figure(weights: pd.DataFrame, sweep: pd.DataFrame, bits: Seq
     for ax in axes[:, 0]:
         ax.set_ylabel("SQNR gap: quant. $-$ pruning (dB)")
     handles = [
-        Line2D([], [], linestyle="", marker="o", color="tab:blue",
-               label=f"weight tensors: {models_label(weights['model'])}"),  # fmt: skip
+        Line2D(
+            [], [], linestyle="", marker="o", color="tab:blue", label=f"weight tensors: {models_label(weights['model'])}"
+        ),
         Line2D([], [], color="black", label=SWEEP_LABEL),
         Line2D([], [], linestyle="--", color="0.3", label="equal SQNR (below: pruning better)"),
     ]

@@ -6,6 +6,7 @@ algorithm; and Monte Carlo through the weight study's per-tensor code.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -151,11 +152,11 @@ def test_quantization_mse_matches_integral_of_the_foundation_quantizer(spec: str
         breaks = [-support, -3.0 * float(limit), 0.0, 3.0 * float(limit), support]
         points = np.unique(np.clip(np.concatenate([breaks, edges]), -support, support))
 
-        def integrand(w: float) -> float:
+        def integrand(w: float, params=params) -> float:
             x = torch.tensor([w], dtype=torch.float64)
             return float((x - quantize_dequantize(x, params)) ** 2) * float(dist.pdf(w))
 
-        expected = sum(scipy.integrate.quad(integrand, a, b, **QUAD)[0] for a, b in zip(points[:-1], points[1:]))
+        expected = sum(scipy.integrate.quad(integrand, a, b, **QUAD)[0] for a, b in itertools.pairwise(points))
         assert float(an.quantization_mse(dist, n_bits, float(limit))) == pytest.approx(expected, rel=1e-9)
 
 
@@ -371,8 +372,10 @@ def test_cli_overlays_the_weight_study(tmp_path: Path) -> None:
     weights_dir = tmp_path / "weights"
     study = CliRunner().invoke(
         weight_study_main,
-        ["--models", "efficientnet_lite0", "--bits", "2", "--no-progress", "--device", "cpu",
-         "--output-dir", str(weights_dir)],  # fmt: skip
+        [
+            "--models", "efficientnet_lite0", "--bits", "2", "--no-progress", "--device", "cpu",
+            "--output-dir", str(weights_dir),
+        ],
     )
     assert study.exit_code == 0, study.output
     output_dir = tmp_path / "out"

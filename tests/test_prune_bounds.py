@@ -76,7 +76,7 @@ def test_layer_bounds_bracket_the_brute_force_optimum() -> None:
     scope = summary["scopes"]["chunk"]
     for method in scope["errors"]:
         assert scope["errors"][method] == pytest.approx(sum(c["errors"][method] for c in summary["chunks"]))
-    whole = [s for s in result["sets"] if s.scope == "whole_channel"][0]
+    whole = next(s for s in result["sets"] if s.scope == "whole_channel")
     assert whole.k == 7 and whole.status == ["optimal"] * 4  # 27 inputs: solved exactly as well
     # Whole-channel energy = the live channels' output energies (bias excluded), from F.conv2d.
     output = torch.nn.functional.conv2d(images, model.conv.weight.detach(), padding=1)

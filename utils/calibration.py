@@ -108,7 +108,7 @@ def load_calibration_images(
             )
         return sample_photo_batch(SAMPLE_PHOTOS[:num_samples], image_size=image_size)
     files = sample_image_files(images_dir, num_samples, seed)
-    transform = imagenet_eval_transform(image_size=image_size, resize_size=int(round(image_size * 256 / 224)))
+    transform = imagenet_eval_transform(image_size=image_size, resize_size=round(image_size * 256 / 224))
     images = []
     for path in files:
         try:

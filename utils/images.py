@@ -80,7 +80,7 @@ def sample_photo_batch(
     """
     if isinstance(names, str):
         names = (names,)
-    resize_size = int(round(image_size * 256 / 224))
+    resize_size = round(image_size * 256 / 224)
     transform = imagenet_eval_transform(image_size=image_size, resize_size=resize_size, mean=mean, std=std)
     return torch.stack([transform(load_sample_photo(name)) for name in names]).to(torch.float32)
 
