@@ -18,7 +18,7 @@ from torch import nn
 from train_helpers import invoke_cli, one_line_cli_error, private_registry, write_digits_dataset
 
 from deployment import export as export_module
-from deployment.cpu_features import MAX_UNSATURATED_WEIGHT, onednn_saturates, u8s8_saturates
+from deployment.cpu_features import MAX_UNSATURATED_WEIGHT, cpu_flags, onednn_saturates, u8s8_saturates
 from deployment.integer_model import IntegerLayer, dense_folded_model, integer_layers, set_dequantized_weights
 from deployment.onnx_qdq import INT32_MAX, fit_bias_in_int32, int32_bias
 from deployment.pt2e_x86 import load_program
@@ -418,3 +418,31 @@ def test_a_bias_too_large_for_int32_raises_only_its_channel_weight_scale() -> No
     old = int_weight[1].double() * 1e-12
     assert float((fitted.int_weight[1].double() * new_scale - old).abs().max()) <= new_scale / 2
     assert fit_bias_in_int32("conv", fitted, input_scale) is fitted  # nothing left to change
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="oneDNN's x86 int8 kernels: an x86 CPU with AVX2")
+def test_onednn_without_vnni_saturates_8_bit_weights_of_lite0() -> None:
+    """The README's finding, rerun: oneDNN held at AVX2 (or a CPU without VNNI) sums u8 x s8 pairs in int16, so
+    Lite0's inductor int8 program with 8-bit weights leaves its simulation by logits; with VNNI it stays close."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "check_pt2e_kernels.py"
+
+    def gap(max_isa: str | None) -> tuple[bool, float]:
+        env = {key: value for key, value in os.environ.items() if key != "ONEDNN_MAX_CPU_ISA"}
+        if max_isa is not None:
+            env["ONEDNN_MAX_CPU_ISA"] = max_isa
+        printed = subprocess.run([sys.executable, str(script), "--weight-bits", "8"], env=env, capture_output=True,
+                                 text=True, check=True).stdout  # fmt: skip
+        saturates = "saturates u8 x s8 pairs here: yes" in printed
+        return saturates, float(re.search(r"max \|logit difference\| ([0-9.]+)", printed).group(1))
+
+    saturates, held = gap("AVX2")
+    assert saturates and held > 2.0
+    if not u8s8_saturates():
+        saturates, free = gap(None)
+        assert not saturates and free < 1.0
