@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployment.cpu_features import MAX_UNSATURATED_WEIGHT, int8_instruction_sets, onednn_saturates
 from deployment.integer_model import dense_folded_model, integer_layers, set_dequantized_weights
-from deployment.pt2e_x86 import compiled_program, quantize_pt2e
+from deployment.pt2e_x86 import compiled_program, layers_beyond_unsaturated, quantize_pt2e
 from models.quantized import CompressionSpec, QuantSetup, calibrate_input_quantizers, compress_model
 from models.registry import load_model
 from quantization.fake_quant import QuantizerConfig
@@ -52,7 +52,7 @@ def main(weight_bits: int, image_size: int) -> None:
     program = quantize_pt2e(folded, layers, photos[:2], [photos])
     compiled = compiled_program(program)(photos)
     simulated = program.module()(photos)
-    beyond = sum(int(layer.int_weight.abs().max()) > MAX_UNSATURATED_WEIGHT for layer in layers.values())
+    beyond = len(layers_beyond_unsaturated(layers))
     click.echo(
         f"CPU int8 instruction sets: {', '.join(int8_instruction_sets()) or 'unknown'}; oneDNN saturates u8 x s8 "
         f"pairs here: {'yes' if onednn_saturates() else 'no'}\n"

@@ -45,8 +45,11 @@ def saturating_layers(layers: Mapping[str, IntegerLayer]) -> list[str]:
     PT2E stores weights as int8 whatever their bit-width, so unlike ``onnx-int8`` (uint8 weights for such
     layers) nothing avoids it: the program is right on CPUs with VNNI and wrong here.
     """
-    if not onednn_saturates():
-        return []
+    return layers_beyond_unsaturated(layers) if onednn_saturates() else []
+
+
+def layers_beyond_unsaturated(layers: Mapping[str, IntegerLayer]) -> list[str]:
+    """The layers with a weight integer beyond ``+-MAX_UNSATURATED_WEIGHT``, whatever the CPU."""
     return [name for name, layer in layers.items() if int(layer.int_weight.abs().max()) > MAX_UNSATURATED_WEIGHT]
 
 
