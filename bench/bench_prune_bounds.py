@@ -30,8 +30,8 @@ at once (:func:`pruning.sparse_ls.solve_exact_batch`, best of ``--repeats``). Pr
 milliseconds per problem (``time.process_time``; both sides single-threaded, so other processes' load does
 not count), the ratios Gurobi / ours, our statuses and nodes, and whether the optima agree: the largest
 ``|ours - Gurobi| / ours`` of the errors, and that each side's lower bound is at most the other side's error
-(up to ``1e-9`` relative). Gurobi is optional (``pip install
-gurobipy``; its size-limited pip licence suffices); without it that column is skipped.
+(up to ``1e-9`` relative). Gurobi is optional (pinned in
+``bench/requirements.txt``; its size-limited pip licence suffices); without it that column is skipped.
 
     python bench/bench_prune_bounds.py
     python bench/bench_prune_bounds.py --rows pc9_2,pc16_4 --max-problems 4 --repeats 1
@@ -148,7 +148,7 @@ def main(rows: str, max_problems: int | None, repeats: int, gurobi_formulation: 
                                 load_calibration_images(None, 5, 0))
     gurobi = gurobi_solver(gurobi_formulation)
     if gurobi is None:
-        click.echo("gurobipy is not installed: the Gurobi column is skipped (pip install gurobipy)")
+        click.echo("gurobipy is not installed: the Gurobi column is skipped (pip install -r bench/requirements.txt)")
     click.echo(f"CPU ms per problem; ours: node limit {node_limit}, 1 thread; Gurobi: {gurobi_formulation}, 1 thread, "
                "MIPGap 1e-9, model building excluded (shown as 'build')")
     header = (f"{'row':9s} {'(n, k)':8s} {'B':>3s} {'ours':>8s} {'batched':>8s} {'Gurobi':>8s} {'build':>6s} "
