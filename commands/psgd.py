@@ -1,6 +1,7 @@
 """PSGD's studies: ``psgd-compare`` (PSGD toward a grid vs toward zero vs SGD) and ``weight-histograms``."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,9 @@ def psgd_compare(bits: list[int], device: torch.device, **options) -> None:
     except compression_errors() + (ComparisonError,) as error:
         raise click.ClickException(str(error)) from None
     for row in summary.itertuples():
+        distance = "" if math.isnan(row.mean_grid_distance) else f"  grid distance {row.mean_grid_distance:.3f}"
         click.echo(f"b={row.bits} {row.arm:12s} {row.compression:16s} top-1 {row.posthoc_top1:6.2f}% "
-                   f"(float {row.float_top1:6.2f}%)  mean layer SQNR {row.mean_sqnr_db:6.2f} dB")
+                   f"(float {row.float_top1:6.2f}%)  mean layer SQNR {row.mean_sqnr_db:6.2f} dB{distance}")
 
 
 @click.command("weight-histograms")

@@ -18,12 +18,13 @@ magnitude-pruned to ``1 - b/16`` in every layer. The grid runs are also scored o
 (``--weight-quant-method psgd_grid``: its moving range and restricted levels; ``tracked_grid_top1``). Per layer,
 the weight SQNR of the same min-max compression comes from the weight study
 (:func:`studies.weight_sqnr.study_model`, min-max range): ``quant_sqnr`` at ``b`` bits for the quantized arms,
-``pruning_sqnr`` at ``1 - b/16`` for the pruned ones (every layer at ``b``, the first and last included).
+``pruning_sqnr`` at ``1 - b/16`` for the pruned ones (every layer at ``b``, the first and last included); for the
+quantized arms also how close the weights sit to that grid (:func:`grid_distance`: 0 on it, about 0.25 spread evenly).
 
 Outputs in ``--output-dir``: ``runs/<run>/`` (each run's checkpoints and metrics), ``comparison.csv``
 (one row per arm and bit-width: top-1 of the run's float weights, post-hoc top-1, the grid runs' top-1 on
-their tracked grid, mean and minimum layer SQNR), ``layers.csv`` (per layer SQNR), ``comparison.json`` (both,
-with the settings) and ``comparison.md`` (the table).
+their tracked grid, mean and minimum layer SQNR, mean grid distance of the quantized arms), ``layers.csv``
+(per layer SQNR and grid distance), ``comparison.json`` (both, with the settings) and ``comparison.md`` (the table).
 """
 from __future__ import annotations
 
@@ -34,10 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
+from models.layers import weight_layers
 from models.quantized import QuantSetup
-from quantization.position_scaling import FIRST_LAST_BELOW_BITS, Target
+from quantization.position_scaling import (
+    FIRST_LAST_BELOW_BITS,
+    Target,
+    grid_step_size,
+    nearest_grid_point,
+    zero_including_range,
+)
 from studies.compression import pruning_sparsity
 from studies.weight_sqnr import study_model
 from training.builders import build_float_model, load_float_weights
@@ -140,6 +149,15 @@ def float_weights(settings: ComparisonSettings, weights: str) -> nn.Module:
     return model
 
 
+def grid_distance(weight: torch.Tensor, n_bits: int) -> float:
+    """``mean |w - T(w)| / delta`` over the tensor, ``T`` the ``n_bits`` grid of its current range (the post-hoc
+    quantizer's grid, step ``delta = max|w| / (2^(b-1) - 1)``; :func:`quantization.position_scaling.nearest_grid_point`):
+    0 when every weight is on the grid, about 0.25 when they are spread evenly between its points."""
+    weight = weight.detach().double()
+    step_size = grid_step_size(*zero_including_range(weight), n_bits)
+    return float(((weight - nearest_grid_point(weight, step_size, n_bits)).abs() / step_size).mean())
+
+
 def _top1(settings: ComparisonSettings, weights: str, **compression: Any) -> float:
     top1 = evaluate_run(evaluation_config(settings, weights, **compression), None)["top1"]
     logger.info("%s, %s: top-1 %.2f%%", weights, ", ".join(f"{k} {v:g}" for k, v in compression.items()) or "float",
@@ -155,8 +173,8 @@ def compare_runs(settings: ComparisonSettings) -> tuple[pd.DataFrame, pd.DataFra
         train(training_config(settings, run))
         checkpoints[run] = str(Path(settings.output_dir) / "runs" / run / LAST)
     float_top1 = {run: _top1(settings, path) for run, path in checkpoints.items()}
-    sqnr = {run: study_model(float_weights(settings, path), settings.bits, SQNR_RANGE, progress=False)
-            for run, path in checkpoints.items()}  # fmt: skip
+    models = {run: float_weights(settings, path) for run, path in checkpoints.items()}
+    sqnr = {run: study_model(model, settings.bits, SQNR_RANGE, progress=False) for run, model in models.items()}
     rows, layer_rows = [], []
     for n_bits in settings.bits:
         sparsity = pruning_sparsity(n_bits)
@@ -167,22 +185,30 @@ def compare_runs(settings: ComparisonSettings) -> tuple[pd.DataFrame, pd.DataFra
             tracked = _top1(settings, checkpoints[run], n_bits=n_bits, tracked_grid=True) if arm == "psgd_grid" else None
             layers = {name: metrics[f"{kind}_sqnr"] for name, metrics in sqnr[run][n_bits].items()}
             values = pd.Series(layers, dtype=float)
+            distances = pd.Series({name: grid_distance(module.weight, n_bits) if kind == "quant" else None
+                                   for name, module in weight_layers(models[run])}, dtype=float)  # fmt: skip
             rows.append({"bits": n_bits, "arm": arm, "run": run,
                          "compression": f"W{n_bits}" if kind == "quant" else f"sparsity {sparsity:.4g}",
                          "float_top1": float_top1[run], "posthoc_top1": _top1(settings, checkpoints[run], **compression),
                          "tracked_grid_top1": tracked,
-                         "mean_sqnr_db": float(values.mean()), "min_sqnr_db": float(values.min())})  # fmt: skip
-            layer_rows += [{"bits": n_bits, "arm": arm, "layer": name, "sqnr_db": value} for name, value in layers.items()]
+                         "mean_sqnr_db": float(values.mean()), "min_sqnr_db": float(values.min()),
+                         "mean_grid_distance": float(distances.mean())})  # fmt: skip
+            layer_rows += [{"bits": n_bits, "arm": arm, "layer": name, "sqnr_db": value, "grid_distance": distances[name]}
+                           for name, value in layers.items()]  # fmt: skip
     return pd.DataFrame(rows), pd.DataFrame(layer_rows)
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """The summary as a markdown table (top-1 in %, SQNR in dB; the tracked-grid top-1 of the grid runs only)."""
-    lines = ["| b | arm | compression | float top-1 | post-hoc top-1 | tracked grid top-1 | mean SQNR (dB) | min SQNR (dB) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """The summary as a markdown table (top-1 in %, SQNR in dB; the tracked-grid top-1 of the grid runs, the grid
+    distance of the quantized arms only)."""
+    header = ("| b | arm | compression | float top-1 | post-hoc top-1 | tracked grid top-1 | mean SQNR (dB) "
+              "| min SQNR (dB) | grid distance |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {row.bits} | {row.arm} | {row.compression} | {row.float_top1:.2f} | {row.posthoc_top1:.2f} | "
               f"{'-' if pd.isna(row.tracked_grid_top1) else f'{row.tracked_grid_top1:.2f}'} | "
-              f"{row.mean_sqnr_db:.2f} | {row.min_sqnr_db:.2f} |" for row in summary.itertuples()]  # fmt: skip
+              f"{row.mean_sqnr_db:.2f} | {row.min_sqnr_db:.2f} | "
+              f"{'-' if pd.isna(row.mean_grid_distance) else f'{row.mean_grid_distance:.3f}'} |"
+              for row in summary.itertuples()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

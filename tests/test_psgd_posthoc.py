@@ -174,12 +174,20 @@ def test_psgd_compare_reports_post_hoc_accuracy_and_weight_sqnr(digits: Path, tm
         quantized = np.clip(np.round(w / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
         row = layers[(layers.bits == bits) & (layers.arm == "psgd_grid") & (layers.layer == "conv2")]
         assert float(row.sqnr_db.iloc[0]) == pytest.approx(_sqnr(w, quantized), rel=1e-6)
+        # the grid distance: mean |w - Q(w)| / step on the same grid (its extra level -2^(b-1) is never nearest)
+        assert float(row.grid_distance.iloc[0]) == pytest.approx(np.mean(np.abs(w - quantized)) / step, rel=1e-9)
+        arm = (layers.bits == bits) & (layers.arm == "psgd_grid")
+        mean_distance = summary[(summary.bits == bits) & (summary.arm == "psgd_grid")].mean_grid_distance.iloc[0]
+        assert mean_distance == pytest.approx(layers[arm].grid_distance.mean(), rel=1e-12)
         zero = torch.load(out / "runs" / "zero" / "last.pt", weights_only=True)["model"]["conv2.weight"]
         w = zero.double().numpy().ravel()
         pruned = w.copy()
         pruned[np.argsort(np.abs(w))[: round((1 - bits / 16) * w.size)]] = 0
         row = layers[(layers.bits == bits) & (layers.arm == "psgd_zero") & (layers.layer == "conv2")]
         assert float(row.sqnr_db.iloc[0]) == pytest.approx(_sqnr(w, pruned), rel=1e-6)
+    # a distance for the quantized arms only, between 0 (on the grid) and 1/2
+    quantized_arms = layers.arm.isin(["psgd_grid", "plain_quant", "start_quant"])
+    assert layers[quantized_arms].grid_distance.between(0, 0.5).all() and layers[~quantized_arms].grid_distance.isna().all()
     # the float start scored as the evaluate command scores it
     start_row = summary[(summary.bits == 4) & (summary.arm == "start_quant")].iloc[0]
     result = tmp_path / "eval.json"
