@@ -25,8 +25,8 @@ process; CBC runs as a child process, so its CPU column is only PuLP's model bui
   the DP's fallback);
 * ``solve (every choice)``: the same ILP given whole to HiGHS (``solver="highs-full"``);
 * ``CBC (PuLP)``: the same ILP (every allowed choice) built with PuLP and solved by CBC, the
-  official search's solver, when ``pulp`` is installed (an optional bench dependency pinned in ``bench/requirements.txt``, imported
-  here only); model building included.
+  official search's solver, when ``pulp`` is installed (an optional bench dependency pinned in
+  ``bench/requirements.txt``, imported here only); model building included.
 
 All solves must agree on the objective (checked). Defaults: the published ResNet-50 indicators,
 B = 6..2, W3A4 BitOPs, compression ratio 12.2, alpha 2.

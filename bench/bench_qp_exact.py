@@ -22,8 +22,9 @@ solver on a problem before the next problem (interleaved, so load changes hit al
   HEAD~1:quantization/qp_exact.py > /tmp/ref.py``) with ``--time-limit``, best of ``--repeats``;
 * ``box`` (``--box``): the previous best-first solver (``solve_exact_box``, kept as a test reference in
   ``tests/reference_solvers.py`` and imported from there), once, ``--time-limit``;
-* ``gurobi``: Gurobi, when ``gurobipy`` is importable (an optional bench dependency pinned in ``bench/requirements.txt``, imported here
-  only), single thread, ``MIPGap=1e-9``, ``--time-limit``, model building included, once.
+* ``gurobi``: Gurobi, when ``gurobipy`` is importable (an optional bench dependency pinned in
+  ``bench/requirements.txt``, imported here only), single thread, ``MIPGap=1e-9``, ``--time-limit``, model
+  building included, once.
 
 The starting point of every search is ``one_opt(sequential_rounding)``, computed for all problems at
 once (its time per problem is printed and included in our totals). Printed per solver: CPU seconds (``time.process_time``) per

@@ -49,6 +49,7 @@ __all__ = [
     "RANGE_MOMENTUM",
     "SymmetricRangeTracker",
     "Target",
+    "grid_distance",
     "grid_step_size",
     "nearest_grid_point",
     "position_scale",
@@ -97,6 +98,15 @@ def nearest_grid_point(weight: torch.Tensor, step_size: torch.Tensor, n_bits: in
     """``T(w) = delta * clamp(round(w / delta), -(2^(b-1) - 1), 2^(b-1) - 1)``, element-wise."""
     level_max = restricted_level_max(n_bits)
     return quantize_dequantize(weight, QuantParams(step_size, torch.zeros_like(step_size), -level_max, level_max))
+
+
+def grid_distance(weight: torch.Tensor, n_bits: int) -> float:
+    """``mean |w - T(w)| / delta`` over the tensor, ``T`` the ``n_bits`` grid of its current range
+    (:func:`nearest_grid_point`, step ``delta = max|w| / (2^(b-1) - 1)``, also the post-hoc quantizer's grid):
+    0 when every weight is on the grid, about 0.25 when they are spread evenly between its points."""
+    weight = weight.detach().double()
+    step_size = grid_step_size(*zero_including_range(weight), n_bits)
+    return float(((weight - nearest_grid_point(weight, step_size, n_bits)).abs() / step_size).mean())
 
 
 class SymmetricRangeTracker:

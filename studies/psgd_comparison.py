@@ -19,7 +19,8 @@ magnitude-pruned to ``1 - b/16`` in every layer. The grid runs are also scored o
 the weight SQNR of the same min-max compression comes from the weight study
 (:func:`studies.weight_sqnr.study_model`, min-max range): ``quant_sqnr`` at ``b`` bits for the quantized arms,
 ``pruning_sqnr`` at ``1 - b/16`` for the pruned ones (every layer at ``b``, the first and last included); for the
-quantized arms also how close the weights sit to that grid (:func:`grid_distance`: 0 on it, about 0.25 spread evenly).
+quantized arms also how close the weights sit to that grid
+(:func:`quantization.position_scaling.grid_distance`: 0 on it, about 0.25 spread evenly).
 
 Outputs in ``--output-dir``: ``runs/<run>/`` (each run's checkpoints and metrics), ``comparison.csv``
 (one row per arm and bit-width: top-1 of the run's float weights, post-hoc top-1, the grid runs' top-1 on
@@ -35,18 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from torch import nn
 
 from models.layers import weight_layers
 from models.quantized import QuantSetup
-from quantization.position_scaling import (
-    FIRST_LAST_BELOW_BITS,
-    Target,
-    grid_step_size,
-    nearest_grid_point,
-    zero_including_range,
-)
+from quantization.position_scaling import FIRST_LAST_BELOW_BITS, Target, grid_distance
 from studies.compression import pruning_sparsity
 from studies.weight_sqnr import study_model
 from training.builders import build_float_model, load_float_weights
@@ -149,15 +143,6 @@ def float_weights(settings: ComparisonSettings, weights: str) -> nn.Module:
     return model
 
 
-def grid_distance(weight: torch.Tensor, n_bits: int) -> float:
-    """``mean |w - T(w)| / delta`` over the tensor, ``T`` the ``n_bits`` grid of its current range (the post-hoc
-    quantizer's grid, step ``delta = max|w| / (2^(b-1) - 1)``; :func:`quantization.position_scaling.nearest_grid_point`):
-    0 when every weight is on the grid, about 0.25 when they are spread evenly between its points."""
-    weight = weight.detach().double()
-    step_size = grid_step_size(*zero_including_range(weight), n_bits)
-    return float(((weight - nearest_grid_point(weight, step_size, n_bits)).abs() / step_size).mean())
-
-
 def _top1(settings: ComparisonSettings, weights: str, **compression: Any) -> float:
     top1 = evaluate_run(evaluation_config(settings, weights, **compression), None)["top1"]
     logger.info("%s, %s: top-1 %.2f%%", weights, ", ".join(f"{k} {v:g}" for k, v in compression.items()) or "float",
@@ -193,8 +178,8 @@ def compare_runs(settings: ComparisonSettings) -> tuple[pd.DataFrame, pd.DataFra
                          "tracked_grid_top1": tracked,
                          "mean_sqnr_db": float(values.mean()), "min_sqnr_db": float(values.min()),
                          "mean_grid_distance": float(distances.mean())})  # fmt: skip
-            layer_rows += [{"bits": n_bits, "arm": arm, "layer": name, "sqnr_db": value, "grid_distance": distances[name]}
-                           for name, value in layers.items()]  # fmt: skip
+            layer_rows += [{"bits": n_bits, "arm": arm, "layer": name, "sqnr_db": value,
+                            "grid_distance": distances[name]} for name, value in layers.items()]  # fmt: skip
     return pd.DataFrame(rows), pd.DataFrame(layer_rows)
 
 

@@ -187,7 +187,8 @@ def test_psgd_compare_reports_post_hoc_accuracy_and_weight_sqnr(digits: Path, tm
         assert float(row.sqnr_db.iloc[0]) == pytest.approx(_sqnr(w, pruned), rel=1e-6)
     # a distance for the quantized arms only, between 0 (on the grid) and 1/2
     quantized_arms = layers.arm.isin(["psgd_grid", "plain_quant", "start_quant"])
-    assert layers[quantized_arms].grid_distance.between(0, 0.5).all() and layers[~quantized_arms].grid_distance.isna().all()
+    assert layers[quantized_arms].grid_distance.between(0, 0.5).all()
+    assert layers[~quantized_arms].grid_distance.isna().all()
     # the float start scored as the evaluate command scores it
     start_row = summary[(summary.bits == 4) & (summary.arm == "start_quant")].iloc[0]
     result = tmp_path / "eval.json"
