@@ -362,6 +362,7 @@ class NarrowInterval:
     excess: torch.Tensor
     unstable: torch.Tensor
     unstable_values: Callable[[torch.Tensor], UnstableValues]  # of the chosen (R, G) intervals
+    capped: bool = False  # made with a level cap: a bound only (:func:`narrow_intervals`)
 
     def bound(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(min_{a <= s <= b} P(s) + excess, argmin)``: a lower bound on the least error over the
@@ -399,8 +400,16 @@ def narrow_intervals(
     zero_point: torch.Tensor,
     q_min: int,
     q_max: int,
+    level_cap: int | None = None,
 ) -> NarrowInterval:
     """:class:`NarrowInterval` of ``(R, G)`` narrow intervals ``[low, high]``.
+
+    ``level_cap`` ``J`` (zero points 0) makes a lower bound for intervals that are only narrow
+    for the levels ``|j| <= J + 1`` (``b / a <= narrow_ratio(-J - 1, J + 1)``), far cheaper on wide
+    grids: only the values up to the zones of the boundaries ``J | J + 1`` and ``-J - 1 | -J``
+    are counted as above; those beyond count nothing, except those beyond the end points
+    ``q_max b`` and ``q_min b``, which count their distance to them (the nearest any grid of the
+    interval comes). Such statistics are a bound, never the error itself (:attr:`NarrowInterval.capped`).
 
     By segments: per level boundary ``j | j + 1`` the zone's ends ``(j + 1/2) a``, ``(j + 1/2) b``
     and, between them, the point where the two ends' errors are equal (the middle of
@@ -410,13 +419,16 @@ def narrow_intervals(
     every sum telescopes into the prefix sums at the cuts: only ``sum x`` is read there (the
     ``x^2`` of every value is in ``constant``). (Few values: per value.)
     """
-    n_levels = q_max - q_min + 1
+    # The boundaries j | j + 1 counted: from `first` to `last` - 1; cut off below and above with a cap.
+    first, last = (q_min, q_max) if level_cap is None else (max(q_min, -level_cap - 1), min(q_max, level_cap + 1))
+    cut_below, cut_above = first > q_min, last < q_max
+    n_levels = last - first + 1
     if use_direct_sum(sorted_values.n_values, 3 * n_levels):
-        return _direct_narrow_intervals(sorted_values.values, low, high, zero_point, q_min, q_max)
+        return _direct_narrow_intervals(sorted_values.values, low, high, zero_point, q_min, q_max, level_cap)
     rows, n_candidates = low.shape
     sv = sorted_values
     # The levels below and above each boundary, (R, G, K - 1).
-    lower = torch.arange(q_min, q_max, dtype=low.dtype, device=low.device) - zero_point[..., None]
+    lower = torch.arange(first, last, dtype=low.dtype, device=low.device) - zero_point[..., None]
     upper = lower + 1
     a, b = low[..., None], high[..., None]
     left_anchor = lower * torch.where(lower >= 0, b, a)
@@ -430,13 +442,39 @@ def narrow_intervals(
     count = index.to(low.dtype)
     at_low, at_middle, at_high = count.unbind(-1)
     sum_low, sum_middle, sum_high = below.unbind(-1)
-    # The stable runs: level lower[0] up to the first zone, upper[k] from zone k to zone k + 1, the top after the last.
-    top = (q_max - zero_point)[..., None]
-    moment = (lower * sum_low - upper * sum_high).sum(dim=2) + top[..., 0] * sv.prefix_sum[:, -1:]
-    curvature = (lower * lower * at_low - upper * upper * at_high).sum(dim=2) + (top * top)[..., 0] * sv.n_values
+    # The stable runs: level lower[0] up to the first zone, upper[k] from zone k to zone k + 1, the top after the
+    # last; the run below the first zone and the one above the last are left out where the levels are cut there.
+    moment = (lower * sum_low - upper * sum_high).sum(dim=2)
+    curvature = (lower * lower * at_low - upper * upper * at_high).sum(dim=2)
+    if cut_below:
+        moment, curvature = moment - lower[..., 0] * sum_low[..., 0], curvature - (lower * lower * at_low)[..., 0]
+    if cut_above:
+        moment, curvature = moment + upper[..., -1] * sum_high[..., -1], curvature + (upper * upper * at_high)[..., -1]
+    else:
+        top = q_max - zero_point
+        moment, curvature = moment + top * sv.prefix_sum[:, -1:], curvature + top * top * sv.n_values
     left = left_anchor * (left_anchor * (at_middle - at_low) - 2 * (sum_middle - sum_low))
     right = right_anchor * (right_anchor * (at_high - at_middle) - 2 * (sum_high - sum_middle))
+    excess = (left + right).sum(dim=2)
     zone_start, zone_end = index[..., 0], index[..., 2]
+    constant = sv.prefix_sum_sq[:, -1:].expand(rows, n_candidates)
+    if cut_below or cut_above:
+        # Only the values from the first zone on (cut below) and up to the end of the last one (cut above) count;
+        # beyond the end points each counts its distance to them.
+        counted_end = torch.gather(sv.prefix_sum_sq, 1, zone_end[..., -1]) if cut_above else constant
+        counted_start = torch.gather(sv.prefix_sum_sq, 1, zone_start[..., 0]) if cut_below else 0.0
+        constant = counted_end - counted_start
+        ends = torch.stack([(q_min - zero_point) * high, (q_max - zero_point) * high], dim=-1)  # (R, G, 2)
+        end_index, end_sum, end_sum_sq = count_below(sv, ends, sv.prefix_sum, sv.prefix_sum_sq)
+        end_count = end_index.to(low.dtype)
+        if cut_below:
+            anchor = ends[..., 0]
+            excess = excess + end_sum_sq[..., 0] - anchor * (2 * end_sum[..., 0] - anchor * end_count[..., 0])
+        if cut_above:
+            anchor = ends[..., 1]
+            beyond_sum_sq = sv.prefix_sum_sq[:, -1:] - end_sum_sq[..., 1]
+            beyond_sum = sv.prefix_sum[:, -1:] - end_sum[..., 1]
+            excess = excess + beyond_sum_sq - anchor * (2 * beyond_sum - anchor * (sv.n_values - end_count[..., 1]))
 
     def unstable_values(chosen: torch.Tensor) -> UnstableValues:
         """The index runs ``[zone_low, zone_high)`` of the chosen intervals' zones."""
@@ -453,27 +491,50 @@ def narrow_intervals(
     return NarrowInterval(
         moment=moment,
         curvature=curvature,
-        constant=sv.prefix_sum_sq[:, -1:].expand(rows, n_candidates),
-        excess=(left + right).sum(dim=2),
+        constant=constant,
+        excess=excess,
         unstable=(at_high - at_low).sum(dim=2),
         unstable_values=unstable_values,
+        capped=cut_below or cut_above,
     )
 
 
 def _direct_narrow_intervals(
-    values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int
+    values: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    zero_point: torch.Tensor,
+    q_min: int,
+    q_max: int,
+    level_cap: int | None = None,
 ) -> NarrowInterval:
     """:func:`narrow_intervals` per value (few values, many levels)."""
     x = values[:, None, :]
     a, b, z = low[..., None], high[..., None], zero_point[..., None]
     level_a = torch.clamp(torch.round(x / a) + z, q_min, q_max) - z
     level_b = torch.clamp(torch.round(x / b) + z, q_min, q_max) - z
+    first, last = (q_min, q_max) if level_cap is None else (max(q_min, -level_cap - 1), min(q_max, level_cap + 1))
+    # The values counted: from the first zone's start (levels cut below) up to the last zone's end (cut above).
+    counted = torch.ones_like(x, dtype=torch.bool)
+    if first > q_min:
+        half = first + 0.5 - z
+        counted = counted & (x >= torch.minimum(half * a, half * b))
+    if last < q_max:
+        half = last - 0.5 - z
+        counted = counted & (x < torch.maximum(half * a, half * b))
     stable = level_a == level_b
-    levels = torch.where(stable, level_a, 0.0)
+    levels = torch.where(stable & counted, level_a, 0.0)
     least = torch.minimum((x - level_a * a) ** 2, (x - level_b * b) ** 2)
+    # Beyond the end points (levels cut there): the distance to them.
+    bottom, top = (q_min - z) * b, (q_max - z) * b
+    ends = torch.zeros_like(x)
+    if first > q_min:
+        ends = torch.where(x < bottom, (x - bottom) ** 2, ends)
+    if last < q_max:
+        ends = torch.where(x >= top, (x - top) ** 2, ends)
 
     def unstable_values(chosen: torch.Tensor) -> UnstableValues:
-        picked = (~stable & chosen[..., None]).reshape(-1, values.shape[1])
+        picked = (~stable & counted & chosen[..., None]).reshape(-1, values.shape[1])
         node, position = picked.nonzero(as_tuple=True)
         value = values[node // low.shape[1], position]
         level_low, level_high = level_a.reshape(picked.shape)[node, position], level_b.reshape(picked.shape)[node, position]
@@ -482,11 +543,30 @@ def _direct_narrow_intervals(
     return NarrowInterval(
         moment=(levels * x).sum(dim=2),
         curvature=(levels * levels).sum(dim=2),
-        constant=(values * values).sum(dim=1, keepdim=True).expand_as(low),
-        excess=torch.where(stable, 0.0, least - x * x).sum(dim=2),
-        unstable=(~stable).sum(dim=2).to(low.dtype),
+        constant=torch.where(counted, x * x, 0.0).sum(dim=2).expand_as(low),
+        excess=(torch.where(stable | ~counted, 0.0, least - x * x) + ends).sum(dim=2),
+        unstable=(~stable & counted).sum(dim=2).to(low.dtype),
         unstable_values=unstable_values,
+        capped=first > q_min or last < q_max,
     )
+
+
+def _by_node_then_breakpoint(node: torch.Tensor, breakpoint: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The order of the values by node, then by breakpoint.
+
+    One sort of the key ``node + 1/4 + t / 2``, ``t = (breakpoint - a) / (b - a)`` clamped to ``[0, 1]``:
+    the keys of different nodes do not overlap and within a node the key does not decrease with the
+    breakpoint (every step of it is monotone), so only breakpoints with equal keys can come out of
+    order. That is checked; if any did, the order is taken by two stable sorts instead.
+    """
+    width = (high - low)[node]
+    position = torch.where(width > 0, (breakpoint - low[node]) / torch.where(width > 0, width, 1.0), 0.0)
+    order = torch.argsort(node.to(breakpoint.dtype) + 0.25 + 0.5 * position.clamp(0.0, 1.0))
+    sorted_node, sorted_breakpoint = node[order], breakpoint[order]
+    if bool(((sorted_breakpoint[1:] >= sorted_breakpoint[:-1]) | (sorted_node[1:] != sorted_node[:-1])).all()):
+        return order
+    order = torch.argsort(breakpoint, stable=True)
+    return order[torch.argsort(node[order], stable=True)]
 
 
 def interval_minimum(
@@ -505,12 +585,13 @@ def interval_minimum(
     Returns:
         ``(error, step)``, ``(R, G)``: the least error (``inf`` where not chosen) and where it is.
     """
+    if stats.capped:
+        raise ValueError("interval_minimum needs the statistics of all levels (no level_cap)")
     rows, n_candidates = low.shape
     unstable = stats.unstable_values(chosen)
     n_nodes = rows * n_candidates
     # The values in node order, by breakpoint within a node.
-    order = torch.argsort(unstable.breakpoint, stable=True)
-    order = order[torch.argsort(unstable.node[order], stable=True)]
+    order = _by_node_then_breakpoint(unstable.node, unstable.breakpoint, low.reshape(-1), high.reshape(-1))
     node, value = unstable.node[order], unstable.value[order]
     level_low, level_high, breakpoint = unstable.level_low[order], unstable.level_high[order], unstable.breakpoint[order]
 

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -33,17 +32,19 @@ PAPER_CANDIDATES = 100
 # Equal intervals of the step from 0 to the extreme's that start the search.
 ROOT_INTERVALS = 25
 # Children of a narrow node per split of its step interval.
-_STEP_SPLITS = 8
-# At most this many narrow parts of a wide node in one split.
+_STEP_SPLITS = 4
+# At most this many parts of a wide node in one split.
 _MAX_PARTS = 64
 # Nodes x segments evaluated at once (bounds the memory of a round).
 _MAX_SLOTS = 1 << 21
 # One-row parts of at most this many values are searched together with the others of about their
 # length (:func:`mse_range_search_many`); longer ones are searched alone.
 STACK_MAX_VALUES = 1 << 17
-# Narrow nodes with at most this many values changing level inside (or levels x log2 n, if
+# Narrow nodes with at most this many values changing level inside (or levels x log2 n / 4, if
 # more) are solved by a sweep rather than split.
-SWEEP_LIMIT = 4096
+SWEEP_LIMIT = 1024
+# Level caps of the narrow statistics of intervals narrow only for the levels up to them (wide ones).
+LEVEL_CAPS = (31,)
 
 
 def current_minmax(x: torch.Tensor, ch_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,10 +137,13 @@ def mse_range_search(
       ``[j a, j b]`` (:func:`quantization.grid_error.grid_sse_lower_bound`); on narrow ones
       (no value changes level twice) the stable values' parabola plus the unstable values'
       least errors (:func:`quantization.grid_error.narrow_intervals`), exact without breakpoints;
-    * a narrow node with at most ``max(SWEEP_LIMIT, levels x log2 n)`` unstable values that
+      on those narrow only for the levels up to a cap of :data:`LEVEL_CAPS` (zero points 0), the same
+      for the values up to that level and the clipped values' distance to the ends (``level_cap``),
+      far fewer cuts than narrow intervals of all levels would take;
+    * a narrow node with at most ``max(SWEEP_LIMIT, levels x log2 n / 4)`` unstable values that
       cannot be pruned is solved exactly by sweeping its breakpoints
       (:func:`quantization.grid_error.interval_minimum`); others are split (wide ones
-      geometrically into narrow parts, narrow ones into 8) unless their bound is within
+      geometrically into parts of the next class, narrow ones into :data:`_STEP_SPLITS`) unless their bound is within
       ``max(rtol E, resolution)`` of the incumbent, ``resolution`` the float64 resolution of the
       prefix sums (:func:`quantization.grid_error.error_resolution`).
 
@@ -192,21 +196,32 @@ def mse_range_search(
     step_low = (scale[rows, None] * edges[:-1]).reshape(-1)
     step_high = (scale[rows, None] * edges[1:]).reshape(-1)
 
-    ratio = narrow_ratio(q_min - int(zero_point.max()), q_max - int(zero_point.min()))
-    sweep_limit = max(SWEEP_LIMIT, (q_max - q_min + 1) * sv.n_values.bit_length())
-    max_slots = _MAX_SLOTS // (3 * (q_max - q_min + 1))
+    # Node classes by width, each with its bound: wide (the union bound), narrow for the levels up to each
+    # cap (capped narrow statistics), narrow (all levels). `ratios`: the widest b / a of each class but the first.
+    largest = max(q_max - int(zero_point.min()), int(zero_point.max()) - q_min)
+    caps = [cap for cap in LEVEL_CAPS if cap + 1 < largest] if bool((zero_point == 0).all()) else []
+    ratios = [narrow_ratio(-cap - 1, cap + 1) for cap in caps]
+    ratios.append(narrow_ratio(q_min - int(zero_point.max()), q_max - int(zero_point.min())))
+    narrow_class = len(caps)
+    sweep_limit = max(SWEEP_LIMIT, (q_max - q_min + 1) * sv.n_values.bit_length() // 4)
     while row.numel():
         bound = torch.empty(row.numel(), dtype=dtype, device=device)
         probe = 0.5 * (step_low + step_high)
         swept = torch.full_like(bound, torch.inf)  # the exact minimum of the nodes solved by a sweep
-        narrow = step_high <= step_low * ratio
+        node_class = sum((step_high <= step_low * r).long() for r in ratios) - 1  # -1: wide
         tolerance = torch.maximum(rtol * best_error, resolution)
-        for group in (~narrow, narrow):
-            for chunk_rows, index, valid in _node_chunks(row, group, max_slots):
+        for cls in range(-1, narrow_class + 1):
+            group = node_class == cls
+            levels = 2 * caps[cls] + 3 if 0 <= cls < narrow_class else q_max - q_min + 1
+            for chunk_rows, index, valid in _node_chunks(row, group, _MAX_SLOTS // (3 * levels)):
                 part = sv.select(chunk_rows)
                 a, b, zero = step_low[index], step_high[index], zero_point[row[index]]
                 at = index[valid]
-                if group is narrow:
+                if cls == -1:
+                    node_bound = grid_sse_lower_bound(part, a, b, q_min - zero, q_max - zero)
+                elif cls < narrow_class:
+                    node_bound = narrow_intervals(part, a, b, zero, q_min, q_max, level_cap=caps[cls]).bound(a, b)[0]
+                else:
                     # The tight bound; nodes that cannot be pruned and have few breakpoints are solved by a sweep.
                     stats = narrow_intervals(part, a, b, zero, q_min, q_max)
                     node_bound, node_probe = stats.bound(a, b)
@@ -216,8 +231,6 @@ def mse_range_search(
                         swept[at] = least[valid]
                         node_probe = torch.where(chosen, least_step, node_probe)
                     probe[at] = node_probe[valid]
-                else:
-                    node_bound = grid_sse_lower_bound(part, a, b, q_min - zero, q_max - zero)
                 bound[at] = node_bound[valid]
 
         # Incumbent: per row, the exact error at the probes of the best swept node and of the
@@ -240,9 +253,11 @@ def mse_range_search(
         # geometrically into narrow parts.
         tolerance = torch.maximum(rtol * best_error, resolution)
         keep = ~solved & (bound < (best_error - tolerance)[row])
-        a, b, row = step_low[keep], step_high[keep], row[keep]
-        wide = b > a * ratio
-        geometric_parts = torch.ceil(torch.log(b / a.clamp_min(b * 1e-300)) / math.log(ratio)).clamp(2, _MAX_PARTS)
+        a, b, row, kept_class = step_low[keep], step_high[keep], row[keep], node_class[keep]
+        wide = kept_class < narrow_class
+        # Parts of the next class up.
+        target = torch.tensor(ratios, dtype=dtype, device=device)[(kept_class + 1).clamp_max(narrow_class)]
+        geometric_parts = torch.ceil(torch.log(b / a.clamp_min(b * 1e-300)) / torch.log(target)).clamp(2, _MAX_PARTS)
         parts = torch.where(wide, geometric_parts, _STEP_SPLITS).long()
         parent = torch.repeat_interleave(torch.arange(row.numel(), device=device), parts)
         rank = (torch.arange(parent.numel(), device=device) - (torch.cumsum(parts, 0) - parts)[parent]).to(dtype)

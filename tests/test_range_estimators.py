@@ -588,6 +588,70 @@ def test_segment_sums_equal_per_value_sums(scheme, n_bits):
             torch.testing.assert_close(union / energy, union_per_value / energy, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [40, 3000])  # per value / by segments
+@pytest.mark.parametrize("n_bits", [3, 5, 8])
+@pytest.mark.parametrize("scheme", [QuantScheme.SYMMETRIC, QuantScheme.UNSIGNED])
+def test_capped_narrow_bound(scheme, n_bits, n):
+    """With a level cap, intervals narrow only for the levels up to it get a lower bound on the least
+    error (steps below and above the extreme's); the bound never exceeds the uncapped one on
+    intervals narrow for all levels, equals it with a cap at the top level, and segments and per-value
+    sums agree."""
+    rng = np.random.default_rng(zlib.crc32(f"capped-{scheme.value}-{n_bits}-{n}".encode()))
+    q_min, q_max = integer_range(n_bits, scheme)
+    x_rows = rng.standard_t(3, size=(2, n)) * np.array([[0.05], [3.0]])
+    if scheme is QuantScheme.UNSIGNED:
+        x_rows = np.abs(x_rows)
+    scale = np.abs(x_rows).max(axis=1, keepdims=True) / q_max
+    energy = np.sum(x_rows**2, axis=1, keepdims=True)
+    sv = SortedValues.from_rows(torch.from_numpy(x_rows))
+    zero = np.zeros((2, 6))
+    for cap in sorted({0, 1, q_max // 4, q_max - 2}):
+        low = scale * rng.uniform(0.1, 3.0, size=zero.shape)
+        high = low * (1 + (narrow_ratio(-cap - 1, cap + 1) - 1) * rng.uniform(0.05, 1.0, size=low.shape))
+        lo_t, hi_t, z_t = as_tensors(low, high, zero)
+        capped = narrow_intervals(sv, lo_t, hi_t, z_t, q_min, q_max, level_cap=cap)
+        assert capped.capped
+        bound, step = (t.numpy() for t in capped.bound(lo_t, hi_t))
+        assert np.all((low <= step) & (step <= high))
+        assert np.all(bound <= dense_minimum(x_rows, low, high, zero, q_min, q_max, points=301) + 1e-11 * energy)
+        per_value = grid_error_mod._direct_narrow_intervals(sv.values, lo_t, hi_t, z_t, q_min, q_max, cap)
+        np.testing.assert_allclose(bound / energy, per_value.bound(lo_t, hi_t)[0].numpy() / energy, rtol=0, atol=1e-12)
+        torch.testing.assert_close(capped.unstable, per_value.unstable, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="level_cap"):
+            interval_minimum(capped, torch.ones(low.shape, dtype=torch.bool), lo_t, hi_t)
+    # On intervals narrow for every level: below the full statistics' bound; a cap at the top changes nothing.
+    x_rows, low, high, zero, q_min, q_max = interval_cases(rng, n, n_bits, scheme, narrow=True)
+    sv = SortedValues.from_rows(torch.from_numpy(x_rows))
+    lo_t, hi_t, z_t = as_tensors(low, high, zero)
+    full = narrow_intervals(sv, lo_t, hi_t, z_t, q_min, q_max).bound(lo_t, hi_t)[0].numpy()
+    energy = np.sum(x_rows**2, axis=1, keepdims=True)
+    for cap in (0, q_max // 2):
+        capped = narrow_intervals(sv, lo_t, hi_t, z_t, q_min, q_max, level_cap=cap).bound(lo_t, hi_t)[0].numpy()
+        assert np.all(capped <= full + 1e-12 * energy)
+    at_top = narrow_intervals(sv, lo_t, hi_t, z_t, q_min, q_max, level_cap=max(q_max, -q_min))
+    assert not at_top.capped
+    np.testing.assert_allclose(at_top.bound(lo_t, hi_t)[0].numpy(), full, rtol=1e-12)
+
+
+@pytest.mark.parametrize("near_ties", [False, True])
+def test_order_by_node_then_breakpoint(near_ties):
+    """The sweep's order of the unstable values equals a lexicographic sort, also where breakpoints
+    closer than the sort key's resolution come in the wrong order (the fallback)."""
+    rng = np.random.default_rng(5)
+    n_nodes = 3 << 20  # node numbers this large leave the key about 2^-30 of an interval's width
+    low = rng.uniform(0.5, 1.0, n_nodes)
+    high = low * rng.uniform(1.0, 1.01, n_nodes)
+    node = np.sort(rng.integers(0, n_nodes, 4000))
+    breakpoint = low[node] + (high - low)[node] * rng.uniform(0.0, 1.0, node.size)
+    if near_ties:  # the largest node's values: distinct breakpoints in descending order, one key apart at most
+        node[-50:] = n_nodes - 1
+        breakpoint[-50:] = low[-1] + (high[-1] - low[-1]) * (0.5 - 1e-13 * np.arange(50))
+    order = grid_error_mod._by_node_then_breakpoint(torch.from_numpy(node), *as_tensors(breakpoint, low, high))
+    expected = np.lexsort((breakpoint, node))
+    np.testing.assert_array_equal(node[order.numpy()], node[expected])
+    np.testing.assert_array_equal(breakpoint[order.numpy()], breakpoint[expected])
+
+
 def test_narrow_bound_exact_without_breakpoints():
     """No value changes level on the interval: the bound is the exact least error there."""
     x = np.array([[-2.1, -0.9, 0.05, 1.1, 2.95, 3.2]])
