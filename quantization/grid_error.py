@@ -4,7 +4,9 @@ A grid with step ``s`` and integer levels ``j`` in ``[j_lo, j_hi]`` (``j_lo <= 0
 the points ``j s``; every value goes to its nearest point (values beyond the ends go to the
 ends), which is what ``s * (clamp(round(x / s) + z, q_min, q_max) - z)`` does with
 ``j = q - z``. The values are sorted once, with prefix sums of ``x`` and ``x^2``
-(:class:`SortedValues`). Every error below is a sum over *segments* of the sorted values, each
+(:class:`SortedValues`: rows of any lengths stored one after the other, every row read as
+padded with zeros to the longest, so that the rows of many tensors are handled by the same
+tensor operations). Every error below is a sum over *segments* of the sorted values, each
 with an anchor ``c``: a segment is a contiguous run ``[i0, i1)`` of the sorted array, found by
 binary search on its end points, and its error is
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Rows of at least this many values are searched candidate-fastest (:func:`count_below`).
+# Rows are searched candidate-fastest where the longest stored row has at least this many values (:func:`count_below`).
 CANDIDATE_FASTEST_VALUES = 1 << 15
 # Elements of the largest intermediate (rows x candidates x segments) built at once.
 _MAX_CHUNK_ELEMENTS = 1 << 22
@@ -66,82 +68,196 @@ def sort_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.sort(rows.detach(), dim=1).values.to(dtype).contiguous()
 
 
+def _search_keys(values: torch.Tensor, row_key: torch.Tensor, round_up: bool) -> torch.Tensor:
+    """int64 search keys: ``row_key`` (``row << 32``, broadcast) plus the order of ``values`` rounded to float32.
+
+    The float32 bits as int32, with the magnitude bits of negative numbers flipped, are ordered as
+    the numbers (``-0.0`` one below ``0.0``); each value is rounded down (``round_up`` False: the
+    stored values) or up (cuts) to float32. So ``v < c`` implies ``key(v) < key(c)``, and a value
+    whose key is below a cut's is below the cut unless it lies within one float32 step of it, or is
+    ``-0.0`` against ``0.0`` (float32 data: only the latter).
+    """
+    single = values.to(torch.float32)
+    bits = single.view(torch.int32)
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    widened = single.to(values.dtype)
+    nudge = widened < values if round_up else -(widened > values).to(torch.int32)
+    return row_key + (order + nudge)
+
+
 @dataclass(frozen=True)
 class SortedValues:
-    """Rows of values sorted ascending, with prefix sums ``[0, cumsum(x)]`` and ``[0, cumsum(x^2)]``.
+    """Rows of values, each sorted ascending, with prefix sums ``[0, cumsum(x)]`` and ``[0, cumsum(x^2)]``.
 
-    ``sizes``: per row, how many of its values are its own where rows of several lengths were
-    stacked (:meth:`stack`; the rest are zeros, which no grid or bound of this module sees: ``0``
-    is a level of every grid); None when every value is.
+    The rows may differ in length; they are stored one after the other (``values`` of row ``r`` at
+    ``starts[r]:starts[r + 1]``, its prefix sums at ``starts[r] + r`` on) and searched through int64
+    keys (:func:`count_below`). Every row reads as if padded with zeros, in sorted place, to the
+    length :attr:`n_values` of the longest: ``0`` is a level of every grid, so no error or bound of
+    this module sees them, and all rows share ``(R, ...)`` shaped cuts. ``rows``: which stored row each
+    row is (:meth:`select` and :meth:`stack` copy nothing where they can).
     """
 
-    values: torch.Tensor
-    prefix_sum: torch.Tensor
-    prefix_sum_sq: torch.Tensor
-    sizes: torch.Tensor | None = None
+    flat_values: torch.Tensor  # (N,)
+    keys: torch.Tensor  # (N,) int64: :func:`_search_keys` of the values rounded down
+    flat_prefix_sum: torch.Tensor  # (N + S,)
+    flat_prefix_sum_sq: torch.Tensor  # (N + S,)
+    starts: torch.Tensor  # (S + 1,) int64
+    negatives: torch.Tensor  # (S,) int64: values below 0 per stored row (where the padding zeros go)
+    rows: torch.Tensor  # (R,) int64
+    n_values: int
+    exact_keys: bool  # every stored value a float32 number: the keys alone order values and cuts exactly
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> SortedValues:
-        values = sort_rows(rows)
-        zeros = values.new_zeros(values.shape[0], 1)
-        prefix_sum = torch.cat([zeros, values.cumsum(dim=1)], dim=1)
-        prefix_sum_sq = torch.cat([zeros, (values * values).cumsum(dim=1)], dim=1)
-        return cls(values, prefix_sum, prefix_sum_sq)
+        """The rows of a 2-D tensor, sorted (:func:`sort_rows`)."""
+        return cls.from_row_sets([rows])
 
-    @property
-    def n_rows(self) -> int:
-        return self.values.shape[0]
+    @classmethod
+    def from_row_sets(cls, row_sets: Sequence[torch.Tensor]) -> SortedValues:
+        """The rows of several 2-D tensors (each of its own length), sorted and stored together, in order."""
+        shapes = [tuple(rows.shape) for rows in row_sets]
+        n_stored = sum(n_rows for n_rows, _ in shapes)
+        n_total = sum(n_rows * length for n_rows, length in shapes)
+        device, dtype = row_sets[0].device, accumulation_dtype(row_sets[0].device)
+        flat_values = torch.empty(n_total, dtype=dtype, device=device)
+        keys = torch.empty(n_total, dtype=torch.int64, device=device)
+        prefix_sum, prefix_sum_sq = (torch.empty(n_total + n_stored, dtype=dtype, device=device) for _ in range(2))
+        negatives = torch.empty(n_stored, dtype=torch.int64, device=device)
+        starts = [0]
+        exact_keys = True
+        row, offset = 0, 0
+        for rows, (n_rows, length) in zip(row_sets, shapes):
+            values = sort_rows(rows) + 0.0  # no -0.0
+            size = n_rows * length
+            flat_values[offset:offset + size] = values.reshape(-1)
+            stored = torch.arange(row, row + n_rows, device=device)
+            keys[offset:offset + size] = _search_keys(values, stored[:, None] << 32, round_up=False).reshape(-1)
+            for prefix, terms in ((prefix_sum, values), (prefix_sum_sq, values * values)):
+                block = prefix[offset + row:offset + row + size + n_rows].view(n_rows, length + 1)
+                block[:, 0] = 0.0
+                block[:, 1:] = terms.cumsum(dim=1)
+            negatives[row:row + n_rows] = torch.searchsorted(values, values.new_zeros(n_rows, 1))[:, 0]
+            exact_keys = exact_keys and bool((values.to(torch.float32).to(dtype) == values).all())
+            starts.extend(range(offset + length, offset + size + 1, length) if length else [offset] * n_rows)
+            row, offset = row + n_rows, offset + size
+        return cls(
+            flat_values, keys, prefix_sum, prefix_sum_sq, torch.tensor(starts, device=device), negatives,
+            torch.arange(n_stored, device=device), max((length for _, length in shapes), default=0), exact_keys,
+        )
 
     @classmethod
     def stack(cls, parts: Sequence[SortedValues]) -> SortedValues:
-        """The rows of all ``parts`` in one, each padded with zeros (in sorted place) to the longest.
+        """The rows of all ``parts`` in one (read as padded to the longest of them).
 
-        The prefix sums are those of the parts, repeated over the zeros (not summed again), so
-        every error read off them is the part's own.
+        Parts that are rows of one stored set share it (no copy); otherwise each part must be a
+        whole stored set (:meth:`from_rows`, :meth:`stack`), and they are stored together.
         """
-        length = max(part.n_values for part in parts)
-        stacked = []
-        for part in parts:
-            positions = torch.arange(length + 1, device=part.values.device)
-            negatives = torch.searchsorted(part.values, part.values.new_zeros(part.n_rows, 1))  # where the zeros go
-            padding = length - part.n_values
-            # Where each padded value and each padded prefix sum comes from in the part.
-            slots = positions[:-1]
-            value_source = torch.where(slots < negatives, slots, (slots - padding).clamp_min(0))
-            added = (slots >= negatives) & (slots < negatives + padding)
-            values = torch.where(added, 0.0, part.values.gather(1, value_source))
-            source = torch.where(positions <= negatives, positions, torch.maximum(positions - padding, negatives))
-            stacked.append((values, part.prefix_sum.gather(1, source), part.prefix_sum_sq.gather(1, source), part.counts))
-        values, prefix_sum, prefix_sum_sq, sizes = (torch.cat(column) for column in zip(*stacked))
-        return cls(values, prefix_sum, prefix_sum_sq, sizes)
+        first = parts[0]
+        if all(part.flat_values is first.flat_values for part in parts):
+            rows = torch.cat([part.rows for part in parts])
+            return cls(*(getattr(first, name) for name in _STORED), rows, first.n_values, first.exact_keys)
+        if not all(part.is_whole for part in parts):
+            raise ValueError("stack takes rows of one stored set, or whole stored sets")
+        row_offsets = np.cumsum([0] + [part.n_rows for part in parts])
+        value_offsets = np.cumsum([0] + [part.flat_values.numel() for part in parts])
+
+        def joined(name: str, shift: Callable[[SortedValues, int], torch.Tensor | int]) -> torch.Tensor:
+            return torch.cat([getattr(part, name) + shift(part, index) for index, part in enumerate(parts)])
+
+        return cls(
+            flat_values=torch.cat([part.flat_values for part in parts]),
+            keys=joined("keys", lambda part, index: int(row_offsets[index]) << 32),
+            flat_prefix_sum=torch.cat([part.flat_prefix_sum for part in parts]),
+            flat_prefix_sum_sq=torch.cat([part.flat_prefix_sum_sq for part in parts]),
+            starts=torch.cat([first.starts[:1]] + [part.starts[1:] + int(value_offsets[i]) for i, part in enumerate(parts)]),
+            negatives=torch.cat([part.negatives for part in parts]),
+            rows=torch.arange(int(row_offsets[-1]), device=first.device),
+            n_values=max(part.n_values for part in parts),
+            exact_keys=all(part.exact_keys for part in parts),
+        )
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether the rows are all the stored rows, in order."""
+        stored = torch.arange(self.starts.numel() - 1, device=self.device)
+        return self.rows.numel() == stored.numel() and bool((self.rows == stored).all())
+
+    def select(self, rows: torch.Tensor) -> SortedValues:
+        """The given rows (``(r,)`` indices, possibly repeated), sharing the stored values."""
+        return SortedValues(*(getattr(self, name) for name in _STORED), self.rows[rows], self.n_values, self.exact_keys)
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored values, keys and prefix sums (shared by every selection of them)."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, name) for name in _STORED))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat_values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat_values.device
 
     @property
     def counts(self) -> torch.Tensor:
-        """Per row, how many values are its own (:attr:`sizes`), as a float ``(R,)`` tensor."""
-        if self.sizes is not None:
-            return self.sizes
-        return self.values.new_full((self.n_rows,), self.n_values)
-
-    def select(self, rows: torch.Tensor) -> SortedValues:
-        """The given rows (``(r,)`` indices, possibly repeated); no copy when they are all rows in order."""
-        if rows.numel() == self.n_rows and bool((rows == torch.arange(self.n_rows, device=rows.device)).all()):
-            return self
-        sizes = None if self.sizes is None else self.sizes[rows]
-        return SortedValues(self.values[rows], self.prefix_sum[rows], self.prefix_sum_sq[rows], sizes)
+        """Per row, how many values are its own (not padding), as a float ``(R,)`` tensor."""
+        return (self.starts[self.rows + 1] - self.starts[self.rows]).to(self.dtype)
 
     @property
-    def n_values(self) -> int:
-        return self.values.shape[1]
+    def padding(self) -> torch.Tensor:
+        """Per row, how many zeros pad it to :attr:`n_values`, ``(R,)`` int64."""
+        return self.n_values - (self.starts[self.rows + 1] - self.starts[self.rows])
+
+    @property
+    def total_sum(self) -> torch.Tensor:
+        """``sum x`` per row, shape ``(R,)``."""
+        return self.flat_prefix_sum[self.starts[self.rows + 1] + self.rows]
 
     @property
     def energy(self) -> torch.Tensor:
         """``sum x^2`` per row, shape ``(R,)``."""
-        return self.prefix_sum_sq[:, -1]
+        return self.flat_prefix_sum_sq[self.starts[self.rows + 1] + self.rows]
+
+    @property
+    def smallest(self) -> torch.Tensor:
+        """The least value of each row, ``(R,)`` (its own, not the padding)."""
+        return self.flat_values[self.starts[self.rows]]
+
+    @property
+    def largest(self) -> torch.Tensor:
+        """The greatest value of each row, ``(R,)``."""
+        return self.flat_values[self.starts[self.rows + 1] - 1]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The rows as one ``(R, n_values)`` tensor, padded with zeros in sorted place (a copy)."""
+        slots = torch.arange(self.n_values, device=self.device)
+        return self.value_at(torch.arange(self.n_rows, device=self.device)[:, None], slots, zeros=True)
+
+    def value_at(self, row: torch.Tensor, index: torch.Tensor, zeros: bool = False) -> torch.Tensor:
+        """The value at ``index`` of the padded row ``row`` (broadcast); with ``zeros`` False, ``index``
+        must not point at the padding."""
+        stored = self.rows[row]
+        negatives, padding = self.negatives[stored], self.padding[row]
+        own = torch.where(index < negatives, index, index - padding)
+        last = self.starts[stored + 1] - self.starts[stored] - 1
+        value = self.flat_values[self.starts[stored] + torch.minimum(own.clamp_min(0), last)]
+        if zeros:
+            value = torch.where((index >= negatives) & (index < negatives + padding), 0.0, value)
+        return value
+
+
+_STORED = ("flat_values", "keys", "flat_prefix_sum", "flat_prefix_sum_sq", "starts", "negatives")
 
 
 def error_resolution(sorted_values: SortedValues) -> torch.Tensor:
     """Per row, how far rounding can move an error made of the prefix sums: ``4 n eps sum x^2``."""
-    eps = torch.finfo(sorted_values.values.dtype).eps
+    eps = torch.finfo(sorted_values.dtype).eps
     return 4.0 * (sorted_values.counts + 1) * eps * sorted_values.energy
 
 
@@ -154,29 +270,56 @@ def use_direct_sum(n_values: int, n_segments: int) -> bool:
     return n_values <= 3 * n_segments
 
 
-def count_below(sorted_values: SortedValues, cuts: torch.Tensor, *prefixes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per cut, how many values of its row lie below it (``searchsorted``), and each prefix sum read there.
+def stored_below(sorted_values: SortedValues, cuts: torch.Tensor) -> torch.Tensor:
+    """Per cut of ``(R, M)`` cuts, where in the stored values its row's values below it end (an index
+    into :attr:`SortedValues.flat_values`): the row's start plus how many of its own values are below.
 
-    ``cuts`` is ``(R, G, ...)``, with the candidates along dim 1 in order of their step. The search
-    runs candidate-fastest: neighbouring candidates put the same cut at nearby values, so
-    consecutive binary searches share their path through the array and stay in cache (about
-    five times faster than searching each candidate's cuts in turn on a row of a million values).
-    Rows shorter than :data:`CANDIDATE_FASTEST_VALUES` fit in cache and are searched in place.
+    One ``searchsorted`` of the int64 keys (:func:`_search_keys`), exact where the stored values are
+    float32 numbers (:attr:`SortedValues.exact_keys`); otherwise the few cuts whose count that
+    overstates (a counted value not below the cut) are corrected by a binary search over their rows in
+    the accumulation dtype.
+    """
+    sv = sorted_values
+    position = torch.searchsorted(sv.keys, _search_keys(cuts, (sv.rows << 32)[:, None], round_up=True))
+    if sv.exact_keys:
+        return position
+    start = sv.starts[sv.rows][:, None]
+    wrong = (sv.flat_values[(position - 1).clamp_min(0)] >= cuts) & (position > start)
+    if bool(wrong.any()):
+        low, high, cut = start.expand_as(cuts)[wrong], position[wrong], cuts[wrong]
+        while bool((low < high).any()):
+            middle = (low + high) // 2
+            below = sv.flat_values[middle.clamp_max(sv.flat_values.numel() - 1)] < cut
+            active = low < high
+            low = torch.where(active & below, middle + 1, low)
+            high = torch.where(active & ~below, middle, high)
+        position = position.masked_scatter(wrong, low)
+    return position
+
+
+def count_below(sorted_values: SortedValues, cuts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per cut, how many values of its (padded) row lie below it, and the sums of those values and of their squares.
+
+    ``cuts`` is ``(R, G, ...)``, with the candidates along dim 1 in order of their step. Rows of at
+    least :data:`CANDIDATE_FASTEST_VALUES` are searched candidate-fastest: neighbouring candidates
+    put the same cut at nearby values, so consecutive binary searches share their path through the
+    array and stay in cache (about five times faster on a row of a million values).
 
     Returns:
-        ``(index, *values)``: the counts and ``prefix[r, index]`` for each prefix, all shaped like ``cuts``.
+        ``(index, sums, sums_sq)``, all shaped like ``cuts``; ``index`` counts the padding zeros
+        below positive cuts (:class:`SortedValues`).
     """
+    sv = sorted_values
     rows, n_candidates = cuts.shape[:2]
-    if sorted_values.n_values < CANDIDATE_FASTEST_VALUES:  # the row fits in cache: the reordering would only cost
-        index = torch.searchsorted(sorted_values.values, cuts.reshape(rows, -1))
-        return index.reshape(cuts.shape), *(torch.gather(prefix, 1, index).reshape(cuts.shape) for prefix in prefixes)
-    candidate_fastest = cuts.reshape(rows, n_candidates, -1).transpose(1, 2).reshape(rows, -1)
-    index = torch.searchsorted(sorted_values.values, candidate_fastest)
-
-    def as_cuts(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(rows, -1, n_candidates).transpose(1, 2).reshape(cuts.shape)
-
-    return as_cuts(index), *(as_cuts(torch.gather(prefix, 1, index)) for prefix in prefixes)
+    reorder = sv.n_values >= CANDIDATE_FASTEST_VALUES
+    flat = cuts.reshape(rows, n_candidates, -1).transpose(1, 2).reshape(rows, -1) if reorder else cuts.reshape(rows, -1)
+    position = stored_below(sv, flat)
+    index = position - (sv.starts[sv.rows] - sv.padding)[:, None] - torch.where(flat > 0, 0, sv.padding[:, None])
+    at = (position + sv.rows[:, None]).reshape(-1)
+    results = (index, sv.flat_prefix_sum.index_select(0, at).view_as(index), sv.flat_prefix_sum_sq.index_select(0, at).view_as(index))
+    if reorder:
+        return tuple(t.reshape(rows, -1, n_candidates).transpose(1, 2).reshape(cuts.shape) for t in results)
+    return tuple(t.reshape(cuts.shape) for t in results)
 
 
 def _in_chunks(n_candidates: int, elements_per_candidate: int, compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -212,11 +355,11 @@ def _segment_sums(sv: SortedValues, cuts: torch.Tensor) -> tuple[torch.Tensor, .
         ends = torch.cat([first.expand(rows, n_candidates, 1), inner, last.expand(rows, n_candidates, 1)], dim=2)
         return ends[..., 1:] - ends[..., :-1]
 
-    index, below, below_sq = count_below(sv, cuts, sv.prefix_sum, sv.prefix_sum_sq)
+    index, below, below_sq = count_below(sv, cuts)
     zero = cuts.new_zeros(1, 1, 1)
     counts = runs(index.to(cuts.dtype), zero, cuts.new_full((1, 1, 1), sv.n_values))
-    sums = runs(below, zero, sv.prefix_sum[:, -1:, None])
-    sums_sq = runs(below_sq, zero, sv.prefix_sum_sq[:, -1:, None])
+    sums = runs(below, zero, sv.total_sum[:, None, None])
+    sums_sq = runs(below_sq, zero, sv.energy[:, None, None])
     return counts, sums, sums_sq
 
 
@@ -289,7 +432,7 @@ def grid_sse_lower_bound(
     # Cuts, rising: per gap the interval's start, the gap's start and middle; then the last interval's ends.
     triples = torch.stack([interval_low[..., :-1], gap_start, gap_middle], dim=-1).flatten(-2)
     cuts = torch.cat([triples, interval_low[..., -1:], interval_high[..., -1:]], dim=-1)
-    index, below, below_sq = count_below(sorted_values, cuts, sorted_values.prefix_sum, sorted_values.prefix_sum_sq)
+    index, below, below_sq = count_below(sorted_values, cuts)
     count = index.to(low.dtype)
 
     def run_error(start: slice, end: slice, anchor: torch.Tensor) -> torch.Tensor:
@@ -300,8 +443,8 @@ def grid_sse_lower_bound(
     last = 3 * (n_levels - 1)
     first_anchor, last_anchor = interval_low[..., 0], interval_high[..., -1]
     first = below_sq[..., 0] - first_anchor * (2 * below[..., 0] - first_anchor * count[..., 0])
-    beyond_sq = sorted_values.prefix_sum_sq[:, -1:] - below_sq[..., last + 1]
-    beyond_sum = sorted_values.prefix_sum[:, -1:] - below[..., last + 1]
+    beyond_sq = sorted_values.energy[:, None] - below_sq[..., last + 1]
+    beyond_sum = sorted_values.total_sum[:, None] - below[..., last + 1]
     beyond_count = sorted_values.n_values - count[..., last + 1]
     end = beyond_sq - last_anchor * (2 * beyond_sum - last_anchor * beyond_count)
     # Per gap: from its start to its middle (anchor: the start), from the middle to the next interval (anchor: its start).
@@ -438,7 +581,7 @@ def narrow_intervals(
     zone_high = torch.maximum(half * a, half * b)
     zone_middle = torch.minimum(torch.maximum(0.5 * (left_anchor + right_anchor), zone_low), zone_high)
     cuts = torch.stack([zone_low, zone_middle, zone_high], dim=-1)  # (R, G, K - 1, 3), rising
-    index, below = count_below(sv, cuts, sv.prefix_sum)  # below: the sum of the values below each cut
+    index, below, below_sq = count_below(sv, cuts)  # below: the sum of the values below each cut
     count = index.to(low.dtype)
     at_low, at_middle, at_high = count.unbind(-1)
     sum_low, sum_middle, sum_high = below.unbind(-1)
@@ -452,28 +595,28 @@ def narrow_intervals(
         moment, curvature = moment + upper[..., -1] * sum_high[..., -1], curvature + (upper * upper * at_high)[..., -1]
     else:
         top = q_max - zero_point
-        moment, curvature = moment + top * sv.prefix_sum[:, -1:], curvature + top * top * sv.n_values
+        moment, curvature = moment + top * sv.total_sum[:, None], curvature + top * top * sv.n_values
     left = left_anchor * (left_anchor * (at_middle - at_low) - 2 * (sum_middle - sum_low))
     right = right_anchor * (right_anchor * (at_high - at_middle) - 2 * (sum_high - sum_middle))
     excess = (left + right).sum(dim=2)
     zone_start, zone_end = index[..., 0], index[..., 2]
-    constant = sv.prefix_sum_sq[:, -1:].expand(rows, n_candidates)
+    constant = sv.energy[:, None].expand(rows, n_candidates)
     if cut_below or cut_above:
         # Only the values from the first zone on (cut below) and up to the end of the last one (cut above) count;
         # beyond the end points each counts its distance to them.
-        counted_end = torch.gather(sv.prefix_sum_sq, 1, zone_end[..., -1]) if cut_above else constant
-        counted_start = torch.gather(sv.prefix_sum_sq, 1, zone_start[..., 0]) if cut_below else 0.0
+        counted_end = below_sq[..., -1, 2] if cut_above else constant
+        counted_start = below_sq[..., 0, 0] if cut_below else 0.0
         constant = counted_end - counted_start
         ends = torch.stack([(q_min - zero_point) * high, (q_max - zero_point) * high], dim=-1)  # (R, G, 2)
-        end_index, end_sum, end_sum_sq = count_below(sv, ends, sv.prefix_sum, sv.prefix_sum_sq)
+        end_index, end_sum, end_sum_sq = count_below(sv, ends)
         end_count = end_index.to(low.dtype)
         if cut_below:
             anchor = ends[..., 0]
             excess = excess + end_sum_sq[..., 0] - anchor * (2 * end_sum[..., 0] - anchor * end_count[..., 0])
         if cut_above:
             anchor = ends[..., 1]
-            beyond_sum_sq = sv.prefix_sum_sq[:, -1:] - end_sum_sq[..., 1]
-            beyond_sum = sv.prefix_sum[:, -1:] - end_sum[..., 1]
+            beyond_sum_sq = sv.energy[:, None] - end_sum_sq[..., 1]
+            beyond_sum = sv.total_sum[:, None] - end_sum[..., 1]
             excess = excess + beyond_sum_sq - anchor * (2 * beyond_sum - anchor * (sv.n_values - end_count[..., 1]))
 
     def unstable_values(chosen: torch.Tensor) -> UnstableValues:
@@ -482,7 +625,7 @@ def narrow_intervals(
         zone = torch.repeat_interleave(torch.arange(sizes.numel(), device=low.device), sizes)
         offset = torch.arange(zone.numel(), device=low.device) - (torch.cumsum(sizes, 0) - sizes)[zone]
         node = zone // (n_levels - 1)
-        value = sv.values[node // n_candidates, zone_start.reshape(-1)[zone] + offset]
+        value = sv.value_at(node // n_candidates, zone_start.reshape(-1)[zone] + offset)
         level = lower.reshape(-1)[zone]
         rising = level + 0.5 > 0  # at a, x / a is above the boundary: the upper level
         level_low, level_high = torch.where(rising, level + 1, level), torch.where(rising, level, level + 1)
@@ -641,7 +784,7 @@ def zero_count(sorted_values: SortedValues, step_size: torch.Tensor) -> torch.Te
 
     ``round(x / s) = 0`` exactly for ``-s/2 <= x <= s/2`` (round half to even).
     """
-    half_step = (0.5 * step_size)[:, None]
-    upper = torch.searchsorted(sorted_values.values, half_step, right=True)
-    lower = torch.searchsorted(sorted_values.values, -half_step, right=False)
-    return (upper - lower)[:, 0]
+    half_step = 0.5 * step_size
+    just_above = torch.nextafter(half_step, torch.full_like(half_step, torch.inf))  # below it: the values <= s/2
+    position = stored_below(sorted_values, torch.stack([-half_step, just_above], dim=1))
+    return position[:, 1] - position[:, 0]

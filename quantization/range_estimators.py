@@ -27,24 +27,21 @@ from quantization.quantizers import QuantScheme, integer_range, params_from_rang
 # The search returns an error within this share of the optimum (or within the float64
 # resolution of the prefix sums, whichever is larger).
 MSE_RTOL = 1e-9
-# The paper's search: thresholds i / 100 of the tensor's extreme, the first incumbents.
-PAPER_CANDIDATES = 100
+# The first incumbents: thresholds i / FIRST_CANDIDATES of the tensor's extreme (every fourth of the paper's 100).
+FIRST_CANDIDATES = 25
 # Equal intervals of the step from 0 to the extreme's that start the search.
-ROOT_INTERVALS = 25
+ROOT_INTERVALS = 8
 # Children of a narrow node per split of its step interval.
 _STEP_SPLITS = 4
 # At most this many parts of a wide node in one split.
 _MAX_PARTS = 64
 # Nodes x segments evaluated at once (bounds the memory of a round).
 _MAX_SLOTS = 1 << 21
-# One-row parts of at most this many values are searched together with the others of about their
-# length (:func:`mse_range_search_many`); longer ones are searched alone.
-STACK_MAX_VALUES = 1 << 17
 # Narrow nodes with at most this many values changing level inside (or levels x log2 n / 4, if
 # more) are solved by a sweep rather than split.
 SWEEP_LIMIT = 1024
 # Level caps of the narrow statistics of intervals narrow only for the levels up to them (wide ones).
-LEVEL_CAPS = (31,)
+LEVEL_CAPS = (3, 7, 15, 31, 63)
 
 
 def current_minmax(x: torch.Tensor, ch_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,38 +76,6 @@ class RunningMinMax:
         return self.min_val, self.max_val
 
 
-def _node_chunks(row: torch.Tensor, selected: torch.Tensor, max_slots: int):
-    """The selected nodes laid out by row, in chunks of at most ``max_slots`` slots (rows x nodes).
-
-    Yields ``(rows, index, valid)``: the chunk's rows, its ``(r, g)`` node indices (padded with
-    the row's last node) and which slots hold a node. Rows with many
-    nodes get chunks of their own, so padding never costs more than the nodes themselves.
-    """
-    nodes = selected.nonzero()[:, 0]
-    if not nodes.numel():
-        return
-    nodes = nodes[torch.argsort(row[nodes], stable=True)]
-    rows, counts = torch.unique_consecutive(row[nodes], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    max_slots = max(1, max_slots)
-    groups: list[list[tuple[int, int, int]]] = [[]]  # per chunk: (row, first node, node count)
-    width = 0
-    for r, start, count in zip(rows.tolist(), starts.tolist(), counts.tolist()):
-        for first in range(start, start + count, max_slots):
-            size = min(max_slots, start + count - first)
-            if groups[-1] and (len(groups[-1]) + 1) * max(width, size) > max_slots:
-                groups.append([])
-                width = 0
-            groups[-1].append((r, first, size))
-            width = max(width, size)
-    for group in groups:
-        chunk_rows, first, size = (torch.tensor(column, device=row.device) for column in zip(*group))
-        slots = torch.arange(int(size.max()), device=row.device)
-        valid = slots < size[:, None]
-        index = nodes[first[:, None] + torch.minimum(slots, size[:, None] - 1)]
-        yield chunk_rows, index, valid
-
-
 def _row_argmin(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Per row, the index of its node with the least finite value (-1 where none)."""
     least = torch.full((n_rows,), torch.inf, dtype=values.dtype, device=values.device)
@@ -130,7 +95,7 @@ def mse_range_search(
     is fixed and ``E = sum x^2 - 2 s A + s^2 B`` with ``A = sum j x``, ``B = sum j^2``. Branch
     and bound over intervals ``[a, b]`` of steps:
 
-    * incumbent: the best of the paper's 100 thresholds ``i / 100`` of the extreme, then each
+    * incumbent: the best of the thresholds ``i / 25`` of the extreme (:data:`FIRST_CANDIDATES`), then each
       round the exact error at the best point of the node with the least bound and of the best
       swept node;
     * bounds: on wide intervals the distance of every value to the union of the intervals
@@ -163,22 +128,21 @@ def mse_range_search(
     scheme = QuantScheme(scheme)
     q_min, q_max = integer_range(n_bits, scheme)
     sv = sorted_values
-    values = sv.values
-    n_rows, dtype, device = sv.n_rows, values.dtype, values.device
-    max_abs = torch.maximum(values[:, 0].abs(), values[:, -1].abs())
+    n_rows, dtype, device = sv.n_rows, sv.dtype, sv.device
+    max_abs = torch.maximum(sv.smallest.abs(), sv.largest.abs())
     if scheme is QuantScheme.ASYMMETRIC:
-        low, high = values[:, 0].clamp_max(0), values[:, -1].clamp_min(0)
+        low, high = sv.smallest.clamp_max(0), sv.largest.clamp_min(0)
         scale = (high - low) / (q_max - q_min)
         # The zero point of every range [f min, f max]: round(-min / s) does not depend on f.
         zero_point = torch.round(-low / torch.where(scale > 0, scale, 1.0)).clamp(q_min, q_max)
     else:
         low = torch.zeros_like(max_abs)
-        high = max_abs if scheme is QuantScheme.SYMMETRIC else values[:, -1].clamp_min(0)
+        high = max_abs if scheme is QuantScheme.SYMMETRIC else sv.largest.clamp_min(0)
         scale = high / q_max
         zero_point = torch.zeros_like(scale)
 
-    # Incumbents: the paper's candidates.
-    fractions = torch.arange(1, PAPER_CANDIDATES + 1, dtype=dtype, device=device) / PAPER_CANDIDATES
+    # Incumbents: the first candidates.
+    fractions = torch.arange(1, FIRST_CANDIDATES + 1, dtype=dtype, device=device) / FIRST_CANDIDATES
     params = params_from_range(low[:, None] * fractions, high[:, None] * fractions, n_bits, scheme)
     errors = grid_sse(sv, params.step_size, params.zero_point, q_min, q_max)
     best_error, best_index = errors.min(dim=1)
@@ -213,10 +177,11 @@ def mse_range_search(
         for cls in range(-1, narrow_class + 1):
             group = node_class == cls
             levels = 2 * caps[cls] + 3 if 0 <= cls < narrow_class else q_max - q_min + 1
-            for chunk_rows, index, valid in _node_chunks(row, group, _MAX_SLOTS // (3 * levels)):
-                part = sv.select(chunk_rows)
-                a, b, zero = step_low[index], step_high[index], zero_point[row[index]]
-                at = index[valid]
+            # One node per row of the bounds (rows of the values are selected, not copied), in chunks.
+            nodes = group.nonzero()[:, 0]
+            for at in nodes.split(max(1, _MAX_SLOTS // (3 * levels))) if nodes.numel() else ():
+                part = sv.select(row[at])
+                a, b, zero = step_low[at, None], step_high[at, None], zero_point[row[at], None]
                 if cls == -1:
                     node_bound = grid_sse_lower_bound(part, a, b, q_min - zero, q_max - zero)
                 elif cls < narrow_class:
@@ -225,13 +190,13 @@ def mse_range_search(
                     # The tight bound; nodes that cannot be pruned and have few breakpoints are solved by a sweep.
                     stats = narrow_intervals(part, a, b, zero, q_min, q_max)
                     node_bound, node_probe = stats.bound(a, b)
-                    chosen = valid & (stats.unstable <= sweep_limit) & (node_bound < (best_error - tolerance)[row[index]])
+                    chosen = (stats.unstable <= sweep_limit) & (node_bound < (best_error - tolerance)[row[at], None])
                     if chosen.any():
                         least, least_step = interval_minimum(stats, chosen, a, b)
-                        swept[at] = least[valid]
+                        swept[at] = least[:, 0]
                         node_probe = torch.where(chosen, least_step, node_probe)
-                    probe[at] = node_probe[valid]
-                bound[at] = node_bound[valid]
+                    probe[at] = node_probe[:, 0]
+                bound[at] = node_bound[:, 0]
 
         # Incumbent: per row, the exact error at the probes of the best swept node and of the
         # open node with the least bound.
@@ -281,28 +246,18 @@ def mse_range_search(
 def mse_range_search_many(
     parts: Sequence[SortedValues], n_bits: int, scheme: QuantScheme | str = QuantScheme.SYMMETRIC, rtol: float = MSE_RTOL
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`mse_range_search` of each of ``parts``, the parts of about the same row length in one search.
+    """:func:`mse_range_search` of each of ``parts``, all in one search.
 
-    A search costs a few hundred tensor operations whatever its number of rows, which dominates
-    on a single short row; so the one-row parts of at most :data:`STACK_MAX_VALUES` values whose
-    lengths have the same ``ceil(log2 n)`` are stacked (:meth:`quantization.grid_error.SortedValues.stack`:
-    zeros pad them, at most doubling them, and change no error) and searched at once. Parts of
-    several rows (per channel) are searched alone: stacking them was measured slower (padding, and
-    rows of uneven node counts). Every row keeps its own certificate.
+    A search costs a few hundred tensor operations per round whatever its number of rows, which
+    dominates on short rows; so the rows of all parts are searched together
+    (:meth:`quantization.grid_error.SortedValues.stack`: they read as padded with zeros, which
+    change no error, and parts that share their stored values are not copied). Every row keeps its
+    own certificate.
     """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, part in enumerate(parts):
-        stackable = part.n_rows == 1 and part.n_values <= STACK_MAX_VALUES
-        key = (0, (part.n_values - 1).bit_length()) if stackable else (1, index)
-        groups.setdefault(key, []).append(index)
-    ranges: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(parts)  # type: ignore[list-item]
-    for members in groups.values():
-        stacked = SortedValues.stack([parts[index] for index in members]) if len(members) > 1 else parts[members[0]]
-        min_val, max_val = mse_range_search(stacked, n_bits, scheme, rtol)
-        sizes = [parts[index].n_rows for index in members]
-        for index, low, high in zip(members, min_val.split(sizes), max_val.split(sizes)):
-            ranges[index] = (low, high)
-    return ranges
+    stacked = SortedValues.stack(parts) if len(parts) > 1 else parts[0]
+    min_val, max_val = mse_range_search(stacked, n_bits, scheme, rtol)
+    sizes = [part.n_rows for part in parts]
+    return list(zip(min_val.split(sizes), max_val.split(sizes)))
 
 
 def mse_range(

@@ -58,8 +58,8 @@ METRICS = (
 # Sorted tensors kept between bit-widths by iter_study_model (about 32 bytes per weight): up to 1 GiB.
 PREPARED_CACHE_BYTES = 1 << 30
 PRUNING_KEYS = ("pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected")
-# Weights of the layers whose ranges are searched together (all their tensors prepared at once, about 32 bytes
-# per weight, plus the stacked copies of the short rows): up to 256 MiB.
+# Weights of the layers whose ranges are searched together (all their tensors prepared and stored at once,
+# about 40 bytes per weight, twice that while they are joined): up to 320 MiB.
 SEARCH_GROUP_VALUES = 1 << 23
 # Settings that result files written before they existed leave out, with the value those files were made with.
 SETTING_DEFAULTS = {"pruning_structure": UNSTRUCTURED}
@@ -91,29 +91,47 @@ class PreparedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by its tensors."""
-        tensors = (self.sorted_rows.values, self.sorted_rows.prefix_sum, self.sorted_rows.prefix_sum_sq, self.squares_prefix)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes held by its tensors (the stored sorted rows in full, also where other tensors share them)."""
+        return self.sorted_rows.nbytes + self.squares_prefix.numel() * self.squares_prefix.element_size()
 
 
 def prepare_tensor(weight: torch.Tensor, ch_axis: int | None = None) -> PreparedTensor:
     """Sort ``weight`` (per channel of ``ch_axis``, else as one row) and take what every bit-width needs."""
-    weight = weight.detach()
-    sorted_rows = SortedValues.from_rows(as_rows(weight, ch_axis))
-    flat = sorted_rows.values.reshape(-1)  # the same values, in another order
-    numel = flat.numel()
-    if ch_axis is None:  # the one sorted row holds the magnitudes in two runs
-        squares = sorted_magnitudes(sorted_rows.values[0]) ** 2
-    else:
-        squares = sort_rows(weight.abs().reshape(1, -1))[0] ** 2
-    return PreparedTensor(
-        sorted_rows=sorted_rows,
-        squares_prefix=torch.cat([squares.new_zeros(1), squares.cumsum(0)]),
-        numel=numel,
-        mean_square=float(sorted_rows.prefix_sum_sq[:, -1].sum()) / numel,
-        kurtosis=excess_kurtosis(flat),
-        per_channel=ch_axis is not None,
-    )
+    return prepare_group([(weight, ch_axis)])[0]
+
+
+def prepare_group(weights: Sequence[tuple[torch.Tensor, int | None]]) -> list[PreparedTensor]:
+    """:func:`prepare_tensor` of each ``(weight, ch_axis)``, their sorted rows stored together
+    (:meth:`SortedValues.from_row_sets`), so that one search over all of them (:func:`search_ranges`)
+    reads them without a copy."""
+    row_sets = [as_rows(weight.detach(), ch_axis) for weight, ch_axis in weights]
+    joined = SortedValues.from_row_sets(row_sets)
+    prepared = []
+    row, offset = 0, 0
+    for (weight, ch_axis), rows in zip(weights, row_sets):
+        sorted_rows = joined.select(torch.arange(row, row + rows.shape[0], device=joined.device))
+        numel = rows.numel()
+        flat = joined.flat_values[offset:offset + numel]  # the tensor's values, in another order
+        if ch_axis is None:  # the one sorted row holds the magnitudes in two runs
+            squares = sorted_magnitudes(flat) ** 2
+        else:
+            squares = sort_rows(weight.detach().abs().reshape(1, -1))[0] ** 2
+        prepared.append(PreparedTensor(
+            sorted_rows=sorted_rows,
+            squares_prefix=torch.cat([squares.new_zeros(1), squares.cumsum(0)]),
+            numel=numel,
+            mean_square=float(sorted_rows.energy.sum()) / numel,
+            kurtosis=excess_kurtosis(flat),
+            per_channel=ch_axis is not None,
+        ))  # fmt: skip
+        row, offset = row + rows.shape[0], offset + numel
+    return prepared
+
+
+def group_nbytes(prepared: Sequence[PreparedTensor]) -> int:
+    """Bytes held by a group's prepared tensors (:func:`prepare_group`), shared stored rows counted once."""
+    stored = {id(p.sorted_rows.flat_values): p.sorted_rows.nbytes for p in prepared}
+    return sum(stored.values()) + sum(p.nbytes - p.sorted_rows.nbytes for p in prepared)
 
 
 def check_range_estimator(range_estimator: str) -> None:
@@ -131,7 +149,7 @@ def search_ranges(prepared: Sequence[PreparedTensor], n_bits: int, range_estimat
     check_range_estimator(range_estimator)
     if range_estimator == "mse":
         return mse_range_search_many([p.sorted_rows for p in prepared], n_bits, QuantScheme.SYMMETRIC)
-    return [(p.sorted_rows.values[:, 0], p.sorted_rows.values[:, -1]) for p in prepared]
+    return [(p.sorted_rows.smallest, p.sorted_rows.largest) for p in prepared]
 
 
 def metrics_at_range(
@@ -139,16 +157,33 @@ def metrics_at_range(
 ) -> dict[str, float | list[float]]:
     """The study's metrics of one prepared weight tensor (:func:`prepare_tensor`) quantized to INT-``n_bits``
     with the range ``[min_val, max_val]`` (per row)."""
-    sorted_rows, numel, mean_square = prepared.sorted_rows, prepared.numel, prepared.mean_square
-    params = params_from_range(min_val, max_val, n_bits, QuantScheme.SYMMETRIC)
-    sse = grid_sse(sorted_rows, params.step_size[:, None], params.zero_point[:, None], params.q_min, params.q_max)
-    quant_mse = float(sse.sum()) / numel
-    quant_sparsity = float(zero_count(sorted_rows, params.step_size).sum()) / numel
+    return group_metrics([prepared], n_bits, [(min_val, max_val)])[0]
+
+
+def group_metrics(
+    prepared: Sequence[PreparedTensor], n_bits: int, ranges: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> list[dict[str, float | list[float]]]:
+    """:func:`metrics_at_range` of each prepared tensor with its ranges, the quantization errors and
+    zeros of all their rows counted at once."""
+    rows = SortedValues.stack([p.sorted_rows for p in prepared])
+    low, high = (torch.cat(list(ends)) for ends in zip(*ranges))
+    params = params_from_range(low, high, n_bits, QuantScheme.SYMMETRIC)
+    sse = grid_sse(rows, params.step_size[:, None], params.zero_point[:, None], params.q_min, params.q_max)[:, 0]
+    zeros = zero_count(rows, params.step_size)
+    sizes = [p.sorted_rows.n_rows for p in prepared]
+    parts = zip(prepared, sse.split(sizes), zeros.split(sizes), params.step_size.split(sizes))
+    return [_metrics(p, n_bits, float(part_sse.sum()), float(part_zeros.sum()), steps.tolist()) for p, part_sse, part_zeros, steps in parts]
+
+
+def _metrics(prepared: PreparedTensor, n_bits: int, sse: float, zeros: float, step_size: list[float]) -> dict[str, float | list[float]]:
+    """The metrics of a tensor from its quantization's squared error, zero count and step sizes (per row)."""
+    numel, mean_square = prepared.numel, prepared.mean_square
+    quant_mse = sse / numel
+    quant_sparsity = zeros / numel
     sparsity = pruning_sparsity(n_bits)
     corrected_sparsity = 1.0 - (1.0 - quant_sparsity) * n_bits / 16.0
     pruning_mse = float(magnitude_pruning_sse(prepared.squares_prefix, sparsity)) / numel
     pruning_mse_corrected = float(magnitude_pruning_sse(prepared.squares_prefix, corrected_sparsity)) / numel
-    step_size = params.step_size.tolist()
     return {
         "sample_kurtosis": prepared.kurtosis,
         "quant_sqnr": sqnr_db(mean_square, quant_mse),
@@ -264,36 +299,37 @@ def iter_study_model(
     """Yield ``(b, {module name: metrics + shape + numel})`` for each bit-width as soon as it is done.
 
     Bit-widths are studied one after the other (every tensor at ``b``, then the next ``b``), so a
-    caller can save each one before the next starts. Each tensor is sorted once
-    (:func:`prepare_tensor`) and kept for the next bit-widths while the kept ones hold at most
-    ``cache_bytes``; the tensors beyond are prepared again for each bit-width. The ranges of the
-    layers are searched together (:func:`search_ranges`), in runs of consecutive layers of at most
-    :data:`SEARCH_GROUP_VALUES` weights. With a ``1xN:<N>``
+    caller can save each one before the next starts. The layers go in runs of consecutive layers of at
+    most :data:`SEARCH_GROUP_VALUES` weights: the tensors of a run are sorted and stored together
+    (:func:`prepare_group`), their ranges searched at once (:func:`search_ranges`), and the run is kept
+    for the next bit-widths while the kept runs hold at most ``cache_bytes``; the runs beyond are
+    prepared again for each bit-width. With a ``1xN:<N>``
     ``structure`` the pruning metrics are those of 1xN block pruning (:func:`block_pruning_metrics`).
     """
     check_range_estimator(range_estimator)
     block_size = structure_block_size(structure)
     layers = list(weight_layers(model))
-    kept: dict[str, PreparedTensor] = {}
+    runs = list(layer_groups(layers, SEARCH_GROUP_VALUES))
+    kept: dict[int, list[PreparedTensor]] = {}
     kept_bytes = 0
     with tqdm(total=len(bits) * len(layers), desc="tensors x bits", leave=False, disable=not progress) as bar:
         for position, n_bits in enumerate(bits):
             last = position == len(bits) - 1
             per_layer: dict[str, dict] = {}
-            for group in layer_groups(layers, SEARCH_GROUP_VALUES):
-                prepared_group = []
-                for name, module in group:
-                    prepared = kept.get(name)
-                    if prepared is None:
-                        ch_axis = output_channel_axis(module) if per_channel else None
-                        prepared = prepare_tensor(module.weight.detach().to(device), ch_axis)
-                        if not last and kept_bytes + prepared.nbytes <= cache_bytes:
-                            kept[name] = prepared
-                            kept_bytes += prepared.nbytes
-                    prepared_group.append(prepared)
+            for group_index, group in enumerate(runs):
+                prepared_group = kept.get(group_index)
+                if prepared_group is None:
+                    prepared_group = prepare_group([
+                        (module.weight.detach().to(device), output_channel_axis(module) if per_channel else None)
+                        for _, module in group
+                    ])
+                    size = group_nbytes(prepared_group)
+                    if not last and kept_bytes + size <= cache_bytes:
+                        kept[group_index] = prepared_group
+                        kept_bytes += size
                 ranges = search_ranges(prepared_group, n_bits, range_estimator)
-                for (name, module), prepared, (min_val, max_val) in zip(group, prepared_group, ranges):
-                    metrics = study_prepared(prepared, [n_bits], range_estimator, {n_bits: (min_val, max_val)})[n_bits]
+                group_results = group_metrics(prepared_group, n_bits, ranges)
+                for (name, module), prepared, metrics in zip(group, prepared_group, group_results):
                     if block_size is not None:
                         weight, groups = block_layout(module)
                         if weight is None:

@@ -18,6 +18,7 @@ from quantization.grid_error import (
     SortedValues,
     accumulation_dtype,
     as_rows,
+    count_below,
     error_resolution,
     grid_sse,
     grid_sse_lower_bound,
@@ -158,27 +159,68 @@ def test_mse_range_is_exact_on_small_tensors(n_bits):
         assert found <= best * (1 + 1e-9) + 1e-300, (len(x), found, best)
 
 
-def test_stacked_rows_are_the_parts_padded_with_zeros():
-    """Stacked rows: each part's values with zeros in sorted place, its own prefix sums read at every
-    position (checked in numpy), its size and its error resolution."""
+def padded_counts(padded: np.ndarray, own: np.ndarray, cuts: np.ndarray):
+    """numpy: per cut, the padded values below it, and the sums of the row's own values below it and of their squares."""
+    index = np.searchsorted(padded, cuts, side="left")
+    below = own[None, :] < cuts[:, None]
+    return index, (below * own).sum(axis=1), (below * own * own).sum(axis=1)
+
+
+def check_reads_as_padded(stacked: SortedValues, rows: list[np.ndarray]) -> None:
+    """Each row of ``stacked`` reads as the sorted row padded with zeros to the longest stored: dense values,
+    counts and sums below cuts at every value, between values, at 0 and at the extremes."""
+    length = stacked.n_values  # the longest stored row (selected or not)
+    assert stacked.n_rows == len(rows) and length >= max(row.size for row in rows)
+    for r, row in enumerate(rows):
+        own = np.sort(row)
+        padded = np.sort(np.concatenate([own, np.zeros(length - own.size)]))
+        assert np.array_equal(stacked.values[r].numpy(), padded)
+        cuts = np.unique(np.concatenate([own, own + 1e-3, own - 1e-3, [0.0, -0.0, -np.inf, np.inf]]))
+        index, sums, sums_sq = count_below(stacked.select(torch.tensor([r])), torch.from_numpy(cuts)[None, :, None])
+        expected_index, expected_sums, expected_sums_sq = padded_counts(padded, own, cuts)
+        assert np.array_equal(index[0, :, 0].numpy(), expected_index)
+        np.testing.assert_allclose(sums[0, :, 0].numpy(), expected_sums, rtol=0, atol=1e-14 * np.abs(own).sum())
+        np.testing.assert_allclose(sums_sq[0, :, 0].numpy(), expected_sums_sq, rtol=0, atol=1e-14 * np.sum(own * own))
+        assert float(stacked.counts[r]) == own.size
+        assert float(stacked.energy[r]) == pytest.approx(float(np.sum(own * own)), rel=1e-12)
+
+
+def test_stacked_rows_read_as_padded_with_zeros():
+    """Rows of several lengths stored together, by stacking whole sets, by sorting them together, or by
+    selecting rows of one set: each reads as its own values padded with zeros in sorted place (numpy)."""
     rng = np.random.default_rng(5)
-    rows = [rng.standard_normal((2, 5)), rng.standard_normal((1, 9)), rng.uniform(1, 2, (3, 7)), -rng.uniform(1, 2, (1, 4))]
-    parts = [SortedValues.from_rows(torch.from_numpy(x)) for x in rows]
+    sets = [rng.standard_normal((2, 5)), rng.standard_normal((1, 9)), rng.uniform(1, 2, (3, 7)), -rng.uniform(1, 2, (1, 4))]
+    rows = [row for x in sets for row in x]
+    parts = [SortedValues.from_rows(torch.from_numpy(x)) for x in sets]
     stacked = SortedValues.stack(parts)
-    assert stacked.values.shape == (7, 9)
-    position = np.arange(10)
-    row = 0
-    for x, part in zip(rows, parts):
-        for part_row, own in enumerate(np.sort(x, axis=1)):
-            padding = 9 - own.size
-            assert np.array_equal(stacked.values[row].numpy(), np.sort(np.concatenate([own, np.zeros(padding)])))
-            negatives = int((own < 0).sum())
-            own_before = position - np.clip(position - negatives, 0, padding)  # own values among the first p
-            for stacked_prefix, prefix in ((stacked.prefix_sum, part.prefix_sum), (stacked.prefix_sum_sq, part.prefix_sum_sq)):
-                assert np.array_equal(stacked_prefix[row].numpy(), prefix[part_row].numpy()[own_before])
-            assert float(stacked.sizes[row]) == own.size
-            row += 1
+    check_reads_as_padded(stacked, rows)
+    check_reads_as_padded(SortedValues.from_row_sets([torch.from_numpy(x) for x in sets]), rows)
     assert torch.equal(error_resolution(stacked), torch.cat([error_resolution(part) for part in parts]))
+    # rows of one stored set, selected and stacked again: no copy
+    picked = [stacked.select(torch.tensor([4, 1])), stacked.select(torch.tensor([6]))]
+    again = SortedValues.stack(picked)
+    assert again.flat_values is stacked.flat_values
+    check_reads_as_padded(again, [rows[4], rows[1], rows[6]])
+    with pytest.raises(ValueError, match="whole stored sets"):
+        SortedValues.stack([picked[0], parts[0]])
+
+
+def test_count_below_is_exact_beyond_float32():
+    """Values that are no float32 numbers (within one float32 step of each other and of the cuts) and
+    signed zeros: the keys' search is corrected to numpy's counts; float32 data needs no correction."""
+    base = np.float64(np.float32(1.5))
+    values = np.concatenate([base + 1e-12 * np.arange(-20, 21), -base - 1e-13 * np.arange(10), [0.0, -0.0, 2.0**-160]])
+    cuts = np.concatenate([values, values + 5e-13, values - 5e-13, [base, -base, 0.0, -0.0, 2.0**-161]])
+    sv = SortedValues.from_rows(torch.from_numpy(values)[None])
+    assert not sv.exact_keys
+    single = SortedValues.from_rows(torch.from_numpy(values.astype(np.float32))[None])
+    assert single.exact_keys
+    for rows, own in ((sv, np.sort(values)), (single, np.sort(values.astype(np.float32).astype(np.float64)))):
+        index, sums, sums_sq = (t[0, :, 0].numpy() for t in count_below(rows, torch.from_numpy(cuts)[None, :, None]))
+        expected_index, expected_sums, expected_sums_sq = padded_counts(own, own, cuts)
+        assert np.array_equal(index, expected_index)
+        np.testing.assert_allclose(sums, expected_sums, rtol=0, atol=1e-14 * np.abs(own).sum())
+        np.testing.assert_allclose(sums_sq, expected_sums_sq, rtol=0, atol=1e-14 * np.sum(own * own))
 
 
 @pytest.mark.parametrize("n_bits", [2, 3, 4, 5, 6, 7, 8])
@@ -329,7 +371,7 @@ def test_mse_range_fp16_large_tensor():
     gen = torch.Generator().manual_seed(2023)
     x16 = (torch.randn(2_000_000, generator=gen) * 30.0).half()
     assert torch.isinf((x16 * x16).sum(dtype=torch.float16))  # a float16 sum of squares overflows
-    assert SortedValues.from_rows(as_rows(x16, None)).prefix_sum_sq.dtype == torch.float64
+    assert SortedValues.from_rows(as_rows(x16, None)).flat_prefix_sum_sq.dtype == torch.float64
     x64 = x16.double()
     for n_bits in (4, 8):
         lo16, hi16 = mse_range(x16, n_bits)

@@ -316,16 +316,16 @@ def test_each_bit_width_is_written_as_it_completes_and_a_rerun_resumes(
     """A run killed during bit-width 5 leaves bits 3 and 4 on disk; the rerun computes only 5 and 6."""
     from studies import weight_sqnr
 
-    original = weight_sqnr.study_prepared
+    original = weight_sqnr.group_metrics
     studied: list[int] = []
 
-    def study_prepared(prepared, bits, *args, **kwargs):
-        studied.extend(bits)
-        if bits == [5] and kill:
+    def group_metrics(prepared, n_bits, *args, **kwargs):
+        studied.append(n_bits)
+        if n_bits == 5 and kill:
             raise Killed
-        return original(prepared, bits, *args, **kwargs)
+        return original(prepared, n_bits, *args, **kwargs)
 
-    monkeypatch.setattr(weight_sqnr, "study_prepared", study_prepared)
+    monkeypatch.setattr(weight_sqnr, "group_metrics", group_metrics)
     kill = True
     killed = run("--models", "tiny", "--bits", "3-6", "--output-dir", str(tmp_path))
     assert isinstance(killed.exception, Killed)
