@@ -137,7 +137,8 @@ class SortedValues:
                 block[:, 0] = 0.0
                 block[:, 1:] = terms.cumsum(dim=1)
             negatives[row:row + n_rows] = torch.searchsorted(values, values.new_zeros(n_rows, 1))[:, 0]
-            exact_keys = exact_keys and bool((values.to(torch.float32).to(dtype) == values).all())
+            if rows.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # those are float32 numbers
+                exact_keys = exact_keys and bool((values.to(torch.float32).to(dtype) == values).all())
             starts.extend(range(offset + length, offset + size + 1, length) if length else [offset] * n_rows)
             row, offset = row + n_rows, offset + size
         return cls(
@@ -297,8 +298,11 @@ def stored_below(sorted_values: SortedValues, cuts: torch.Tensor) -> torch.Tenso
     return position
 
 
-def count_below(sorted_values: SortedValues, cuts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per cut, how many values of its (padded) row lie below it, and the sums of those values and of their squares.
+def count_below(
+    sorted_values: SortedValues, cuts: torch.Tensor, squares: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per cut, how many values of its (padded) row lie below it, and the sums of those values and of
+    their squares (None without ``squares``).
 
     ``cuts`` is ``(R, G, ...)``, with the candidates along dim 1 in order of their step. Rows of at
     least :data:`CANDIDATE_FASTEST_VALUES` are searched candidate-fastest: neighbouring candidates
@@ -316,10 +320,11 @@ def count_below(sorted_values: SortedValues, cuts: torch.Tensor) -> tuple[torch.
     position = stored_below(sv, flat)
     index = position - (sv.starts[sv.rows] - sv.padding)[:, None] - torch.where(flat > 0, 0, sv.padding[:, None])
     at = (position + sv.rows[:, None]).reshape(-1)
-    results = (index, sv.flat_prefix_sum.index_select(0, at).view_as(index), sv.flat_prefix_sum_sq.index_select(0, at).view_as(index))
+    prefixes = (sv.flat_prefix_sum, sv.flat_prefix_sum_sq) if squares else (sv.flat_prefix_sum,)
+    results = (index, *(prefix.index_select(0, at).view_as(index) for prefix in prefixes))
     if reorder:
-        return tuple(t.reshape(rows, -1, n_candidates).transpose(1, 2).reshape(cuts.shape) for t in results)
-    return tuple(t.reshape(cuts.shape) for t in results)
+        results = tuple(t.reshape(rows, -1, n_candidates).transpose(1, 2) for t in results)
+    return (*(t.reshape(cuts.shape) for t in results), *([] if squares else [None]))
 
 
 def _in_chunks(n_candidates: int, elements_per_candidate: int, compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -581,7 +586,8 @@ def narrow_intervals(
     zone_high = torch.maximum(half * a, half * b)
     zone_middle = torch.minimum(torch.maximum(0.5 * (left_anchor + right_anchor), zone_low), zone_high)
     cuts = torch.stack([zone_low, zone_middle, zone_high], dim=-1)  # (R, G, K - 1, 3), rising
-    index, below, below_sq = count_below(sv, cuts)  # below: the sum of the values below each cut
+    # below: the sum of the values below each cut (of their squares too where the levels are cut)
+    index, below, below_sq = count_below(sv, cuts, squares=cut_below or cut_above)
     count = index.to(low.dtype)
     at_low, at_middle, at_high = count.unbind(-1)
     sum_low, sum_middle, sum_high = below.unbind(-1)
