@@ -41,7 +41,7 @@ _MAX_SLOTS = 1 << 21
 # more) are solved by a sweep rather than split.
 SWEEP_LIMIT = 1024
 # Level caps of the narrow statistics of intervals narrow only for the levels up to them (wide ones).
-LEVEL_CAPS = (3, 7, 15, 31, 63)
+LEVEL_CAPS = (0, 1, 3, 7, 15, 31, 63)
 
 
 def current_minmax(x: torch.Tensor, ch_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
