@@ -37,9 +37,8 @@ _STEP_SPLITS = 4
 _MAX_PARTS = 64
 # Nodes x segments evaluated at once (bounds the memory of a round).
 _MAX_SLOTS = 1 << 21
-# Narrow nodes with at most this many values changing level inside (or levels x log2 n / 4, if
-# more) are solved by a sweep rather than split.
-SWEEP_LIMIT = 1024
+# Narrow nodes with at most this many values changing level inside are solved by a sweep rather than split.
+SWEEP_LIMIT = 512
 # Level caps of the narrow statistics of intervals narrow only for the levels up to them (wide ones).
 LEVEL_CAPS = (0, 1, 3, 7, 15, 31, 63)
 
@@ -105,7 +104,7 @@ def mse_range_search(
       on those narrow only for the levels up to a cap of :data:`LEVEL_CAPS` (zero points 0), the same
       for the values up to that level and the clipped values' distance to the ends (``level_cap``),
       far fewer cuts than narrow intervals of all levels would take;
-    * a narrow node with at most ``max(SWEEP_LIMIT, levels x log2 n / 4)`` unstable values that
+    * a narrow node with at most :data:`SWEEP_LIMIT` unstable values that
       cannot be pruned is solved exactly by sweeping its breakpoints
       (:func:`quantization.grid_error.interval_minimum`); others are split (wide ones
       geometrically into parts of the next class, narrow ones into :data:`_STEP_SPLITS`) unless their bound is within
@@ -167,7 +166,6 @@ def mse_range_search(
     ratios = [narrow_ratio(-cap - 1, cap + 1) for cap in caps]
     ratios.append(narrow_ratio(q_min - int(zero_point.max()), q_max - int(zero_point.min())))
     narrow_class = len(caps)
-    sweep_limit = max(SWEEP_LIMIT, (q_max - q_min + 1) * sv.n_values.bit_length() // 4)
     while row.numel():
         bound = torch.empty(row.numel(), dtype=dtype, device=device)
         probe = 0.5 * (step_low + step_high)
@@ -190,7 +188,7 @@ def mse_range_search(
                     # The tight bound; nodes that cannot be pruned and have few breakpoints are solved by a sweep.
                     stats = narrow_intervals(part, a, b, zero, q_min, q_max)
                     node_bound, node_probe = stats.bound(a, b)
-                    chosen = (stats.unstable <= sweep_limit) & (node_bound < (best_error - tolerance)[row[at], None])
+                    chosen = (stats.unstable <= SWEEP_LIMIT) & (node_bound < (best_error - tolerance)[row[at], None])
                     if chosen.any():
                         least, least_step = interval_minimum(stats, chosen, a, b)
                         swept[at] = least[:, 0]
@@ -214,13 +212,12 @@ def mse_range_search(
         best_zero = torch.where(improved, zero_point, best_zero)
 
         # Solved nodes are done; the others are split unless their bound is within the
-        # tolerance of the incumbent: narrow ones in _STEP_SPLITS equal parts, wide ones
-        # geometrically into narrow parts.
+        # tolerance of the incumbent: narrow ones in _STEP_SPLITS equal parts, the others
+        # geometrically into parts of the next class.
         tolerance = torch.maximum(rtol * best_error, resolution)
         keep = ~solved & (bound < (best_error - tolerance)[row])
         a, b, row, kept_class = step_low[keep], step_high[keep], row[keep], node_class[keep]
         wide = kept_class < narrow_class
-        # Parts of the next class up.
         target = torch.tensor(ratios, dtype=dtype, device=device)[(kept_class + 1).clamp_max(narrow_class)]
         geometric_parts = torch.ceil(torch.log(b / a.clamp_min(b * 1e-300)) / torch.log(target)).clamp(2, _MAX_PARTS)
         parts = torch.where(wide, geometric_parts, _STEP_SPLITS).long()
