@@ -39,7 +39,7 @@ import torch
 # Rows are searched candidate-fastest where the longest stored row has at least this many values (:func:`count_below`).
 CANDIDATE_FASTEST_VALUES = 1 << 15
 # Elements of the largest intermediate (rows x candidates x segments) built at once.
-_MAX_CHUNK_ELEMENTS = 1 << 22
+_MAX_CHUNK_ELEMENTS = 1 << 20
 
 
 def accumulation_dtype(device: torch.device | str) -> torch.dtype:

@@ -36,7 +36,7 @@ _STEP_SPLITS = 4
 # At most this many parts of a wide node in one split.
 _MAX_PARTS = 64
 # Nodes x segments evaluated at once (bounds the memory of a round).
-_MAX_SLOTS = 1 << 21
+_MAX_SLOTS = 1 << 19
 # Narrow nodes with at most this many values changing level inside are solved by a sweep rather than split.
 SWEEP_LIMIT = 512
 # Level caps of the narrow statistics of intervals narrow only for the levels up to them (wide ones).
