@@ -91,8 +91,8 @@ class SortedValues:
 
     The rows may differ in length; they are stored one after the other (``values`` of row ``r`` at
     ``starts[r]:starts[r + 1]``, its prefix sums at ``starts[r] + r`` on) and searched through int64
-    keys (:func:`count_below`). Every row reads as if padded with zeros, in sorted place, to the
-    length :attr:`n_values` of the longest: ``0`` is a level of every grid, so no error or bound of
+    keys (:func:`count_below`). Every row reads as if padded with zeros, in sorted place, to a common
+    length :attr:`n_values` (the longest row's; a selection keeps its set's): ``0`` is a level of every grid, so no error or bound of
     this module sees them, and all rows share ``(R, ...)`` shaped cuts. ``rows``: which stored row each
     row is (:meth:`select` and :meth:`stack` copy nothing where they can).
     """
@@ -156,7 +156,8 @@ class SortedValues:
         first = parts[0]
         if all(part.flat_values is first.flat_values for part in parts):
             rows = torch.cat([part.rows for part in parts])
-            return cls(*(getattr(first, name) for name in _STORED), rows, first.n_values, first.exact_keys)
+            longest = int((first.starts[rows + 1] - first.starts[rows]).max())
+            return cls(*(getattr(first, name) for name in _STORED), rows, longest, first.exact_keys)
         if not all(part.is_whole for part in parts):
             raise ValueError("stack takes rows of one stored set, or whole stored sets")
         row_offsets = np.cumsum([0] + [part.n_rows for part in parts])
@@ -205,14 +206,19 @@ class SortedValues:
         return self.flat_values.device
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """Per row, how many values are its own (not padding), ``(R,)`` int64."""
+        return self.starts[self.rows + 1] - self.starts[self.rows]
+
+    @property
     def counts(self) -> torch.Tensor:
-        """Per row, how many values are its own (not padding), as a float ``(R,)`` tensor."""
-        return (self.starts[self.rows + 1] - self.starts[self.rows]).to(self.dtype)
+        """:attr:`lengths` as a float ``(R,)`` tensor."""
+        return self.lengths.to(self.dtype)
 
     @property
     def padding(self) -> torch.Tensor:
         """Per row, how many zeros pad it to :attr:`n_values`, ``(R,)`` int64."""
-        return self.n_values - (self.starts[self.rows + 1] - self.starts[self.rows])
+        return self.n_values - self.lengths
 
     @property
     def total_sum(self) -> torch.Tensor:

@@ -21,6 +21,7 @@ from quantization.grid_error import (
     interval_minimum,
     narrow_intervals,
     narrow_ratio,
+    use_direct_sum,
 )
 from quantization.quantizers import QuantScheme, integer_range, params_from_range
 
@@ -243,18 +244,29 @@ def mse_range_search(
 def mse_range_search_many(
     parts: Sequence[SortedValues], n_bits: int, scheme: QuantScheme | str = QuantScheme.SYMMETRIC, rtol: float = MSE_RTOL
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`mse_range_search` of each of ``parts``, all in one search.
+    """:func:`mse_range_search` of each of ``parts``, in as few searches as pay.
 
     A search costs a few hundred tensor operations per round whatever its number of rows, which
-    dominates on short rows; so the rows of all parts are searched together
-    (:meth:`quantization.grid_error.SortedValues.stack`: they read as padded with zeros, which
-    change no error, and parts that share their stored values are not copied). Every row keeps its
-    own certificate.
+    dominates on short rows; so parts are searched together
+    (:meth:`quantization.grid_error.SortedValues.stack`: rows read as padded with zeros to the
+    longest, which change no error; parts that share their stored values are not copied). The
+    bounds sum short rows value by value (:func:`quantization.grid_error.use_direct_sum`), padding
+    included, so parts with rows that short go in searches of their own by length
+    (``ceil(log2 n)``), all others in one. Every row keeps its own certificate.
     """
-    stacked = SortedValues.stack(parts) if len(parts) > 1 else parts[0]
-    min_val, max_val = mse_range_search(stacked, n_bits, scheme, rtol)
-    sizes = [part.n_rows for part in parts]
-    return list(zip(min_val.split(sizes), max_val.split(sizes)))
+    q_min, q_max = integer_range(n_bits, scheme)
+    groups: dict[int, list[int]] = {}
+    for index, part in enumerate(parts):
+        length = int(part.lengths.max())
+        groups.setdefault(length.bit_length() if use_direct_sum(length, 3 * (q_max - q_min + 1)) else 0, []).append(index)
+    ranges: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(parts)  # type: ignore[list-item]
+    for members in groups.values():
+        stacked = SortedValues.stack([parts[index] for index in members]) if len(members) > 1 else parts[members[0]]
+        min_val, max_val = mse_range_search(stacked, n_bits, scheme, rtol)
+        sizes = [parts[index].n_rows for index in members]
+        for index, low, high in zip(members, min_val.split(sizes), max_val.split(sizes)):
+            ranges[index] = (low, high)
+    return ranges
 
 
 def mse_range(
