@@ -547,6 +547,11 @@ def parabola_argmin(moment: torch.Tensor, curvature: torch.Tensor, low: torch.Te
     return torch.minimum(torch.maximum(ratio, low), high)
 
 
+def _counted_levels(q_min: int, q_max: int, level_cap: int | None) -> tuple[int, int]:
+    """The levels whose boundaries narrow statistics count: all, or those within ``level_cap + 1`` of 0."""
+    return (q_min, q_max) if level_cap is None else (max(q_min, -level_cap - 1), min(q_max, level_cap + 1))
+
+
 def narrow_intervals(
     sorted_values: SortedValues,
     low: torch.Tensor,
@@ -574,7 +579,7 @@ def narrow_intervals(
     ``x^2`` of every value is in ``constant``). (Few values: per value.)
     """
     # The boundaries j | j + 1 counted: from `first` to `last` - 1; cut off below and above with a cap.
-    first, last = (q_min, q_max) if level_cap is None else (max(q_min, -level_cap - 1), min(q_max, level_cap + 1))
+    first, last = _counted_levels(q_min, q_max, level_cap)
     cut_below, cut_above = first > q_min, last < q_max
     n_levels = last - first + 1
     if use_direct_sum(sorted_values.n_values, 3 * n_levels):
@@ -668,7 +673,7 @@ def _direct_narrow_intervals(
     a, b, z = low[..., None], high[..., None], zero_point[..., None]
     level_a = torch.clamp(torch.round(x / a) + z, q_min, q_max) - z
     level_b = torch.clamp(torch.round(x / b) + z, q_min, q_max) - z
-    first, last = (q_min, q_max) if level_cap is None else (max(q_min, -level_cap - 1), min(q_max, level_cap + 1))
+    first, last = _counted_levels(q_min, q_max, level_cap)
     # The values counted: from the first zone's start (levels cut below) up to the last zone's end (cut above).
     counted = torch.ones_like(x, dtype=torch.bool)
     if first > q_min:
