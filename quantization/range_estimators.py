@@ -249,16 +249,18 @@ def mse_range_search_many(
     A search costs a few hundred tensor operations per round whatever its number of rows, which
     dominates on short rows; so parts are searched together
     (:meth:`quantization.grid_error.SortedValues.stack`: rows read as padded with zeros to the
-    longest, which change no error; parts that share their stored values are not copied). The
-    bounds sum short rows value by value (:func:`quantization.grid_error.use_direct_sum`), padding
-    included, so parts with rows that short go in searches of their own by length
-    (``ceil(log2 n)``), all others in one. Every row keeps its own certificate.
+    longest, which change no error; parts that share their stored values are not copied). Where
+    even the longest row is short, the bounds sum the rows value by value
+    (:func:`quantization.grid_error.use_direct_sum`), padding included: then the parts go in
+    searches of their own by length (``ceil(log2 n)``). Every row keeps its own certificate.
     """
     q_min, q_max = integer_range(n_bits, scheme)
+    lengths = [int(part.lengths.max()) for part in parts]
+    # Only if the longest row is short do bounds sum value by value, padding included: then by length.
+    by_length = use_direct_sum(max(lengths), 3 * (q_max - q_min + 1))
     groups: dict[int, list[int]] = {}
-    for index, part in enumerate(parts):
-        length = int(part.lengths.max())
-        groups.setdefault(length.bit_length() if use_direct_sum(length, 3 * (q_max - q_min + 1)) else 0, []).append(index)
+    for index, length in enumerate(lengths):
+        groups.setdefault(length.bit_length() if by_length else 0, []).append(index)
     ranges: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(parts)  # type: ignore[list-item]
     for members in groups.values():
         stacked = SortedValues.stack([parts[index] for index in members]) if len(members) > 1 else parts[members[0]]
