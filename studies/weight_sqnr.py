@@ -55,11 +55,11 @@ METRICS = (
     "sample_kurtosis", "quant_sqnr", "quant_mse", "quant_sparsity", "quant_step_size",
     "pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected",
 )  # fmt: skip
-# Sorted tensors kept between bit-widths by iter_study_model (about 32 bytes per weight): up to 1 GiB.
+# Sorted tensors kept between bit-widths by iter_study_model (about 40 bytes per weight): up to 1 GiB.
 PREPARED_CACHE_BYTES = 1 << 30
 PRUNING_KEYS = ("pruning_sqnr", "pruning_mse", "pruning_sqnr_corrected", "pruning_mse_corrected")
 # Weights of the layers whose ranges are searched together (all their tensors prepared and stored at once,
-# about 40 bytes per weight, twice that while they are joined): up to 320 MiB.
+# about 40 bytes per weight: values, search keys, two prefix sums, the squares' prefix sum): up to 320 MiB.
 SEARCH_GROUP_VALUES = 1 << 23
 # Settings that result files written before they existed leave out, with the value those files were made with.
 SETTING_DEFAULTS = {"pruning_structure": UNSTRUCTURED}
