@@ -160,20 +160,16 @@ class SortedValues:
             return cls(*(getattr(first, name) for name in _STORED), rows, longest, first.exact_keys)
         if not all(part.is_whole for part in parts):
             raise ValueError("stack takes rows of one stored set, or whole stored sets")
-        row_offsets = np.cumsum([0] + [part.n_rows for part in parts])
-        value_offsets = np.cumsum([0] + [part.flat_values.numel() for part in parts])
-
-        def joined(name: str, shift: Callable[[SortedValues, int], torch.Tensor | int]) -> torch.Tensor:
-            return torch.cat([getattr(part, name) + shift(part, index) for index, part in enumerate(parts)])
-
+        row_offsets = np.cumsum([0] + [part.n_rows for part in parts]).tolist()
+        value_offsets = np.cumsum([0] + [part.flat_values.numel() for part in parts]).tolist()
         return cls(
             flat_values=torch.cat([part.flat_values for part in parts]),
-            keys=joined("keys", lambda part, index: int(row_offsets[index]) << 32),
+            keys=torch.cat([part.keys + (offset << 32) for part, offset in zip(parts, row_offsets)]),
             flat_prefix_sum=torch.cat([part.flat_prefix_sum for part in parts]),
             flat_prefix_sum_sq=torch.cat([part.flat_prefix_sum_sq for part in parts]),
-            starts=torch.cat([first.starts[:1]] + [part.starts[1:] + int(value_offsets[i]) for i, part in enumerate(parts)]),
+            starts=torch.cat([first.starts[:1]] + [part.starts[1:] + offset for part, offset in zip(parts, value_offsets)]),
             negatives=torch.cat([part.negatives for part in parts]),
-            rows=torch.arange(int(row_offsets[-1]), device=first.device),
+            rows=torch.arange(row_offsets[-1], device=first.device),
             n_values=max(part.n_values for part in parts),
             exact_keys=all(part.exact_keys for part in parts),
         )
