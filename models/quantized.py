@@ -18,6 +18,8 @@ the original weight and bias parameters and adds, each optional:
 
 The layer computes ``op(q_in(x), q_w(weight * weight_mask), bias)``: pruned weights are zero
 before quantization, and they get no gradient.
+A convolution whose input is smaller than its kernel computes in float32 under CPU bfloat16
+autocast (:func:`bfloat16_gradient_unsafe`: torch's bfloat16 gradients are wrong there).
 
 Which layers are quantized at which bit-width (``quant_setup``):
 
@@ -199,8 +201,36 @@ class _CompressedLayer:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
 
+def bfloat16_gradient_unsafe(x: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether a convolution of ``x`` under CPU bfloat16 autocast must run in float32 instead.
+
+    torch 2.14.1's CPU bfloat16 convolution gradients read uninitialised memory (NaN or
+    garbage, different from run to run) on degenerate shapes, e.g. a 3x3 convolution of stride 2
+    on a 1x1 input (ResNet-18's ``layer4`` at 16x16 images). Every case found has a kernel
+    extent ``dilation (k - 1) + 1`` larger than the input in some spatial dimension, so those
+    calls leave autocast; they occur only on tiny feature maps, where float32 costs nothing.
+    """
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    extents = [step * (size - 1) + 1 for step, size in zip(dilation, kernel_size)]
+    return any(extent > length for extent, length in zip(extents, x.shape[-len(extents):]))
+
+
 class _CompressedConv(_CompressedLayer):
     """``from_float`` of the convolutions (plain and transposed): same geometry, the original parameters."""
+
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(x, lambda inputs, weight: self._conv_forward(inputs, weight, self.bias))  # type: ignore[attr-defined]
+
+    def _compute(self, x: torch.Tensor, conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``conv(q_in(x), q_w(weight * mask))``, in float32 where :func:`bfloat16_gradient_unsafe`."""
+        if not bfloat16_gradient_unsafe(x, self.kernel_size, self.dilation):
+            return conv(self.quantize_input(x), self.effective_weight())
+        with torch.autocast("cpu", enabled=False):
+            return conv(self.quantize_input(x.float()), self.effective_weight().float())
 
     @classmethod
     def from_float(
@@ -225,22 +255,13 @@ class _CompressedConv(_CompressedLayer):
 class QuantizedConv1d(_CompressedConv, nn.Conv1d):
     """``nn.Conv1d`` with optional weight/input fake quantization and a pruning mask."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
-
 
 class QuantizedConv2d(_CompressedConv, nn.Conv2d):
     """``nn.Conv2d`` with optional weight/input fake quantization and a pruning mask."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
-
 
 class QuantizedConv3d(_CompressedConv, nn.Conv3d):
     """``nn.Conv3d`` with optional weight/input fake quantization and a pruning mask."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
 
 
 class _CompressedConvTranspose(_CompressedConv):
@@ -255,8 +276,9 @@ class _CompressedConvTranspose(_CompressedConv):
         output_padding = self._output_padding(  # type: ignore[attr-defined]
             x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation  # type: ignore[attr-defined]
         )
-        return type(self)._functional(self.quantize_input(x), self.effective_weight(), self.bias, self.stride,  # type: ignore[attr-defined]
-                                      self.padding, output_padding, self.groups, self.dilation)  # type: ignore[attr-defined]  # fmt: skip
+        return self._compute(x, lambda inputs, weight: type(self)._functional(
+            inputs, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation  # type: ignore[attr-defined]
+        ))  # fmt: skip
 
 
 class QuantizedConvTranspose1d(_CompressedConvTranspose, nn.ConvTranspose1d):

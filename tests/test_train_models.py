@@ -1,6 +1,7 @@
 """Compressed model wrappers of the four paper architectures: BN folding, weight grids, BN re-estimation, one step."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from train_helpers import write_digits_dataset
 from models import load_model
 from models.heads import classifier_head, replace_classifier_head
 from models.quantized import (
+    COMPRESSED_TYPES,
     CompressionSpec,
     QuantSetup,
+    bfloat16_gradient_unsafe,
     calibrate_input_quantizers,
     compress_model,
     compressed_layers,
@@ -120,6 +123,65 @@ def test_activation_calibration_resets_running_ranges() -> None:
     assert first.step_size.item() == pytest.approx((hi - lo) / 255, rel=1e-5)
     assert first.zero_point.item() == round(-lo / ((hi - lo) / 255))
     assert not first.estimating
+
+
+def _bfloat16_gradients(conv: nn.Module, x: torch.Tensor, heap_fill: float) -> tuple[torch.Tensor, ...]:
+    """Output and gradients of ``conv(x)`` under CPU bfloat16 autocast, after filling freed heap memory with ``heap_fill``."""
+    scratch = [torch.full((1 << 18,), heap_fill, dtype=torch.bfloat16) for _ in range(8)]
+    del scratch
+    conv.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    y.float().square().sum().backward()
+    return y, conv.weight.grad, x.grad
+
+
+@pytest.mark.parametrize("float_conv, size", [
+    (nn.Conv2d(16, 32, 3, stride=2, padding=1), (1, 1)),  # ResNet-18's layer4.0.conv1 at 16x16 images
+    (nn.Conv2d(16, 32, 3, stride=(1, 3), padding=(0, 1)), (3, 2)),
+    (nn.Conv1d(16, 16, 5, stride=2, padding=2), (1,)),
+    (nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1), (1, 1)),
+])  # fmt: skip
+def test_convolutions_smaller_than_their_kernel_leave_cpu_bfloat16_autocast(float_conv: nn.Module, size: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    conv = COMPRESSED_TYPES[type(float_conv)].from_float(float_conv, QuantizerConfig(n_bits=4), None, prune=True)
+    x, larger = torch.randn(2, 16, *size), torch.randn(2, 16, *(7 for _ in size))
+    assert not bfloat16_gradient_unsafe(x, conv.kernel_size, conv.dilation)  # not under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bfloat16_gradient_unsafe(x, conv.kernel_size, conv.dilation)
+        assert not bfloat16_gradient_unsafe(larger, conv.kernel_size, conv.dilation)
+    y, weight_grad, input_grad = _bfloat16_gradients(conv, x, float("nan"))
+    assert y.dtype == torch.float32
+    conv.zero_grad(set_to_none=True)
+    x32 = x.detach().requires_grad_()
+    conv(x32).square().sum().backward()  # no autocast: float32 throughout
+    assert torch.equal(weight_grad, conv.weight.grad) and torch.equal(input_grad, x32.grad)
+    assert _bfloat16_gradients(conv, larger, 0.0)[0].dtype == torch.bfloat16
+
+
+def test_bfloat16_convolution_gradients_are_reproducible_where_not_flagged() -> None:
+    """The rule of ``bfloat16_gradient_unsafe`` covers every small 2-d shape of this grid.
+
+    Gradients computed after the freed heap was filled with NaN and with zeros are equal and
+    finite wherever the rule lets bfloat16 run (uninitialised reads differ between the two).
+    """
+    torch.manual_seed(0)
+    checked = 0
+    for height, width, kernel, stride, groups in itertools.product((1, 2, 3, 5), (1, 2, 3, 5), (1, 3, 5), (1, 2), (1, 16)):
+        for padding in range(kernel // 2 + 1):
+            if min(height, width) + 2 * padding < kernel:
+                continue  # no output
+            conv = nn.Conv2d(16, 16 if groups > 1 else 32, kernel, stride=stride, padding=padding, groups=groups)
+            x = torch.randn(2, 16, height, width)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if bfloat16_gradient_unsafe(x, conv.kernel_size, conv.dilation):
+                    continue
+            runs = [_bfloat16_gradients(conv, x, fill) for fill in (float("nan"), 0.0)]
+            for first, second in zip(*runs):
+                assert torch.isfinite(first).all() and torch.equal(first, second), (height, width, kernel, stride, padding, groups)
+            checked += 1
+    assert checked > 100
 
 
 @pytest.mark.parametrize("per_channel, estimator", [(True, RangeEstimator.CURRENT_MINMAX), (False, RangeEstimator.MSE)])
