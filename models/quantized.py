@@ -210,7 +210,7 @@ def bfloat16_gradient_unsafe(x: torch.Tensor, kernel_size: Sequence[int], dilati
     extent ``dilation (k - 1) + 1`` larger than the input in some spatial dimension, so those
     calls leave autocast; they occur only on tiny feature maps, where float32 costs nothing.
     """
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
     extents = [step * (size - 1) + 1 for step, size in zip(dilation, kernel_size)]
     return any(extent > length for extent, length in zip(extents, x.shape[-len(extents):]))
