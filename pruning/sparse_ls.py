@@ -413,8 +413,9 @@ def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeB
             who = owner[rows]
             margins = torch.tensor([searches[t].margin for t in who.tolist()], dtype=torch.float64)
             node, candidates, rest = enumerate_supports(
-                G[who], problems.b[who], problems.r[who], problems.d[who], forced_in[rows], free_inputs[rows], kept,
-                margins, deviation[who], levels[rows])
+                G.index_select(0, who), problems.b.index_select(0, who), problems.r.index_select(0, who),
+                problems.d.index_select(0, who), forced_in.index_select(0, rows), free_inputs.index_select(0, rows),
+                kept, margins, deviation.index_select(0, who), levels.index_select(0, rows))
             for t, value in zip(who.tolist(), rest.tolist()):
                 searches[t].closed_min = min(searches[t].closed_min, value)
             supports.append(candidates)
@@ -430,8 +431,9 @@ def _solve_round(searches, owners, bounds, forced, free, starts, problems: NodeB
     who = torch.cat(support_owner)
     if who.numel() == 0:
         return
-    refits = masked_solve(G[who], problems.b[who], support)
-    errors = reconstruction_error(G[who], W[who], refits).clamp_min(0.0).tolist()
+    gram = G.index_select(0, who)
+    refits = masked_solve(gram, problems.b.index_select(0, who), support)
+    errors = reconstruction_error(gram, W.index_select(0, who), refits).clamp_min(0.0).tolist()
     for i, (e, t, s) in enumerate(zip(errors, who.tolist(), support.numpy())):
         search = searches[t]
         if e < search.ub:
@@ -445,9 +447,10 @@ def _relax_and_branch(searches, rows, owner, bounds, forced, free, starts, probl
     n = forced_in.shape[1]
     own = owner[rows]
     row_list = rows.tolist()
-    nodes = NodeBatch(problems.G[own], problems.b[own], problems.r[own], problems.d[own], forced_in[rows],
-                      free_inputs[rows], budget[rows], problems.abs_gram[own], problems.abs_gw[own],
-                      problems.abs_r[own])
+    G, b, r, d, abs_gram, abs_gw, abs_r = (tensor.index_select(0, own) for tensor in (
+        problems.G, problems.b, problems.r, problems.d, problems.abs_gram, problems.abs_gw, problems.abs_r))
+    node_sets = (tensor.index_select(0, rows) for tensor in (forced_in, free_inputs, budget))
+    nodes = NodeBatch(G, b, r, d, *node_sets, abs_gram, abs_gw, abs_r)
     x0 = torch.zeros(len(row_list), n, dtype=torch.float64)
     cold = [i for i, row in enumerate(row_list) if starts[row] is None]
     warm = [i for i, row in enumerate(row_list) if starts[row] is not None]
