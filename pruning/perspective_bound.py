@@ -266,7 +266,7 @@ class NodeBatch:
 
 def top_sum(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Sum of the ``count`` largest entries (all >= 0) of every row of ``values`` ``(R, n)``."""
-    ordered = torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=-1)[:, ::-1]))  # as in _support_norm
+    ordered = torch.from_numpy(np.sort(values.numpy(), axis=-1)[:, ::-1].copy())  # as in _support_norm
     prefix = torch.cat([torch.zeros_like(ordered[:, :1]), ordered.cumsum(-1)], dim=-1)
     return prefix.gather(1, count.clamp(0, values.shape[-1])[:, None])[:, 0]
 
@@ -333,16 +333,19 @@ def _support_norm(u: torch.Tensor, choice: torch.Tensor, budget: torch.Tensor):
     """
     n = u.shape[-1]
     u = torch.where(choice, u, torch.zeros((), dtype=u.dtype))
-    # the values in descending order (numpy sorts short rows several times faster; sorted values are exact)
-    ordered = torch.from_numpy(np.ascontiguousarray(np.sort(u.numpy(), axis=-1)[:, ::-1]))
-    suffix = torch.flip(torch.flip(ordered, [-1]).cumsum(-1), [-1])  # suffix[m] = sum_{j >= m}
-    m_range = torch.arange(n, device=u.device)
+    # the values in ascending order (numpy sorts short rows several times faster; sorted values are exact);
+    # only m < k' can be the first m below, so only the first max k' columns of the descending order are needed
+    ascending = np.sort(u.numpy(), axis=-1)
+    width = min(max(int(budget.amax()), 1), n) if budget.numel() else 1
+    ordered = torch.from_numpy(ascending[:, ::-1][:, :width].copy())
+    suffix = torch.from_numpy(np.cumsum(ascending, axis=-1)[:, ::-1][:, :width].copy())  # sum_{j >= m}
+    m_range = torch.arange(width)
     remaining = (budget[:, None] - m_range[None, :]).to(u.dtype)
     valid = remaining > 0
     tau_m = torch.where(valid, suffix / torch.where(valid, remaining, torch.ones_like(remaining)), 0.0)
     ok = valid & (ordered <= tau_m * (1.0 + 4.0 * _EPS))
     # the first m satisfying the condition (it exists for m = k' - 1 when k' >= 1)
-    first = torch.where(ok, m_range[None, :], n).amin(-1)
+    first = torch.where(ok, m_range[None, :], width).amin(-1)
     first = torch.minimum(first, (budget - 1).clamp_min(0))
     tau = tau_m.gather(1, first[:, None])[:, 0]
     # the first m of the descending order, equal values in the order of position
@@ -464,20 +467,21 @@ def solve_relaxation(
         if current.numel() != idx.numel():
             sub = sub.select(torch.searchsorted(idx, current))
             idx = current
-        xi = x[idx]
+        xi, primal_i = x.index_select(0, idx), primal.index_select(0, idx)
         iterations[idx] += 1
-        newton, sign, signed = _piece_minimiser(sub, xi, tau[idx], top[idx])
+        newton, sign, signed = _piece_minimiser(sub, xi, tau.index_select(0, idx), top.index_select(0, idx))
         points = torch.stack([xi, newton], dim=1)
         values, which = dual_value(sub, points).max(-1)
-        better = values > best_value[idx]
+        better = values > best_value.index_select(0, idx)
         best_value[idx[better]] = values[better]
         best_v[idx[better]] = points[better, which[better]]
-        done = primal[idx] - best_value[idx] <= _SOLVED_RTOL * primal[idx].abs()
-        reached = best_value[idx] >= target[idx]
+        best_i, target_i = best_value.index_select(0, idx), target.index_select(0, idx)
+        done = primal_i - best_i <= _SOLVED_RTOL * primal_i.abs()
+        reached = best_i >= target_i
         if reached.any():  # the rounding margin only where it decides pruning
             rows = torch.nonzero(reached).flatten()
-            margin = dual_value_margin(sub.select(rows), best_v[idx[rows]])
-            done[rows[best_value[idx[rows]] - margin >= target[idx[rows]]]] = True
+            margin = dual_value_margin(sub.select(rows), best_v.index_select(0, idx.index_select(0, rows)))
+            done[rows[best_i.index_select(0, rows) - margin >= target_i.index_select(0, rows)]] = True
         # damped step: the best of the steps 2^-l and the first breakpoints where an input of U
         # reaches zero; inputs of U whose sign would flip are set to zero
         direction = newton - xi
@@ -492,7 +496,7 @@ def solve_relaxation(
         trial_values, taus, tops = _primal(sub, trial)
         choice = trial_values.argmin(-1)
         rows = torch.arange(idx.numel())
-        accepted = (trial_values[rows, choice] < primal[idx] - 1e-15 * primal[idx].abs()) & ~done
+        accepted = (trial_values[rows, choice] < primal_i - 1e-15 * primal_i.abs()) & ~done
         moved = idx[accepted]
         x[moved] = trial[rows, choice][accepted]
         primal[moved] = trial_values[rows, choice][accepted]

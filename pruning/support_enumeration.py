@@ -14,7 +14,8 @@ input ``j`` (pivot ``R_jj > 0``) is a rank-one step:
 The sets ``P`` are built in increasing input order (lexicographically), level by level, for all
 nodes at once; partial sets that cannot reach ``k'`` inputs are dropped, the full matrix ``R`` is
 carried only while another full level follows (the last step needs ``c`` and the diagonal of
-``R``), so the work is at most ``O(C(|U|, k') n)`` plus ``O(C(|U|, k' - 2) n^2)``.
+``R``), so the work is at most ``O(C(|U|, k') m)`` plus ``O(C(|U|, k' - 2) m^2)``, ``m = |F u U|``: the
+matrices are reduced to the inputs of ``F u U`` first.
 
 **Pruning partial sets.** For a certified diagonal split ``G - D`` PSD (``d`` of
 :mod:`pruning.perspective_bound`), the Schur complement ``R_AA`` of the still allowed inputs ``A``
@@ -241,8 +242,15 @@ def enumerate_supports(
         ``owner`` ``(C,)``; and ``rest`` ``(N,)``, a certified lower bound on the errors of the node's
         other supports (``inf`` when there are none).
     """
-    N = b.shape[0]
-    R, c, e = G.clone(), b.clone(), r.clone()
+    N, n = b.shape
+    # each node's inputs of F u U in increasing order, padded with its other inputs (never pivots nor allowed):
+    # the elimination computes every entry it keeps exactly as on the whole matrix, on fewer entries
+    live = forced_in | free
+    width = int(live.sum(-1).amax()) if N else n
+    columns = torch.sort((~live).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    R = G.gather(1, columns[:, :, None].expand(N, width, n)).gather(2, columns[:, None, :].expand(N, width, width))
+    c, d, deviation, forced_in, free = (tensor.gather(1, columns) for tensor in (b, d, deviation, forced_in, free))
+    e = r.clone()
     certain = torch.ones(N, dtype=torch.bool)
     nodes = torch.arange(N)
     order = torch.sort(forced_in.to(torch.int8), dim=-1, descending=True, stable=True).indices
@@ -285,6 +293,8 @@ def enumerate_supports(
     exact = ~(e >= cutoff) | ~certain  # also every support when margin is infinite
     rest.scatter_reduce_(0, owner[~exact], (e - margins)[~exact], reduce="amin")
     returned = torch.nonzero(exact).flatten()
+    owner = owner.index_select(0, returned)
     supports = chosen.index_select(0, state.index_select(0, returned))
     supports[torch.arange(returned.numel()), j.index_select(0, returned)] = True
-    return owner.index_select(0, returned), supports, rest
+    return owner, torch.zeros(returned.numel(), n, dtype=torch.bool).scatter_(1, columns.index_select(0, owner),
+                                                                             supports), rest
