@@ -237,6 +237,77 @@ def test_enumeration_of_a_node_matches_brute_force() -> None:
             assert float(rest[0]) <= best * (1 + 1e-9)
 
 
+def test_enumeration_of_nodes_with_different_live_inputs_matches_each_alone() -> None:
+    """Nodes enumerated together (each reduced to its own inputs of F u U, padded to the widest) give what each gives
+    alone, and each node's candidates hold its brute-force best support."""
+    rng = np.random.default_rng(5)
+    A, G, w = _problem(rng, "real_like", 10)
+    Gt, wt = torch.from_numpy(G), torch.from_numpy(w)
+    b = Gt @ wt
+    forced = torch.zeros(4, 10, dtype=torch.bool)
+    forced[:, 3] = True
+    free = ~forced
+    for node, out in enumerate(([], [0], [1, 8, 9], [0, 2, 4, 6])):  # |F u U| = 10, 9, 7, 6
+        free[node, out] = False
+    d = diagonal_split(G)[None].expand(4, 10)
+    margin = torch.full((4,), 1e-12, dtype=torch.float64)
+    deviation = torch.zeros(4, 10, dtype=torch.float64)
+    level = torch.full((4,), math.inf, dtype=torch.float64)
+    together = enumerate_supports(Gt.expand(4, 10, 10), b.expand(4, 10), (wt @ b).expand(4), d, forced, free, 2,
+                                  margin, deviation, level)
+    for node in range(4):
+        alone = enumerate_supports(Gt[None], b[None], (wt @ b)[None], d[:1], forced[node:node + 1],
+                                   free[node:node + 1], 2, margin[:1], deviation[:1], level[:1])
+        mine = together[0] == node
+        assert torch.equal(together[1][mine], alone[1]) and torch.equal(together[2][node:node + 1], alone[2])
+        def error(pair: tuple[int, int]) -> float:  # the refit by least squares on A itself
+            patch = A[:, [3, *pair]]
+            return float(np.sum((A @ w - patch @ np.linalg.lstsq(patch, A @ w, rcond=None)[0]) ** 2))
+
+        best = min(itertools.combinations(np.flatnonzero(free[node].numpy()), 2), key=error)
+        expected = torch.from_numpy(np.isin(np.arange(10), [3, *best]))
+        assert any(torch.equal(candidate, expected) for candidate in together[1][mine])
+
+
+def _support_norm_by_stable_sort(u: torch.Tensor, choice: torch.Tensor, budget: torch.Tensor):
+    """The reference ``(Omega, tau, top)``: the descending order and ranks from a stable sort of every row."""
+    n = u.shape[-1]
+    u = torch.where(choice, u, 0.0)
+    ordered, order = torch.sort(u, dim=-1, descending=True, stable=True)
+    suffix = torch.flip(torch.flip(ordered, [-1]).cumsum(-1), [-1])
+    m_range = torch.arange(n)
+    remaining = (budget[:, None] - m_range[None, :]).to(u.dtype)
+    valid = remaining > 0
+    tau_m = torch.where(valid, suffix / torch.where(valid, remaining, 1.0), 0.0)
+    ok = valid & (ordered <= tau_m * (1.0 + 4.0 * torch.finfo(torch.float64).eps))
+    first = torch.minimum(torch.where(ok, m_range[None, :], n).amin(-1), (budget - 1).clamp_min(0))
+    tau = tau_m.gather(1, first[:, None])[:, 0]
+    rank = torch.empty_like(order).scatter_(1, order, m_range[None, :].expand_as(order))
+    top = (rank < first[:, None]) & choice
+    omega = torch.where(top, u * u, 0.0).sum(-1) + (budget - first).clamp_min(0).to(u.dtype) * tau * tau
+    return omega, tau, top
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 32])
+def test_support_norm_and_top_sums_match_a_stable_sort_with_ties(n: int) -> None:
+    """Rows with many equal values (a few levels and zeros) and every budget: the same bits as the stable-sort
+    reference, ties broken by position; ``top_sum`` as the sum of a sorted row's first entries."""
+    from pruning.perspective_bound import _support_norm, top_sum
+
+    generator = torch.Generator().manual_seed(n)
+    rows = 600
+    u = torch.randint(0, 4, (rows, n), generator=generator).to(torch.float64) * 0.25
+    u[: rows // 2] += torch.rand(rows // 2, n, generator=generator, dtype=torch.float64) * (u[: rows // 2] > 0.5)
+    choice = torch.rand(rows, n, generator=generator) > 0.2
+    budget = torch.randint(1, n + 1, (rows,), generator=generator)
+    for got, expected in zip(_support_norm(u, choice, budget), _support_norm_by_stable_sort(u, choice, budget)):
+        assert torch.equal(got, expected)
+    count = torch.randint(0, n + 1, (rows,), generator=generator)
+    ordered = torch.sort(u, dim=-1, descending=True).values
+    expected = torch.stack([ordered[i, : int(count[i])].sum() for i in range(rows)])
+    assert torch.allclose(top_sum(u, count), expected, rtol=1e-15, atol=0.0)
+
+
 def _exact_support_error(G: np.ndarray, w: np.ndarray, support) -> Fraction:
     """``e(S) = r - b_S' G_SS^-1 b_S`` in exact rational arithmetic (the float entries of ``G`` and ``w`` as given)."""
     n = len(w)
