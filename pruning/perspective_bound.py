@@ -405,10 +405,11 @@ def _piece_minimiser(nodes: NodeBatch, x: torch.Tensor, tau: torch.Tensor, top: 
     slots = (nodes.budget - in_top.sum(-1)).to(dtype)
 
     K = torch.zeros(B, n + 1, n + 1, dtype=dtype)
-    pair = active[:, :, None] & active[:, None, :]
-    K[:, :n, :n] = torch.where(pair, nodes.G, zero) - torch.diag_embed(torch.where(fractional, nodes.d, zero))
+    K[:, :n, :n] = torch.where(active[:, :, None] & active[:, None, :], nodes.G, zero)
     scale = torch.diagonal(nodes.G, dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(dtype).tiny)
-    K[:, :n, :n] += torch.diag_embed(torch.where(active, zero, scale[:, None].expand(-1, n)))
+    diagonal = torch.diagonal(K, dim1=-2, dim2=-1)[:, :n]  # a view: the diagonal terms in place
+    diagonal -= torch.where(fractional, nodes.d, zero)
+    diagonal += torch.where(active, zero, scale[:, None].expand(-1, n))
     K[:, :n, n] = coupling
     K[:, n, :n] = coupling
     K[:, n, n] = torch.where(has_q, -slots, scale)

@@ -278,7 +278,7 @@ def enumerate_supports(
             bound = _completion_bound(c, e, diagonal, allowed, inv_d.index_select(0, owner), deviations, need) - margins
             hopeless = certain & (bound >= levels)
             if hopeless.any():
-                rest.scatter_reduce_(0, owner[hopeless], bound[hopeless], reduce="amin")
+                rest.scatter_reduce_(0, owner, torch.where(hopeless, bound, math.inf), reduce="amin")
                 keep = torch.nonzero(~hopeless).flatten()
                 state, ratio, column, diagonal, c, e, certain, chosen, allowed, owner = _rows(
                     keep, state, ratio, column, diagonal, c, e, certain, chosen, allowed, owner)
@@ -291,7 +291,7 @@ def enumerate_supports(
     best = torch.full((N,), math.inf, dtype=e.dtype).scatter_reduce(0, owner, e, reduce="amin")
     cutoff = torch.minimum(level, best + margin).index_select(0, owner) + margins
     exact = ~(e >= cutoff) | ~certain  # also every support when margin is infinite
-    rest.scatter_reduce_(0, owner[~exact], (e - margins)[~exact], reduce="amin")
+    rest.scatter_reduce_(0, owner, torch.where(exact, math.inf, e - margins), reduce="amin")
     returned = torch.nonzero(exact).flatten()
     owner = owner.index_select(0, returned)
     supports = chosen.index_select(0, state.index_select(0, returned))
