@@ -495,14 +495,15 @@ def solve_relaxation(
         flips = sub.choice[:, None, :] & signed[:, None, :] & (sign[:, None, :] * trial <= 0)
         trial = torch.where(flips, zero, trial)
         trial_values, taus, tops = _primal(sub, trial)
-        choice = trial_values.argmin(-1)
-        rows = torch.arange(idx.numel())
-        accepted = (trial_values[rows, choice] < primal_i - 1e-15 * primal_i.abs()) & ~done
-        moved = idx[accepted]
-        x[moved] = trial[rows, choice][accepted]
-        primal[moved] = trial_values[rows, choice][accepted]
-        tau[moved] = taus[rows, choice][accepted]
-        top[moved] = tops[rows, choice][accepted]
+        best_trial, choice = trial_values.min(-1)
+        accepted = (best_trial < primal_i - 1e-15 * primal_i.abs()) & ~done
+        rows = torch.nonzero(accepted).flatten()
+        picked = rows * trial_values.shape[1] + choice.index_select(0, rows)  # in the flattened (node, trial) order
+        moved = idx.index_select(0, rows)
+        x.index_copy_(0, moved, trial.reshape(-1, n).index_select(0, picked))
+        primal.index_copy_(0, moved, best_trial.index_select(0, rows))
+        tau.index_copy_(0, moved, taus.reshape(-1).index_select(0, picked))
+        top.index_copy_(0, moved, tops.reshape(-1, n).index_select(0, picked))
         running[idx[~accepted]] = False
     final = dual_value(nodes, x)  # the last iterate was not evaluated yet
     better = final > best_value
